@@ -1,0 +1,222 @@
+//! Building blocks shared by the UNet, the VAE and the text encoder, written to match
+//! diffusers' modules operation for operation (exact erf GELU, f32 softmax, diffusers'
+//! padding rules), with `VarBuilder` paths that mirror the checkpoint keys.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+
+/// A linear layer, with or without bias.
+pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    if bias {
+        candle_nn::linear(in_dim, out_dim, vb)
+    } else {
+        candle_nn::linear_no_bias(in_dim, out_dim, vb)
+    }
+}
+
+/// A 2D convolution with a square kernel.
+pub fn conv2d(
+    in_c: usize,
+    out_c: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        stride,
+        padding,
+        ..Default::default()
+    };
+    candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)
+}
+
+/// A GroupNorm with affine parameters.
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    candle_nn::group_norm(groups, channels, eps, vb)
+}
+
+/// Multi-head scaled dot-product attention over `[B, L, H·D]` projections.
+///
+/// Scores and softmax run in f32 whatever the input dtype (diffusers' `upcast_attention` and
+/// `upcast_softmax`), then the result is cast back.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (b, lq, inner) = q.dims3()?;
+    let lk = k.dim(1)?;
+    let d = inner / heads;
+    let dtype = q.dtype();
+    let split = |t: &Tensor, l: usize| -> Result<Tensor> {
+        t.reshape((b, l, heads, d))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .to_dtype(DType::F32)
+    };
+    let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
+    let scale = 1.0 / (d as f64).sqrt();
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, lq, inner))?
+        .to_dtype(dtype)
+}
+
+/// diffusers `ResnetBlock2D` (`time_embedding_norm = "default"`, SiLU).
+#[derive(Debug)]
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    time_emb_proj: Option<Linear>,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+/// Shape and numerics of one [`ResnetBlock2D`].
+#[derive(Debug, Clone, Copy)]
+pub struct ResnetConfig {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Width of the time embedding, if the block is time-conditioned.
+    pub temb_channels: Option<usize>,
+    /// GroupNorm groups.
+    pub groups: usize,
+    /// GroupNorm epsilon.
+    pub eps: f64,
+    /// The output is divided by this.
+    pub output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    /// Builds the block from `vb` (keys `norm1`, `conv1`, `time_emb_proj`, …).
+    pub fn new(cfg: ResnetConfig, vb: VarBuilder) -> Result<Self> {
+        let (i, o) = (cfg.in_channels, cfg.out_channels);
+        let conv_shortcut = if i != o {
+            Some(conv2d(i, o, 1, 1, 0, vb.pp("conv_shortcut"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: group_norm(cfg.groups, i, cfg.eps, vb.pp("norm1"))?,
+            conv1: conv2d(i, o, 3, 1, 1, vb.pp("conv1"))?,
+            norm2: group_norm(cfg.groups, o, cfg.eps, vb.pp("norm2"))?,
+            conv2: conv2d(o, o, 3, 1, 1, vb.pp("conv2"))?,
+            time_emb_proj: match cfg.temb_channels {
+                Some(t) => Some(candle_nn::linear(t, o, vb.pp("time_emb_proj"))?),
+                None => None,
+            },
+            conv_shortcut,
+            output_scale_factor: cfg.output_scale_factor,
+        })
+    }
+
+    /// Runs the block; `temb` is the (un-activated) time embedding `[B, T]`.
+    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let h = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(t)) => {
+                let t = proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+                h.broadcast_add(&t)?
+            }
+            _ => h,
+        };
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(c) => c.forward(xs)?,
+            None => xs.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
+
+/// diffusers `Downsample2D` with a convolution (`downsamplers.0.conv`).
+#[derive(Debug)]
+pub struct Downsample2D {
+    conv: Conv2d,
+    pad_right_bottom: bool,
+}
+
+impl Downsample2D {
+    /// `padding = 0` pads one pixel right and bottom first, as diffusers does.
+    pub fn new(channels: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            conv: conv2d(channels, channels, 3, 2, padding, vb.pp("conv"))?,
+            pad_right_bottom: padding == 0,
+        })
+    }
+
+    /// Halves height and width.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = if self.pad_right_bottom {
+            xs.pad_with_zeros(D::Minus1, 0, 1)?
+                .pad_with_zeros(D::Minus2, 0, 1)?
+        } else {
+            xs.clone()
+        };
+        self.conv.forward(&xs)
+    }
+}
+
+/// diffusers `Upsample2D` with a convolution (`upsamplers.0.conv`): nearest ×2 then 3×3 conv.
+#[derive(Debug)]
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    /// Builds the upsampler.
+    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            conv: conv2d(channels, channels, 3, 1, 1, vb.pp("conv"))?,
+        })
+    }
+
+    /// Doubles height and width, or resizes to `size` when the skip connection needs it.
+    pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        let xs = xs.upsample_nearest2d(th, tw)?;
+        self.conv.forward(&xs)
+    }
+}
+
+/// Sinusoidal timestep embedding, diffusers' `get_timestep_embedding` (computed in f32).
+pub fn timestep_embedding(
+    timesteps: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let device = timesteps.device();
+    let exponent: Vec<f32> = (0..half)
+        .map(|i| (-(10000f32.ln()) * i as f32) / (half as f32 - freq_shift as f32))
+        .collect();
+    let freqs = Tensor::new(exponent, device)?.exp()?.unsqueeze(0)?;
+    let t = timesteps.to_dtype(DType::F32)?.unsqueeze(1)?;
+    let args = t.broadcast_mul(&freqs)?;
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    let emb = if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], D::Minus1)?
+    } else {
+        Tensor::cat(&[sin, cos], D::Minus1)?
+    };
+    if dim % 2 == 1 {
+        emb.pad_with_zeros(D::Minus1, 0, 1)
+    } else {
+        Ok(emb)
+    }
+}

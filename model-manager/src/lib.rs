@@ -1,0 +1,33 @@
+//! # jhakaas-model-manager
+//!
+//! Everything with tensors: resolving a model's files ([`source`]), parsing its diffusers
+//! configs ([`config`]), the text encoder ([`clip`]), UNet ([`unet`]), VAE ([`vae`]),
+//! schedulers ([`scheduler`]), seeded noise ([`noise`]), the denoising pipeline ([`pipeline`])
+//! and image encoding ([`image_io`]). No gRPC and no async runtime here: callers hand it
+//! [`GenerateParams`] and get [`Generation`]s and [`Progress`] events back.
+
+pub mod clip;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod image_io;
+pub mod layers;
+pub mod noise;
+pub mod params;
+pub mod pipeline;
+mod replay;
+pub mod scheduler;
+pub mod source;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+
+pub use device::DeviceChoice;
+pub use error::{Error, Result};
+pub use params::{
+    GenerateParams, GeneratedImage, Generation, HostTensor, ImageFormat, InitImage, ModelDefaults, NoiseReplay,
+    Progress, ResolvedParams, StageTimings,
+};
+pub use pipeline::StableDiffusionPipeline;
+pub use scheduler::SchedulerKind;
+pub use source::ModelSource;

@@ -1,0 +1,186 @@
+//! The engine's domain types: what a caller asks for and what it gets back. The worker converts
+//! its wire types to and from these in one place; the engine never sees protobuf.
+
+use crate::scheduler::SchedulerKind;
+use std::time::Duration;
+
+/// Encoded image container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ImageFormat {
+    /// Lossless PNG with the generation parameters in a `parameters` text chunk.
+    #[default]
+    Png,
+    /// JPEG, quality 90.
+    Jpeg,
+    /// Lossless WebP.
+    Webp,
+}
+
+impl ImageFormat {
+    /// MIME type of the encoded bytes.
+    pub fn mime_type(self) -> &'static str {
+        match self {
+            ImageFormat::Png => "image/png",
+            ImageFormat::Jpeg => "image/jpeg",
+            ImageFormat::Webp => "image/webp",
+        }
+    }
+
+    /// Conventional file extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            ImageFormat::Png => "png",
+            ImageFormat::Jpeg => "jpg",
+            ImageFormat::Webp => "webp",
+        }
+    }
+
+    /// Parses `png`, `jpeg`/`jpg` or `webp` (case-insensitive).
+    pub fn parse(name: &str) -> crate::Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "png" => Ok(ImageFormat::Png),
+            "jpeg" | "jpg" => Ok(ImageFormat::Jpeg),
+            "webp" => Ok(ImageFormat::Webp),
+            other => Err(crate::Error::invalid(
+                "output_format",
+                format!("`{other}` is not one of png, jpeg, webp"),
+            )),
+        }
+    }
+}
+
+/// An init image for img2img, already decoded to RGB.
+#[derive(Debug, Clone)]
+pub struct InitImage {
+    /// The pixels.
+    pub image: image::RgbImage,
+    /// How much to change it, in (0, 1]: 1 ignores the image's content entirely.
+    pub strength: f64,
+}
+
+/// A host-side tensor: values and shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    /// Row-major values.
+    pub data: Vec<f32>,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+/// Noise supplied by the caller instead of drawn from the seeded RNG, so a run can be replayed
+/// exactly against another implementation (diffusers' `latents=` argument and its generator).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NoiseReplay {
+    /// Initial noise `[N, 4, H/8, W/8]` (txt2img: before `init_noise_sigma` scaling;
+    /// img2img: the noise added to the encoded image).
+    pub latents: HostTensor,
+    /// Per-step noise `[steps, N, 4, H/8, W/8]` for ancestral schedulers.
+    pub step_noise: Option<HostTensor>,
+    /// VAE posterior sampling noise `[N, 4, H/8, W/8]` for img2img.
+    pub encoder_noise: Option<HostTensor>,
+}
+
+/// A generation request. `None` means "the model's default".
+#[derive(Debug, Clone, Default)]
+pub struct GenerateParams {
+    /// What to draw.
+    pub prompt: String,
+    /// What to steer away from (empty when `None`, as diffusers does).
+    pub negative_prompt: Option<String>,
+    /// Image width in pixels (multiple of 8).
+    pub width: Option<usize>,
+    /// Image height in pixels (multiple of 8).
+    pub height: Option<usize>,
+    /// Denoising steps.
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale; ≤ 1 disables the unconditional pass.
+    pub guidance_scale: Option<f64>,
+    /// Scheduler; the checkpoint's own (or the documented fallback) when `None`.
+    pub scheduler: Option<SchedulerKind>,
+    /// Seed of the first image; image `i` uses `seed + i`. Random when `None`.
+    pub seed: Option<u64>,
+    /// Images to generate (0 is treated as 1).
+    pub num_images: usize,
+    /// img2img input.
+    pub init_image: Option<InitImage>,
+    /// Replay noise instead of drawing it.
+    pub noise: Option<NoiseReplay>,
+}
+
+/// Defaults a model applies to unset request fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelDefaults {
+    /// Default width.
+    pub width: usize,
+    /// Default height.
+    pub height: usize,
+    /// Default steps.
+    pub steps: usize,
+    /// Default guidance scale.
+    pub guidance_scale: f64,
+    /// Default scheduler.
+    pub scheduler: SchedulerKind,
+}
+
+/// The request after defaults were applied: what actually ran.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedParams {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// Steps requested (img2img runs `floor(steps × strength)` of them).
+    pub steps: usize,
+    /// Guidance scale.
+    pub guidance_scale: f64,
+    /// Scheduler.
+    pub scheduler: SchedulerKind,
+    /// Seed of the first image.
+    pub seed: u64,
+    /// Number of images.
+    pub num_images: usize,
+    /// img2img strength, if any.
+    pub strength: Option<f64>,
+}
+
+/// Reported after every denoising step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    /// Steps done (1-based).
+    pub step: usize,
+    /// Steps this run will take.
+    pub total_steps: usize,
+    /// The timestep just denoised.
+    pub timestep: f64,
+}
+
+/// One generated image, raw RGB8.
+#[derive(Debug, Clone)]
+pub struct GeneratedImage {
+    /// The image.
+    pub image: image::RgbImage,
+    /// The seed that reproduces exactly this image.
+    pub seed: u64,
+}
+
+/// Wall-clock time of each engine stage.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTimings {
+    /// Tokenising and encoding the prompts.
+    pub text_encode: Duration,
+    /// The denoising loop (and img2img's VAE encode).
+    pub denoise: Duration,
+    /// VAE decode to pixels.
+    pub decode: Duration,
+}
+
+/// The result of one request.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The images, in seed order.
+    pub images: Vec<GeneratedImage>,
+    /// What ran.
+    pub params: ResolvedParams,
+    /// Stage timings.
+    pub timings: StageTimings,
+}

@@ -1,0 +1,253 @@
+//! DPM-Solver++(2M) (Lu et al. 2022), as diffusers' `DPMSolverMultistepScheduler` with
+//! `algorithm_type = "dpmsolver++"`, `solver_order = 2`, `solver_type = "midpoint"`.
+
+use candle_core::Tensor;
+
+use super::config::{
+    final_sigma_min, refuse_flag, BetaSchedule, Common, Prediction, SchedulerConfig, Spacing,
+};
+use super::schedule::{
+    alpha_sigma, alphas_cumprod, div, f32_of, interp, karras, log_sigmas, mul, np_linspace,
+    sigma_to_t, trailing, train_sigmas,
+};
+use super::Scheduler;
+use crate::error::{Error, Result};
+
+/// diffusers' `DPMSolverMultistepScheduler` (dpmsolver++, second order, midpoint).
+#[derive(Debug, Clone)]
+pub(super) struct DpmPp2m {
+    timesteps: Vec<f64>,
+    /// float32 sigmas, one more than timesteps.
+    sigmas: Vec<f32>,
+    prediction: Prediction,
+    lower_order_final: bool,
+    final_sigma_zero: bool,
+    /// The previous step's x0 prediction (f32) and how many steps this run has taken (max 2).
+    previous_x0: Option<Tensor>,
+    lower_order_nums: usize,
+}
+
+impl DpmPp2m {
+    /// Resolves `config` with `DPMSolverMultistepScheduler`'s defaults, `use_karras_sigmas`
+    /// forced to `karras`, and sets `n` timesteps.
+    pub fn new(
+        config: &SchedulerConfig,
+        n: usize,
+        karras_sigmas: bool,
+        file: &str,
+    ) -> Result<Self> {
+        let common = Common::resolve(config, Spacing::Linspace, file)?;
+        Self::check(config, file)?;
+        let final_sigma_is_min = final_sigma_min(config, file)?;
+        let num_train = common.num_train;
+        let mut alphas = alphas_cumprod(&common);
+        if common.rescale_zero_snr {
+            alphas[num_train - 1] = 2f32.powi(-24);
+        }
+        let train = train_sigmas(&alphas);
+
+        // lambda_min_clipped: drop the tail of training timesteps whose log-SNR is below it.
+        let clip = config.lambda_min_clipped.unwrap_or(f64::NEG_INFINITY) as f32;
+        let clipped = alphas
+            .iter()
+            .filter(|&&a| a.sqrt().ln() - (1.0 - a).sqrt().ln() < clip)
+            .count();
+        let last = num_train - clipped.min(num_train);
+        let spaced: Vec<f64> = match common.spacing {
+            Spacing::Linspace => {
+                let mut t: Vec<f64> = np_linspace(0.0, last as f64 - 1.0, n + 1)
+                    .into_iter()
+                    .rev()
+                    .map(f64::round_ties_even)
+                    .collect();
+                t.pop();
+                t
+            }
+            Spacing::Leading => {
+                let ratio = last / (n + 1);
+                (1..=n)
+                    .rev()
+                    .map(|i| (i * ratio + common.steps_offset) as f64)
+                    .collect()
+            }
+            Spacing::Trailing => trailing(last, num_train, n),
+        };
+        let (timesteps, mut sigmas) = if karras_sigmas {
+            let sigmas = karras(
+                config.sigma_min.unwrap_or(train[0] as f64),
+                config.sigma_max.unwrap_or(train[num_train - 1] as f64),
+                n,
+            );
+            let logs = log_sigmas(&train);
+            // Rounded to the nearest training timestep, except for cosine schedules, whose
+            // fractional timesteps diffusers truncates when it casts them to int64.
+            let cosine = common.betas == BetaSchedule::SquaredCosCapV2;
+            let t = sigmas
+                .iter()
+                .map(|&s| {
+                    let t = sigma_to_t(s, &logs);
+                    if cosine {
+                        t.trunc()
+                    } else {
+                        t.round_ties_even()
+                    }
+                })
+                .collect();
+            (t, sigmas)
+        } else {
+            let sigmas = spaced.iter().map(|&t| interp(t, &train)).collect();
+            (spaced, sigmas)
+        };
+        sigmas.push(if final_sigma_is_min {
+            train[0] as f64
+        } else {
+            0.0
+        });
+        Ok(DpmPp2m {
+            timesteps,
+            sigmas: sigmas.into_iter().map(|s| s as f32).collect(),
+            prediction: common.prediction,
+            lower_order_final: config.lower_order_final.unwrap_or(true),
+            final_sigma_zero: !final_sigma_is_min,
+            previous_x0: None,
+            lower_order_nums: 0,
+        })
+    }
+
+    /// Refuses every DPM option that would change the maths and is not implemented.
+    fn check(c: &SchedulerConfig, file: &str) -> Result<()> {
+        match c.algorithm_type.as_deref().unwrap_or("dpmsolver++") {
+            "dpmsolver++" => {}
+            other => {
+                return Err(Error::unsupported(
+                    file,
+                    "algorithm_type",
+                    other,
+                    "supported: dpmsolver++",
+                ))
+            }
+        }
+        match c.solver_order.unwrap_or(2) {
+            2 => {}
+            other => {
+                return Err(Error::unsupported(
+                    file,
+                    "solver_order",
+                    other,
+                    "supported: 2",
+                ))
+            }
+        }
+        match c.solver_type.as_deref().unwrap_or("midpoint") {
+            // diffusers maps the DEIS/UniPC names to midpoint.
+            "midpoint" | "logrho" | "bh1" | "bh2" => {}
+            other => {
+                return Err(Error::unsupported(
+                    file,
+                    "solver_type",
+                    other,
+                    "supported: midpoint",
+                ))
+            }
+        }
+        if let Some(v @ ("learned" | "learned_range")) = c.variance_type.as_deref() {
+            return Err(Error::unsupported(
+                file,
+                "variance_type",
+                v,
+                "learned variances are not implemented",
+            ));
+        }
+        if c.prediction_type.as_deref() == Some("flow_prediction") {
+            return Err(Error::unsupported(
+                file,
+                "prediction_type",
+                "flow_prediction",
+                "not implemented",
+            ));
+        }
+        refuse_flag(c.thresholding, "thresholding", file)?;
+        refuse_flag(c.euler_at_final, "euler_at_final", file)?;
+        refuse_flag(c.use_lu_lambdas, "use_lu_lambdas", file)?;
+        refuse_flag(c.use_exponential_sigmas, "use_exponential_sigmas", file)?;
+        refuse_flag(c.use_beta_sigmas, "use_beta_sigmas", file)?;
+        refuse_flag(c.use_flow_sigmas, "use_flow_sigmas", file)?;
+        refuse_flag(c.use_dynamic_shifting, "use_dynamic_shifting", file)
+    }
+
+    fn sigma(&self, step_index: usize) -> Result<f32> {
+        if step_index >= self.timesteps.len() {
+            return Err(Error::invalid(
+                "steps",
+                format!(
+                    "step index {step_index} is past the {} timesteps",
+                    self.timesteps.len()
+                ),
+            ));
+        }
+        Ok(self.sigmas[step_index])
+    }
+}
+
+/// log-SNR `log(alpha) - log(sigma)` in f32 (infinite for sigma = 0).
+fn lambda(alpha: f32, sigma: f32) -> f32 {
+    alpha.ln() - sigma.ln()
+}
+
+impl Scheduler for DpmPp2m {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn scale_model_input(&self, sample: Tensor, _step_index: usize) -> Result<Tensor> {
+        Ok(sample)
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        _noise: &mut dyn FnMut() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let len = self.timesteps.len();
+        let (alpha_s, sigma_s) = alpha_sigma(self.sigma(step_index)?);
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index + 1]);
+        let (mo, x) = (f32_of(model_output)?, f32_of(sample)?);
+        let x0 = match self.prediction {
+            Prediction::Epsilon => div(&(&x - mul(&mo, sigma_s)?)?, alpha_s)?,
+            Prediction::VPrediction => (mul(&x, alpha_s)? - mul(&mo, sigma_s)?)?,
+            Prediction::Sample => mo,
+        };
+        // The last step is first order when the run is short or ends at sigma = 0.
+        let lower_final = step_index == len - 1
+            && ((self.lower_order_final && len < 15) || self.final_sigma_zero);
+        let previous = self.previous_x0.replace(x0.clone());
+
+        let h = lambda(alpha_t, sigma_t) - lambda(alpha_s, sigma_s);
+        let c_x0 = alpha_t * ((-h).exp() - 1.0);
+        let mut prev = (mul(&x, sigma_t / sigma_s)? - mul(&x0, c_x0)?)?;
+        match previous {
+            Some(m1) if self.lower_order_nums >= 1 && !lower_final && step_index > 0 => {
+                let (alpha_p, sigma_p) = alpha_sigma(self.sigmas[step_index - 1]);
+                let h_0 = lambda(alpha_s, sigma_s) - lambda(alpha_p, sigma_p);
+                let r0 = h_0 / h;
+                let d1 = mul(&(&x0 - m1)?, 1.0 / r0)?;
+                prev = (prev - mul(&d1, 0.5 * c_x0)?)?;
+            }
+            _ => {}
+        }
+        self.lower_order_nums = (self.lower_order_nums + 1).min(2);
+        Ok(prev.to_dtype(model_output.dtype())?)
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        let (alpha, sigma) = alpha_sigma(self.sigma(step_index)?);
+        let noisy = (mul(&f32_of(original)?, alpha)? + mul(&f32_of(noise)?, sigma)?)?;
+        Ok(noisy.to_dtype(original.dtype())?)
+    }
+}

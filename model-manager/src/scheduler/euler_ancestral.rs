@@ -1,0 +1,84 @@
+//! Euler ancestral, as diffusers' `EulerAncestralDiscreteScheduler`.
+
+use candle_core::Tensor;
+
+use super::config::{Common, Prediction, SchedulerConfig, Spacing};
+use super::euler::{predict_x0, SigmaOptions, SigmaSchedule};
+use super::schedule::{div, f32_of, mul};
+use super::Scheduler;
+use crate::error::{Error, Result};
+
+/// diffusers' `EulerAncestralDiscreteScheduler`: an Euler step down to `sigma_down`, then fresh
+/// noise up to the next sigma. The class has no Karras or final-sigma options.
+#[derive(Debug, Clone)]
+pub(super) struct EulerAncestral {
+    schedule: SigmaSchedule,
+    prediction: Prediction,
+}
+
+impl EulerAncestral {
+    /// Resolves `config` with `EulerAncestralDiscreteScheduler`'s defaults and sets `n` timesteps.
+    pub fn new(config: &SchedulerConfig, n: usize, file: &str) -> Result<Self> {
+        let common = Common::resolve(config, Spacing::Linspace, file)?;
+        if common.prediction == Prediction::Sample {
+            // diffusers raises NotImplementedError for it.
+            let hint = "euler-a supports epsilon and v_prediction";
+            return Err(Error::unsupported(file, "prediction_type", "sample", hint));
+        }
+        Ok(EulerAncestral {
+            schedule: SigmaSchedule::new(&common, n, SigmaOptions::default()),
+            prediction: common.prediction,
+        })
+    }
+}
+
+impl Scheduler for EulerAncestral {
+    fn timesteps(&self) -> &[f64] {
+        &self.schedule.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.schedule.init_noise_sigma
+    }
+
+    fn scale_model_input(&self, sample: Tensor, step_index: usize) -> Result<Tensor> {
+        self.schedule.scale_model_input(sample, step_index)
+    }
+
+    /// Calls `noise` exactly once per step, the last one included (where its weight is 0), so a
+    /// seeded stream stays aligned with diffusers' generator.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        noise: &mut dyn FnMut() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let sigma = self.schedule.sigma(step_index)?;
+        let sigma_to = self.schedule.sigmas[step_index + 1];
+        let (mo, x) = (f32_of(model_output)?, f32_of(sample)?);
+        let x0 = predict_x0(self.prediction, &mo, &x, sigma)?;
+        let (from2, to2) = (sigma * sigma, sigma_to * sigma_to);
+        let sigma_up = (to2 * (from2 - to2) / from2).sqrt();
+        let sigma_down = (to2 - sigma_up * sigma_up).sqrt();
+        let derivative = div(&(&x - x0)?, sigma)?;
+        let prev = (x + mul(&derivative, sigma_down - sigma)?)?;
+        let fresh = f32_of(&noise()?)?;
+        if fresh.dims() != prev.dims() {
+            return Err(Error::invalid(
+                "noise",
+                format!(
+                    "step noise has shape {:?}, the sample {:?}",
+                    fresh.dims(),
+                    prev.dims()
+                ),
+            ));
+        }
+        let prev = (prev + mul(&fresh, sigma_up)?)?;
+        Ok(prev.to_dtype(model_output.dtype())?)
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        self.schedule.add_noise(original, noise, step_index)
+    }
+}

@@ -1,0 +1,182 @@
+//! Noise schedulers, configured from a checkpoint's `scheduler_config.json` exactly the way
+//! diffusers' `SchedulerClass.from_config(config)` does: keys the class does not know are
+//! ignored, keys that are missing take that class's own defaults.
+//!
+//! The oracle is diffusers 0.42.1: timesteps, sigmas and every step are reimplemented to give
+//! the same numbers (see `tests.rs`, which replays trajectories recorded from diffusers by
+//! `tests/fixtures/scheduler_reference.py`). Schedules are computed with diffusers' float32
+//! roundings (torch builds `alphas_cumprod` and sigmas in float32); the step maths runs on f32
+//! tensors with the scalar coefficients rounded to f32 in the same order torch does, and casts
+//! the result back to the model output's dtype. Config values that would change the maths and
+//! are not implemented are refused with [`Error::Unsupported`](crate::error::Error::Unsupported),
+//! never approximated.
+
+mod config;
+mod ddim;
+mod dpmpp;
+mod euler;
+mod euler_ancestral;
+mod schedule;
+
+#[cfg(test)]
+mod config_tests;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+use candle_core::Tensor;
+
+pub use config::SchedulerConfig;
+
+/// The schedulers a request can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SchedulerKind {
+    /// `ddim`: diffusers `DDIMScheduler`, eta = 0.
+    Ddim,
+    /// `euler`: diffusers `EulerDiscreteScheduler`.
+    Euler,
+    /// `euler-a`: diffusers `EulerAncestralDiscreteScheduler` (draws noise every step).
+    EulerAncestral,
+    /// `dpmpp-2m`: diffusers `DPMSolverMultistepScheduler` (dpmsolver++, order 2).
+    DpmPp2m,
+    /// `dpmpp-2m-karras`: the same with `use_karras_sigmas = true`.
+    DpmPp2mKarras,
+}
+
+impl SchedulerKind {
+    /// Every kind, in the order they are listed to users.
+    pub const ALL: [SchedulerKind; 5] = [
+        SchedulerKind::Ddim,
+        SchedulerKind::Euler,
+        SchedulerKind::EulerAncestral,
+        SchedulerKind::DpmPp2m,
+        SchedulerKind::DpmPp2mKarras,
+    ];
+
+    /// The name requests use for this kind (`ddim`, `euler`, `euler-a`, `dpmpp-2m`,
+    /// `dpmpp-2m-karras`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Euler => "euler",
+            SchedulerKind::EulerAncestral => "euler-a",
+            SchedulerKind::DpmPp2m => "dpmpp-2m",
+            SchedulerKind::DpmPp2mKarras => "dpmpp-2m-karras",
+        }
+    }
+}
+
+impl fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SchedulerKind {
+    type Err = Error;
+
+    /// Parses a request's scheduler name (ASCII case-insensitive, surrounding spaces ignored).
+    fn from_str(s: &str) -> Result<Self> {
+        let wanted = s.trim();
+        SchedulerKind::ALL
+            .into_iter()
+            .find(|k| k.as_str().eq_ignore_ascii_case(wanted))
+            .ok_or_else(|| {
+                let valid: Vec<&str> = SchedulerKind::ALL.iter().map(|k| k.as_str()).collect();
+                Error::invalid(
+                    "scheduler",
+                    format!("unknown scheduler `{s}`; valid names: {}", valid.join(", ")),
+                )
+            })
+    }
+}
+
+/// The scheduler used when a checkpoint's own scheduler class is not one we implement
+/// (`SchedulerConfig::native_kind()` is `None`, e.g. SD 1.x's `PNDMScheduler` or
+/// `LMSDiscreteScheduler`).
+///
+/// DDIM is the closest stand-in for those checkpoints: it reads the same
+/// `alphas_cumprod` parametrisation (beta schedule, `set_alpha_to_one`, `steps_offset`) and,
+/// like PNDM, defaults to `leading` timestep spacing, so the model sees the same timesteps it
+/// would under its original scheduler. It is deterministic (eta = 0) and first order, so it
+/// never needs noise draws or multistep state.
+pub const FALLBACK: SchedulerKind = SchedulerKind::Ddim;
+
+/// One configured scheduler for one run of `num_inference_steps` steps.
+///
+/// `step_index` is always an index into [`Scheduler::timesteps`]. A txt2img run calls
+/// `step` for 0..len; an img2img run starts at `begin` (diffusers' `set_begin_index`) and calls
+/// `add_noise(.., begin)` first. Build a new scheduler for every run: multistep schedulers keep
+/// the history of the run in progress.
+pub trait Scheduler: Send {
+    /// The timesteps to feed the UNet, in order (fractional where the scheduler makes them so).
+    fn timesteps(&self) -> &[f64];
+    /// Factor the initial noise is multiplied by for txt2img.
+    fn init_noise_sigma(&self) -> f64;
+    /// Scale the (CFG-duplicated) latents before the UNet call at `step_index`.
+    fn scale_model_input(&self, sample: Tensor, step_index: usize) -> Result<Tensor>;
+    /// One denoising step; `noise` is called (only by ancestral schedulers) to get a standard
+    /// normal tensor shaped like `sample`, drawn from the request's own RNG.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        noise: &mut dyn FnMut() -> Result<Tensor>,
+    ) -> Result<Tensor>;
+    /// Noise clean latents to the level of `step_index` (img2img).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor>;
+}
+
+/// Builds the scheduler `kind` for `num_inference_steps` steps from a checkpoint's scheduler
+/// config, resolving missing keys to the defaults of `kind`'s diffusers class.
+///
+/// `dpmpp-2m` forces `use_karras_sigmas = false` and `dpmpp-2m-karras` forces it `true`; every
+/// other field comes from `config`. `config_file` names the config in errors. Fails with
+/// [`Error::InvalidParam`] (`steps`) for 0 steps or more steps than training timesteps, and with
+/// [`Error::Unsupported`] naming the field for config values that are not implemented.
+pub fn build(
+    kind: SchedulerKind,
+    config: &SchedulerConfig,
+    num_inference_steps: usize,
+    config_file: &str,
+) -> Result<Box<dyn Scheduler>> {
+    let num_train = config.num_train_timesteps.unwrap_or(1000);
+    if num_inference_steps == 0 {
+        return Err(Error::invalid("steps", "must be at least 1"));
+    }
+    if num_inference_steps > num_train {
+        return Err(Error::invalid(
+            "steps",
+            format!(
+                "{num_inference_steps} is more than the {num_train} timesteps the model was trained with"
+            ),
+        ));
+    }
+    Ok(match kind {
+        SchedulerKind::Ddim => Box::new(ddim::Ddim::new(config, num_inference_steps, config_file)?),
+        SchedulerKind::Euler => {
+            Box::new(euler::Euler::new(config, num_inference_steps, config_file)?)
+        }
+        SchedulerKind::EulerAncestral => Box::new(euler_ancestral::EulerAncestral::new(
+            config,
+            num_inference_steps,
+            config_file,
+        )?),
+        SchedulerKind::DpmPp2m => Box::new(dpmpp::DpmPp2m::new(
+            config,
+            num_inference_steps,
+            false,
+            config_file,
+        )?),
+        SchedulerKind::DpmPp2mKarras => Box::new(dpmpp::DpmPp2m::new(
+            config,
+            num_inference_steps,
+            true,
+            config_file,
+        )?),
+    })
+}

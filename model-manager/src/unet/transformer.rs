@@ -1,0 +1,178 @@
+//! diffusers `Transformer2DModel` (continuous input) and its `BasicTransformerBlock`,
+//! as used inside the cross-attention blocks of an SD UNet.
+
+use crate::layers::{attention, conv2d, group_norm, linear};
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+
+/// diffusers `Attention` as configured by `BasicTransformerBlock` (no q/k/v bias).
+#[derive(Debug)]
+struct CrossAttention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+}
+
+impl CrossAttention {
+    fn new(query_dim: usize, context_dim: usize, heads: usize, head_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: linear(query_dim, inner, false, vb.pp("to_q"))?,
+            to_k: linear(context_dim, inner, false, vb.pp("to_k"))?,
+            to_v: linear(context_dim, inner, false, vb.pp("to_v"))?,
+            to_out: linear(inner, query_dim, true, vb.pp("to_out.0"))?,
+            heads,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let context = context.unwrap_or(xs);
+        let q = self.to_q.forward(xs)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        self.to_out.forward(&attention(&q, &k, &v, self.heads, None)?)
+    }
+}
+
+/// GEGLU feed-forward: `Linear(dim, 2·inner)`, value × GELU(gate) with the exact erf GELU,
+/// then `Linear(inner, dim)`.
+#[derive(Debug)]
+struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj_in: linear(dim, inner * 2, true, vb.pp("net.0.proj"))?,
+            proj_out: linear(inner, dim, true, vb.pp("net.2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.proj_in.forward(xs)?;
+        let halves = h.chunk(2, D::Minus1)?;
+        let h = (&halves[0] * halves[1].gelu_erf()?)?;
+        self.proj_out.forward(&h)
+    }
+}
+
+/// Self-attention, cross-attention and feed-forward, each pre-normed with a residual.
+#[derive(Debug)]
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: CrossAttention,
+    norm2: LayerNorm,
+    attn2: CrossAttention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    fn new(dim: usize, heads: usize, head_dim: usize, context_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: CrossAttention::new(dim, dim, heads, head_dim, vb.pp("attn1"))?,
+            norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: CrossAttention::new(dim, context_dim, heads, head_dim, vb.pp("attn2"))?,
+            norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff: FeedForward::new(dim, vb.pp("ff"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(context))? + xs)?;
+        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+    }
+}
+
+#[derive(Debug)]
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// diffusers `Transformer2DModel` over a feature map `[B, C, H, W]`.
+#[derive(Debug)]
+pub struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+/// Shape of one [`Transformer2D`].
+#[derive(Debug, Clone, Copy)]
+pub struct Transformer2DConfig {
+    /// Channels of the feature map.
+    pub channels: usize,
+    /// Attention heads (head width = channels / heads).
+    pub heads: usize,
+    /// Number of transformer blocks.
+    pub depth: usize,
+    /// Width of the text context.
+    pub context_dim: usize,
+    /// GroupNorm groups.
+    pub groups: usize,
+    /// Linear instead of 1×1 conv projections.
+    pub use_linear_projection: bool,
+}
+
+impl Transformer2D {
+    /// Builds the transformer from `vb` (`norm`, `proj_in`, `transformer_blocks.N`, `proj_out`).
+    pub fn new(cfg: Transformer2DConfig, vb: VarBuilder) -> Result<Self> {
+        let c = cfg.channels;
+        let head_dim = c / cfg.heads;
+        let inner = cfg.heads * head_dim;
+        let proj = |i: usize, o: usize, vb: VarBuilder| -> Result<Projection> {
+            Ok(if cfg.use_linear_projection {
+                Projection::Linear(linear(i, o, true, vb)?)
+            } else {
+                Projection::Conv(conv2d(i, o, 1, 1, 0, vb)?)
+            })
+        };
+        let blocks = (0..cfg.depth)
+            .map(|i| {
+                BasicTransformerBlock::new(inner, cfg.heads, head_dim, cfg.context_dim, vb.pp(format!("transformer_blocks.{i}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: group_norm(cfg.groups, c, 1e-6, vb.pp("norm"))?,
+            proj_in: proj(c, inner, vb.pp("proj_in"))?,
+            blocks,
+            proj_out: proj(inner, c, vb.pp("proj_out"))?,
+        })
+    }
+
+    /// Runs the transformer with the text `context` `[B, 77, D]`.
+    pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let residual = xs;
+        let xs = self.norm.forward(xs)?;
+        let to_tokens = |t: Tensor| -> Result<Tensor> {
+            let inner = t.dim(1)?;
+            t.permute((0, 2, 3, 1))?.reshape((b, h * w, inner))
+        };
+        let mut xs = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(conv.forward(&xs)?)?,
+            Projection::Linear(lin) => lin.forward(&to_tokens(xs)?)?,
+        };
+        for block in &self.blocks {
+            xs = block.forward(&xs, context)?;
+        }
+        let inner = xs.dim(2)?;
+        let to_map = |t: Tensor, ch: usize| -> Result<Tensor> {
+            t.reshape((b, h, w, ch))?.permute((0, 3, 1, 2))?.contiguous()
+        };
+        let xs = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_map(xs, inner)?)?,
+            Projection::Linear(lin) => to_map(lin.forward(&xs)?, c)?,
+        };
+        xs + residual
+    }
+}

@@ -1,0 +1,278 @@
+//! diffusers `AutoencoderKL`: encoder (img2img) and decoder, built from `vae/config.json`.
+
+use crate::config::VaeConfig;
+use crate::layers::{attention, conv2d, group_norm, linear, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+
+/// Single-head self-attention over the mid-block feature map. Accepts both the current
+/// (`to_q`/`to_k`/`to_v`/`to_out.0`) and the legacy (`query`/`key`/`value`/`proj_attn`) key names.
+#[derive(Debug)]
+struct VaeAttention {
+    group_norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+}
+
+impl VaeAttention {
+    fn new(channels: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        let legacy = !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
+        let name = |new: &'static str, old: &'static str| if legacy { old } else { new };
+        let lin = |n: &str| linear(channels, channels, true, vb.pp(n));
+        Ok(Self {
+            group_norm: group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
+            to_q: lin(name("to_q", "query"))?,
+            to_k: lin(name("to_k", "key"))?,
+            to_v: lin(name("to_v", "value"))?,
+            to_out: lin(name("to_out.0", "proj_attn"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let tokens = self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let q = self.to_q.forward(&tokens)?;
+        let k = self.to_k.forward(&tokens)?;
+        let v = self.to_v.forward(&tokens)?;
+        let out = self.to_out.forward(&attention(&q, &k, &v, 1, None)?)?;
+        let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
+        out + xs
+    }
+}
+
+/// `UNetMidBlock2D` without time conditioning: resnet, optional attention, resnet.
+#[derive(Debug)]
+struct VaeMidBlock {
+    resnet_in: ResnetBlock2D,
+    attention: Option<VaeAttention>,
+    resnet_out: ResnetBlock2D,
+}
+
+impl VaeMidBlock {
+    fn new(channels: usize, groups: usize, add_attention: bool, vb: VarBuilder) -> Result<Self> {
+        let cfg = resnet_cfg(channels, channels, groups);
+        Ok(Self {
+            resnet_in: ResnetBlock2D::new(cfg, vb.pp("resnets.0"))?,
+            attention: if add_attention {
+                Some(VaeAttention::new(channels, groups, vb.pp("attentions.0"))?)
+            } else {
+                None
+            },
+            resnet_out: ResnetBlock2D::new(cfg, vb.pp("resnets.1"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = self.resnet_in.forward(xs, None)?;
+        if let Some(attn) = &self.attention {
+            xs = attn.forward(&xs)?;
+        }
+        self.resnet_out.forward(&xs, None)
+    }
+}
+
+fn resnet_cfg(in_channels: usize, out_channels: usize, groups: usize) -> ResnetConfig {
+    ResnetConfig {
+        in_channels,
+        out_channels,
+        temb_channels: None,
+        groups,
+        eps: 1e-6,
+        output_scale_factor: 1.0,
+    }
+}
+
+fn resnets(count: usize, in_channels: usize, out_channels: usize, groups: usize, vb: VarBuilder) -> Result<Vec<ResnetBlock2D>> {
+    (0..count)
+        .map(|j| {
+            let input = if j == 0 { in_channels } else { out_channels };
+            ResnetBlock2D::new(resnet_cfg(input, out_channels, groups), vb.pp(format!("resnets.{j}")))
+        })
+        .collect()
+}
+
+/// Image → latent distribution parameters.
+#[derive(Debug)]
+struct Encoder {
+    conv_in: Conv2d,
+    blocks: Vec<(Vec<ResnetBlock2D>, Option<Downsample2D>)>,
+    mid: VaeMidBlock,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Encoder {
+    fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+        let ch = &cfg.block_out_channels;
+        let g = cfg.norm_num_groups;
+        let n = ch.len();
+        let mut blocks = Vec::with_capacity(n);
+        let mut out = ch[0];
+        for i in 0..n {
+            let vb = vb.pp(format!("down_blocks.{i}"));
+            let input = out;
+            out = ch[i];
+            let down = if i + 1 < n {
+                Some(Downsample2D::new(out, 0, vb.pp("downsamplers.0"))?)
+            } else {
+                None
+            };
+            blocks.push((resnets(cfg.layers_per_block, input, out, g, vb)?, down));
+        }
+        let last = ch[n - 1];
+        Ok(Self {
+            conv_in: conv2d(cfg.in_channels, ch[0], 3, 1, 1, vb.pp("conv_in"))?,
+            blocks,
+            mid: VaeMidBlock::new(last, g, cfg.mid_block_add_attention, vb.pp("mid_block"))?,
+            norm_out: group_norm(g, last, 1e-6, vb.pp("conv_norm_out"))?,
+            conv_out: conv2d(last, 2 * cfg.latent_channels, 3, 1, 1, vb.pp("conv_out"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = self.conv_in.forward(xs)?;
+        for (resnets, down) in &self.blocks {
+            for r in resnets {
+                xs = r.forward(&xs, None)?;
+            }
+            if let Some(d) = down {
+                xs = d.forward(&xs)?;
+            }
+        }
+        let xs = self.mid.forward(&xs)?;
+        self.conv_out.forward(&self.norm_out.forward(&xs)?.silu()?)
+    }
+}
+
+/// Latents → image.
+#[derive(Debug)]
+struct Decoder {
+    conv_in: Conv2d,
+    mid: VaeMidBlock,
+    blocks: Vec<(Vec<ResnetBlock2D>, Option<Upsample2D>)>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Decoder {
+    fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+        let ch = &cfg.block_out_channels;
+        let g = cfg.norm_num_groups;
+        let n = ch.len();
+        let last = ch[n - 1];
+        let mut blocks = Vec::with_capacity(n);
+        let mut out = last;
+        for i in 0..n {
+            let vb = vb.pp(format!("up_blocks.{i}"));
+            let prev = out;
+            out = ch[n - 1 - i];
+            let up = if i + 1 < n {
+                Some(Upsample2D::new(out, vb.pp("upsamplers.0"))?)
+            } else {
+                None
+            };
+            blocks.push((resnets(cfg.layers_per_block + 1, prev, out, g, vb)?, up));
+        }
+        Ok(Self {
+            conv_in: conv2d(cfg.latent_channels, last, 3, 1, 1, vb.pp("conv_in"))?,
+            mid: VaeMidBlock::new(last, g, cfg.mid_block_add_attention, vb.pp("mid_block"))?,
+            blocks,
+            norm_out: group_norm(g, ch[0], 1e-6, vb.pp("conv_norm_out"))?,
+            conv_out: conv2d(ch[0], cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.conv_in.forward(xs)?;
+        let mut xs = self.mid.forward(&xs)?;
+        for (resnets, up) in &self.blocks {
+            for r in resnets {
+                xs = r.forward(&xs, None)?;
+            }
+            if let Some(u) = up {
+                xs = u.forward(&xs, None)?;
+            }
+        }
+        self.conv_out.forward(&self.norm_out.forward(&xs)?.silu()?)
+    }
+}
+
+/// The diagonal Gaussian the encoder predicts for each latent.
+#[derive(Debug)]
+pub struct LatentDistribution {
+    /// Mean `[B, C, h, w]`.
+    pub mean: Tensor,
+    /// Log-variance, clamped to [-30, 20] as diffusers does.
+    pub logvar: Tensor,
+}
+
+impl LatentDistribution {
+    /// `mean + std · noise`, diffusers' `latent_dist.sample()` with externally drawn noise.
+    pub fn sample(&self, noise: &Tensor) -> Result<Tensor> {
+        let std = (&self.logvar * 0.5)?.exp()?;
+        self.mean.clone() + std.mul(noise)?
+    }
+}
+
+/// The VAE.
+#[derive(Debug)]
+pub struct AutoencoderKL {
+    encoder: Encoder,
+    quant_conv: Option<Conv2d>,
+    post_quant_conv: Option<Conv2d>,
+    decoder: Decoder,
+    config: VaeConfig,
+}
+
+impl AutoencoderKL {
+    /// Builds the VAE described by `config` from the weights in `vb`.
+    pub fn new(config: &VaeConfig, vb: VarBuilder) -> crate::Result<Self> {
+        config.validate()?;
+        let l = config.latent_channels;
+        Ok(Self {
+            encoder: Encoder::new(config, vb.pp("encoder"))?,
+            quant_conv: if config.use_quant_conv {
+                Some(conv2d(2 * l, 2 * l, 1, 1, 0, vb.pp("quant_conv"))?)
+            } else {
+                None
+            },
+            post_quant_conv: if config.use_post_quant_conv {
+                Some(conv2d(l, l, 1, 1, 0, vb.pp("post_quant_conv"))?)
+            } else {
+                None
+            },
+            decoder: Decoder::new(config, vb.pp("decoder"))?,
+            config: config.clone(),
+        })
+    }
+
+    /// The config this VAE was built from.
+    pub fn config(&self) -> &VaeConfig {
+        &self.config
+    }
+
+    /// Encodes an image in [-1, 1] `[B, 3, H, W]` to its latent distribution.
+    pub fn encode(&self, image: &Tensor) -> Result<LatentDistribution> {
+        let h = self.encoder.forward(image)?;
+        let moments = match &self.quant_conv {
+            Some(q) => q.forward(&h)?,
+            None => h,
+        };
+        let halves = moments.chunk(2, 1)?;
+        Ok(LatentDistribution {
+            mean: halves[0].clone(),
+            logvar: halves[1].clamp(-30f32, 20f32)?,
+        })
+    }
+
+    /// Decodes (unscaled) latents to an image in roughly [-1, 1].
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let z = match &self.post_quant_conv {
+            Some(p) => p.forward(latents)?,
+            None => latents.clone(),
+        };
+        self.decoder.forward(&z)
+    }
+}

@@ -1,0 +1,73 @@
+//! Helpers for the end-to-end tests: where the fixtures are, how to run the real
+//! `jhakaas-worker` binary, and how to compare images the way the parity criterion is stated
+//! (mean and max absolute difference on 0–255).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// `tests/fixtures` of this repository.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// Path of the `jhakaas-worker` binary of this build. `cargo test --workspace` builds it next
+/// to the test executables (the worker package has integration tests); when a test is run on
+/// its own the binary is built first with the same cargo and profile.
+pub fn worker_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("JHAKAAS_WORKER_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+        let bin = profile_dir.join(format!("jhakaas-worker{}", std::env::consts::EXE_SUFFIX));
+        if !bin.is_file() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "-p", "jhakaas-worker", "--bin", "jhakaas-worker"]);
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("running cargo build");
+            assert!(status.success(), "building jhakaas-worker failed");
+        }
+        bin
+    })
+    .clone()
+}
+
+/// Runs the worker binary with `args`, returning its output.
+pub fn run_worker<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    Command::new(worker_binary())
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("spawning jhakaas-worker")
+}
+
+/// Mean and max absolute per-channel difference of two RGB8 images of equal size.
+pub fn image_diff(a: &image::RgbImage, b: &image::RgbImage) -> (f64, u8) {
+    assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
+    let mut sum = 0u64;
+    let mut max = 0u8;
+    for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
+        let d = x.abs_diff(*y);
+        sum += d as u64;
+        max = max.max(d);
+    }
+    (sum as f64 / a.as_raw().len() as f64, max)
+}
+
+/// A fresh, empty directory under the system temp dir for one test.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("jhakaas-tests-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creating scratch dir");
+    dir
+}

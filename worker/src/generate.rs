@@ -1,0 +1,162 @@
+//! `jhakaas-worker generate`: one request through the engine, images to files.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use jhakaas_model_manager::image_io::{decode_image, encode_image, parameters_text};
+use jhakaas_model_manager::{
+    device, DeviceChoice, GenerateParams, ImageFormat, InitImage, ModelSource, NoiseReplay, SchedulerKind,
+    StableDiffusionPipeline,
+};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Largest init image accepted, in pixels (decoding is refused beyond this).
+const MAX_INIT_PIXELS: u64 = 4096 * 4096;
+
+/// Arguments of `generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Model: a diffusers folder, a hub id `org/name[@revision]`, or an alias (sd-1.5, sd-2.1, sd-turbo).
+    #[arg(long, env = "JHAKAAS_MODEL")]
+    model: String,
+    /// What to draw.
+    #[arg(long)]
+    prompt: String,
+    /// What to steer away from.
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Width in pixels, a multiple of 8 (default: the model's).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Height in pixels, a multiple of 8 (default: the model's).
+    #[arg(long)]
+    height: Option<usize>,
+    /// Denoising steps (default 50).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale; ≤ 1 skips the unconditional pass (default 7.5).
+    #[arg(long)]
+    guidance_scale: Option<f64>,
+    /// ddim, euler, euler-a, dpmpp-2m or dpmpp-2m-karras (default: the checkpoint's own).
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// Seed of the first image; image i uses seed + i (default: random).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Number of images.
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    /// Init image for img2img.
+    #[arg(long, requires = "strength")]
+    init_image: Option<PathBuf>,
+    /// img2img strength in (0, 1].
+    #[arg(long, requires = "init_image")]
+    strength: Option<f64>,
+    /// Replay noise from a safetensors file (`latents` [N,4,H/8,W/8] f32, optional `step_noise`
+    /// and `encoder_noise`) instead of drawing it from the seed.
+    #[arg(long)]
+    latents: Option<PathBuf>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, env = "JHAKAAS_DEVICE", default_value = "auto")]
+    device: String,
+    /// Output file; its extension picks the format (png, jpg/jpeg, webp). With several images,
+    /// `-N` is inserted before the extension.
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+/// Runs `generate`.
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let params = build_params(&args)?;
+    let device_choice: DeviceChoice = args.device.parse()?;
+    let source = ModelSource::parse(&args.model)?;
+
+    let t0 = Instant::now();
+    let device = device_choice.open()?;
+    let pipeline = StableDiffusionPipeline::load(&source, &device).with_context(|| format!("loading model `{source}`"))?;
+    eprintln!("loaded {source} on {} in {:.2?}", device::describe(&device), t0.elapsed());
+
+    let resolved = pipeline.resolve(&params)?;
+    let format = output_format(args.output.as_deref())?;
+    let bar = ProgressBar::new(resolved.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} ({per_sec})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let params = GenerateParams {
+        seed: Some(resolved.seed),
+        ..params
+    };
+    let generation = pipeline.generate(&params, &mut |p| {
+        bar.set_length(p.total_steps as u64);
+        bar.set_position(p.step as u64);
+        ControlFlow::Continue(())
+    })?;
+    bar.finish_and_clear();
+
+    let many = generation.images.len() > 1;
+    for (i, img) in generation.images.iter().enumerate() {
+        let text = parameters_text(&params.prompt, params.negative_prompt.as_deref(), &generation.params, img.seed, pipeline.name());
+        let bytes = encode_image(&img.image, format, &text)?;
+        let path = output_path(args.output.as_deref(), img.seed, format, many.then_some(i));
+        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+        println!("{} ({}x{}, seed {})", path.display(), img.image.width(), img.image.height(), img.seed);
+    }
+    let t = generation.timings;
+    eprintln!(
+        "text encode {:.2?}, denoise {:.2?} ({} steps, {}), decode {:.2?}",
+        t.text_encode, t.denoise, generation.params.steps, generation.params.scheduler, t.decode
+    );
+    Ok(())
+}
+
+fn build_params(args: &GenerateArgs) -> Result<GenerateParams> {
+    let scheduler = args.scheduler.as_deref().map(str::parse::<SchedulerKind>).transpose()?;
+    let init_image = match (&args.init_image, args.strength) {
+        (Some(path), Some(strength)) => {
+            let bytes = std::fs::read(path).with_context(|| format!("invalid init_image: cannot read {}", path.display()))?;
+            let image = decode_image(&bytes, MAX_INIT_PIXELS).with_context(|| format!("reading {}", path.display()))?;
+            Some(InitImage { image, strength })
+        }
+        _ => None,
+    };
+    let noise = args.latents.as_deref().map(NoiseReplay::load).transpose()?;
+    if args.num_images == 0 {
+        anyhow::bail!("invalid num_images: must be at least 1");
+    }
+    Ok(GenerateParams {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        width: args.width,
+        height: args.height,
+        steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        scheduler,
+        seed: args.seed,
+        num_images: args.num_images,
+        init_image,
+        noise,
+    })
+}
+
+fn output_format(output: Option<&Path>) -> Result<ImageFormat> {
+    match output.and_then(|p| p.extension()).and_then(|e| e.to_str()) {
+        None => Ok(ImageFormat::Png),
+        Some(ext) => ImageFormat::parse(ext).map_err(|_| anyhow::anyhow!("invalid output: extension `.{ext}` is not png, jpg, jpeg or webp")),
+    }
+}
+
+fn output_path(output: Option<&Path>, seed: u64, format: ImageFormat, index: Option<usize>) -> PathBuf {
+    let base = output.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(format!("jhakaas-{seed}.{}", format.extension())));
+    match index {
+        None => base,
+        Some(i) => {
+            let stem = base.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+            let ext = base.extension().and_then(|e| e.to_str()).unwrap_or(format.extension());
+            base.with_file_name(format!("{stem}-{i}.{ext}"))
+        }
+    }
+}

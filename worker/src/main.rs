@@ -1,0 +1,45 @@
+//! `jhakaas-worker`: the Jhakaas Stable Diffusion worker.
+//!
+//! Today it has one subcommand, `generate`, which runs the engine on this machine and writes
+//! images. The gRPC server (`serve`) and weight prefetching (`fetch`) are built on top of the
+//! same engine in later steps.
+
+mod generate;
+
+use clap::{Parser, Subcommand};
+
+/// Command line of the worker binary.
+#[derive(Debug, Parser)]
+#[command(name = "jhakaas-worker", version, about = "Stable Diffusion worker in pure Rust (candle)")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "JHAKAAS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Turn a prompt (and optionally an init image) into image files.
+    Generate(generate::GenerateArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    match cli.command {
+        Command::Generate(args) => generate::run(args),
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("JHAKAAS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
