@@ -166,7 +166,19 @@ fn hub_file(repo: &str, revision: &str, file: &str) -> std::result::Result<Optio
         }
     }
     if hub_offline() {
-        return Ok(None);
+        let repo_dir = cache_dir.join(format!("models--{}", repo.replace('/', "--")));
+        let snapshot = if is_commit_hash(revision) {
+            Some(revision.to_string())
+        } else {
+            std::fs::read_to_string(repo_dir.join("refs").join(revision)).ok()
+        };
+        return match snapshot {
+            Some(commit) if repo_dir.join("snapshots").join(commit.trim()).is_dir() => Ok(None),
+            _ => Err(format!(
+                "revision `{revision}` is not in the HF cache at {} and HF_HUB_OFFLINE is set, so nothing is downloaded",
+                cache_dir.display()
+            )),
+        };
     }
     let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(cache).with_progress(false);
     if let Ok(token) = std::env::var("HF_TOKEN") {

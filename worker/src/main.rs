@@ -10,7 +10,12 @@ use clap::{Parser, Subcommand};
 
 /// Command line of the worker binary.
 #[derive(Debug, Parser)]
-#[command(name = "jhakaas-worker", version, about = "Stable Diffusion worker in pure Rust (candle)")]
+#[command(
+    name = "jhakaas-worker",
+    version,
+    about = "Stable Diffusion worker in pure Rust (candle)",
+    args_override_self = true
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "JHAKAAS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
@@ -25,11 +30,19 @@ enum Command {
     Generate(generate::GenerateArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
-    match cli.command {
+    let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole cause chain on one line: "context: cause: root cause".
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

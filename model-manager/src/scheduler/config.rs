@@ -193,7 +193,7 @@ fn quote_non_finite(text: &str) -> String {
 
 /// What the model predicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Prediction {
+pub(super) enum PredictionType {
     Epsilon,
     VPrediction,
     Sample,
@@ -221,7 +221,7 @@ pub(super) enum BetaSchedule {
 pub(super) struct Common {
     pub num_train: usize,
     pub betas: BetaSchedule,
-    pub prediction: Prediction,
+    pub prediction: PredictionType,
     pub spacing: Spacing,
     pub steps_offset: usize,
     pub rescale_zero_snr: bool,
@@ -265,9 +265,9 @@ impl Common {
             }
         };
         let prediction = match c.prediction_type.as_deref().unwrap_or("epsilon") {
-            "epsilon" => Prediction::Epsilon,
-            "v_prediction" => Prediction::VPrediction,
-            "sample" => Prediction::Sample,
+            "epsilon" => PredictionType::Epsilon,
+            "v_prediction" => PredictionType::VPrediction,
+            "sample" => PredictionType::Sample,
             other => {
                 let hint = "supported: epsilon, v_prediction, sample";
                 return Err(Error::unsupported(file, "prediction_type", other, hint));

@@ -2,7 +2,7 @@
 
 use candle_core::Tensor;
 
-use super::config::{refuse_flag, Common, Prediction, SchedulerConfig, Spacing};
+use super::config::{refuse_flag, Common, PredictionType, SchedulerConfig, Spacing};
 use super::schedule::{alphas_cumprod, div, f32_of, mul, np_linspace, trailing};
 use super::Scheduler;
 use crate::error::{Error, Result};
@@ -19,7 +19,7 @@ pub(super) struct Ddim {
     /// `num_train_timesteps / num_inference_steps`: DDIM's "previous timestep" is always this
     /// far back, whatever the spacing (a diffusers quirk for `trailing`/`linspace`).
     gap: usize,
-    prediction: Prediction,
+    prediction: PredictionType,
     clip: Option<f32>,
 }
 
@@ -118,12 +118,12 @@ impl Scheduler for Ddim {
         let (sqrt_a, sqrt_b) = (alpha_t.sqrt(), beta_t.sqrt());
         let (mo, x) = (f32_of(model_output)?, f32_of(sample)?);
         let (x0, eps) = match self.prediction {
-            Prediction::Epsilon => (div(&(&x - mul(&mo, sqrt_b)?)?, sqrt_a)?, mo),
-            Prediction::Sample => {
+            PredictionType::Epsilon => (div(&(&x - mul(&mo, sqrt_b)?)?, sqrt_a)?, mo),
+            PredictionType::Sample => {
                 let eps = div(&(&x - mul(&mo, sqrt_a)?)?, sqrt_b)?;
                 (mo, eps)
             }
-            Prediction::VPrediction => (
+            PredictionType::VPrediction => (
                 (mul(&x, sqrt_a)? - mul(&mo, sqrt_b)?)?,
                 (mul(&mo, sqrt_a)? + mul(&x, sqrt_b)?)?,
             ),

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::config::{
-    final_sigma_min, refuse_flag, BetaSchedule, Common, Prediction, SchedulerConfig, Spacing,
+    final_sigma_min, refuse_flag, BetaSchedule, Common, PredictionType, SchedulerConfig, Spacing,
 };
 use super::schedule::{
     alpha_sigma, alphas_cumprod, div, f32_of, interp, karras, log_sigmas, mul, np_linspace,
@@ -19,11 +19,12 @@ pub(super) struct DpmPp2m {
     timesteps: Vec<f64>,
     /// float32 sigmas, one more than timesteps.
     sigmas: Vec<f32>,
-    prediction: Prediction,
+    prediction: PredictionType,
     lower_order_final: bool,
     final_sigma_zero: bool,
-    /// The previous step's x0 prediction (f32) and how many steps this run has taken (max 2).
+    /// The previous step's x0 prediction (f32), the multistep history.
     previous_x0: Option<Tensor>,
+    /// How many steps this run has taken, saturating at 2 (diffusers' `lower_order_nums`).
     lower_order_nums: usize,
 }
 
@@ -98,6 +99,10 @@ impl DpmPp2m {
             let sigmas = spaced.iter().map(|&t| interp(t, &train)).collect();
             (spaced, sigmas)
         };
+        if timesteps.is_empty() {
+            let hint = "it clips away every training timestep";
+            return Err(Error::unsupported(file, "lambda_min_clipped", clip, hint));
+        }
         sigmas.push(if final_sigma_is_min {
             train[0] as f64
         } else {
@@ -219,9 +224,9 @@ impl Scheduler for DpmPp2m {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index + 1]);
         let (mo, x) = (f32_of(model_output)?, f32_of(sample)?);
         let x0 = match self.prediction {
-            Prediction::Epsilon => div(&(&x - mul(&mo, sigma_s)?)?, alpha_s)?,
-            Prediction::VPrediction => (mul(&x, alpha_s)? - mul(&mo, sigma_s)?)?,
-            Prediction::Sample => mo,
+            PredictionType::Epsilon => div(&(&x - mul(&mo, sigma_s)?)?, alpha_s)?,
+            PredictionType::VPrediction => (mul(&x, alpha_s)? - mul(&mo, sigma_s)?)?,
+            PredictionType::Sample => mo,
         };
         // The last step is first order when the run is short or ends at sigma = 0.
         let lower_final = step_index == len - 1

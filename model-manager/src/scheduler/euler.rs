@@ -3,7 +3,9 @@
 
 use candle_core::Tensor;
 
-use super::config::{final_sigma_min, refuse_flag, Common, Prediction, SchedulerConfig, Spacing};
+use super::config::{
+    final_sigma_min, refuse_flag, Common, PredictionType, SchedulerConfig, Spacing,
+};
 use super::schedule::{
     alphas_cumprod, div, f32_of, interp, karras, log_sigmas, mul, np_linspace, sigma_to_t,
     trailing, train_sigmas,
@@ -123,18 +125,18 @@ impl SigmaSchedule {
 
 /// The denoised estimate x0 at `sigma` (f32 tensors), as Euler and Euler-a compute it.
 pub(super) fn predict_x0(
-    prediction: Prediction,
+    prediction: PredictionType,
     mo: &Tensor,
     x: &Tensor,
     sigma: f32,
 ) -> Result<Tensor> {
     Ok(match prediction {
-        Prediction::Epsilon => (x - mul(mo, sigma)?)?,
-        Prediction::VPrediction => {
+        PredictionType::Epsilon => (x - mul(mo, sigma)?)?,
+        PredictionType::VPrediction => {
             let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
             (mul(mo, c_out)? + div(x, sigma * sigma + 1.0)?)?
         }
-        Prediction::Sample => mo.clone(),
+        PredictionType::Sample => mo.clone(),
     })
 }
 
@@ -142,7 +144,7 @@ pub(super) fn predict_x0(
 #[derive(Debug, Clone)]
 pub(super) struct Euler {
     schedule: SigmaSchedule,
-    prediction: Prediction,
+    prediction: PredictionType,
 }
 
 impl Euler {
@@ -169,7 +171,7 @@ impl Euler {
         match config.timestep_type.as_deref().unwrap_or("discrete") {
             "discrete" => {}
             // Only changes anything for v_prediction (log-sigma timesteps).
-            "continuous" if common.prediction != Prediction::VPrediction => {}
+            "continuous" if common.prediction != PredictionType::VPrediction => {}
             other => {
                 let hint = "supported: discrete (continuous only without v_prediction)";
                 return Err(Error::unsupported(file, "timestep_type", other, hint));

@@ -2,7 +2,7 @@
 
 use candle_core::Tensor;
 
-use super::config::{Common, Prediction, SchedulerConfig, Spacing};
+use super::config::{Common, PredictionType, SchedulerConfig, Spacing};
 use super::euler::{predict_x0, SigmaOptions, SigmaSchedule};
 use super::schedule::{div, f32_of, mul};
 use super::Scheduler;
@@ -13,14 +13,14 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone)]
 pub(super) struct EulerAncestral {
     schedule: SigmaSchedule,
-    prediction: Prediction,
+    prediction: PredictionType,
 }
 
 impl EulerAncestral {
     /// Resolves `config` with `EulerAncestralDiscreteScheduler`'s defaults and sets `n` timesteps.
     pub fn new(config: &SchedulerConfig, n: usize, file: &str) -> Result<Self> {
         let common = Common::resolve(config, Spacing::Linspace, file)?;
-        if common.prediction == Prediction::Sample {
+        if common.prediction == PredictionType::Sample {
             // diffusers raises NotImplementedError for it.
             let hint = "euler-a supports epsilon and v_prediction";
             return Err(Error::unsupported(file, "prediction_type", "sample", hint));

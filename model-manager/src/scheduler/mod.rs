@@ -18,11 +18,6 @@ mod euler;
 mod euler_ancestral;
 mod schedule;
 
-#[cfg(test)]
-mod config_tests;
-#[cfg(test)]
-mod tests;
-
 use std::fmt;
 use std::str::FromStr;
 
@@ -151,9 +146,7 @@ pub fn build(
     if num_inference_steps > num_train {
         return Err(Error::invalid(
             "steps",
-            format!(
-                "{num_inference_steps} is more than the {num_train} timesteps the model was trained with"
-            ),
+            format!("{num_inference_steps} exceeds the model's {num_train} training timesteps"),
         ));
     }
     Ok(match kind {
@@ -180,3 +173,8 @@ pub fn build(
         )?),
     })
 }
+
+#[cfg(test)]
+mod config_tests;
+#[cfg(test)]
+mod tests;
