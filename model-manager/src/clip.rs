@@ -57,7 +57,9 @@ impl EncoderLayer {
         let q = self.q_proj.forward(&h)?;
         let k = self.k_proj.forward(&h)?;
         let v = self.v_proj.forward(&h)?;
-        let h = self.out_proj.forward(&attention(&q, &k, &v, heads, Some(mask))?)?;
+        let h = self
+            .out_proj
+            .forward(&attention(&q, &k, &v, heads, Some(mask))?)?;
         let xs = (xs + h)?;
         let h = self.layer_norm2.forward(&xs)?;
         let h = self.fc2.forward(&act.apply(&self.fc1.forward(&h)?)?)?;
@@ -93,9 +95,17 @@ impl ClipTextModel {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             token_embedding: candle_nn::embedding(cfg.vocab_size, d, emb.pp("token_embedding"))?,
-            position_embedding: candle_nn::embedding(cfg.max_position_embeddings, d, emb.pp("position_embedding"))?,
+            position_embedding: candle_nn::embedding(
+                cfg.max_position_embeddings,
+                d,
+                emb.pp("position_embedding"),
+            )?,
             layers,
-            final_layer_norm: candle_nn::layer_norm(d, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?,
+            final_layer_norm: candle_nn::layer_norm(
+                d,
+                cfg.layer_norm_eps,
+                vb.pp("final_layer_norm"),
+            )?,
             heads: cfg.num_attention_heads,
             activation: if cfg.hidden_act == "gelu" {
                 Activation::Gelu

@@ -159,7 +159,8 @@ impl ClipTextConfig {
             "supported: quick_gelu, gelu",
         )?;
         require(
-            self.num_attention_heads > 0 && self.hidden_size % self.num_attention_heads == 0,
+            self.num_attention_heads > 0
+                && self.hidden_size.is_multiple_of(self.num_attention_heads),
             FILE,
             "num_attention_heads",
             self.num_attention_heads,
@@ -381,39 +382,182 @@ impl UNetConfig {
     pub fn plan(&self) -> Result<UNetPlan> {
         const F: &str = "unet/config.json";
         let n = self.block_out_channels.len();
-        require(n > 0, F, "block_out_channels", &self.block_out_channels, "needs at least one block")?;
-        require(self.down_block_types.len() == n, F, "down_block_types", &self.down_block_types, "one per block_out_channels entry")?;
-        require(self.up_block_types.len() == n, F, "up_block_types", &self.up_block_types, "one per block_out_channels entry")?;
-        require(self.act_fn == "silu", F, "act_fn", &self.act_fn, "only silu")?;
-        require(!self.dual_cross_attention, F, "dual_cross_attention", true, "not supported")?;
-        require(self.class_embed_type.is_none(), F, "class_embed_type", &self.class_embed_type, "class-conditioned UNets are not supported")?;
-        require(self.addition_embed_type.is_none(), F, "addition_embed_type", &self.addition_embed_type, "added text/time conditioning (SDXL) is not supported by this engine yet")?;
-        require(self.encoder_hid_dim.is_none(), F, "encoder_hid_dim", self.encoder_hid_dim, "not supported")?;
-        require(self.time_embedding_type == "positional", F, "time_embedding_type", &self.time_embedding_type, "only positional")?;
-        require(self.time_embedding_act_fn.is_none(), F, "time_embedding_act_fn", &self.time_embedding_act_fn, "not supported")?;
-        require(self.timestep_post_act.is_none(), F, "timestep_post_act", &self.timestep_post_act, "not supported")?;
-        require(self.time_cond_proj_dim.is_none(), F, "time_cond_proj_dim", self.time_cond_proj_dim, "guidance-embedding (LCM) UNets are not supported")?;
-        require(self.resnet_time_scale_shift == "default", F, "resnet_time_scale_shift", &self.resnet_time_scale_shift, "only default")?;
-        require(!self.resnet_skip_time_act, F, "resnet_skip_time_act", true, "not supported")?;
-        require(self.conv_in_kernel == 3, F, "conv_in_kernel", self.conv_in_kernel, "only 3")?;
-        require(self.conv_out_kernel == 3, F, "conv_out_kernel", self.conv_out_kernel, "only 3")?;
-        require(self.attention_type == "default", F, "attention_type", &self.attention_type, "only default")?;
-        require(self.cross_attention_norm.is_none(), F, "cross_attention_norm", &self.cross_attention_norm, "not supported")?;
-        require(self.mid_block_only_cross_attention != Some(true), F, "mid_block_only_cross_attention", true, "not supported")?;
-        require(self.reverse_transformer_layers_per_block.as_ref().is_none_or(|v| v.is_null()), F, "reverse_transformer_layers_per_block", &self.reverse_transformer_layers_per_block, "not supported")?;
+        require(
+            n > 0,
+            F,
+            "block_out_channels",
+            &self.block_out_channels,
+            "needs at least one block",
+        )?;
+        require(
+            self.down_block_types.len() == n,
+            F,
+            "down_block_types",
+            &self.down_block_types,
+            "one per block_out_channels entry",
+        )?;
+        require(
+            self.up_block_types.len() == n,
+            F,
+            "up_block_types",
+            &self.up_block_types,
+            "one per block_out_channels entry",
+        )?;
+        require(
+            self.act_fn == "silu",
+            F,
+            "act_fn",
+            &self.act_fn,
+            "only silu",
+        )?;
+        require(
+            !self.dual_cross_attention,
+            F,
+            "dual_cross_attention",
+            true,
+            "not supported",
+        )?;
+        require(
+            self.class_embed_type.is_none(),
+            F,
+            "class_embed_type",
+            &self.class_embed_type,
+            "class-conditioned UNets are not supported",
+        )?;
+        require(
+            self.addition_embed_type.is_none(),
+            F,
+            "addition_embed_type",
+            &self.addition_embed_type,
+            "added text/time conditioning (SDXL) is not supported by this engine yet",
+        )?;
+        require(
+            self.encoder_hid_dim.is_none(),
+            F,
+            "encoder_hid_dim",
+            self.encoder_hid_dim,
+            "not supported",
+        )?;
+        require(
+            self.time_embedding_type == "positional",
+            F,
+            "time_embedding_type",
+            &self.time_embedding_type,
+            "only positional",
+        )?;
+        require(
+            self.time_embedding_act_fn.is_none(),
+            F,
+            "time_embedding_act_fn",
+            &self.time_embedding_act_fn,
+            "not supported",
+        )?;
+        require(
+            self.timestep_post_act.is_none(),
+            F,
+            "timestep_post_act",
+            &self.timestep_post_act,
+            "not supported",
+        )?;
+        require(
+            self.time_cond_proj_dim.is_none(),
+            F,
+            "time_cond_proj_dim",
+            self.time_cond_proj_dim,
+            "guidance-embedding (LCM) UNets are not supported",
+        )?;
+        require(
+            self.resnet_time_scale_shift == "default",
+            F,
+            "resnet_time_scale_shift",
+            &self.resnet_time_scale_shift,
+            "only default",
+        )?;
+        require(
+            !self.resnet_skip_time_act,
+            F,
+            "resnet_skip_time_act",
+            true,
+            "not supported",
+        )?;
+        require(
+            self.conv_in_kernel == 3,
+            F,
+            "conv_in_kernel",
+            self.conv_in_kernel,
+            "only 3",
+        )?;
+        require(
+            self.conv_out_kernel == 3,
+            F,
+            "conv_out_kernel",
+            self.conv_out_kernel,
+            "only 3",
+        )?;
+        require(
+            self.attention_type == "default",
+            F,
+            "attention_type",
+            &self.attention_type,
+            "only default",
+        )?;
+        require(
+            self.cross_attention_norm.is_none(),
+            F,
+            "cross_attention_norm",
+            &self.cross_attention_norm,
+            "not supported",
+        )?;
+        require(
+            self.mid_block_only_cross_attention != Some(true),
+            F,
+            "mid_block_only_cross_attention",
+            true,
+            "not supported",
+        )?;
+        require(
+            self.reverse_transformer_layers_per_block
+                .as_ref()
+                .is_none_or(|v| v.is_null()),
+            F,
+            "reverse_transformer_layers_per_block",
+            &self.reverse_transformer_layers_per_block,
+            "not supported",
+        )?;
         if let Some(only) = &self.only_cross_attention {
             let only = only.expand(n, F, "only_cross_attention")?;
-            require(only.iter().all(|o| !o), F, "only_cross_attention", &only, "not supported")?;
+            require(
+                only.iter().all(|o| !o),
+                F,
+                "only_cross_attention",
+                &only,
+                "not supported",
+            )?;
         }
         let groups = self.norm_num_groups.ok_or_else(|| {
-            Error::unsupported(F, "norm_num_groups", "null", "GroupNorm-free UNets are not supported")
+            Error::unsupported(
+                F,
+                "norm_num_groups",
+                "null",
+                "GroupNorm-free UNets are not supported",
+            )
         })?;
         for (i, c) in self.block_out_channels.iter().enumerate() {
-            require(c % groups == 0, F, "block_out_channels", &self.block_out_channels, &format!("block {i} is not divisible by norm_num_groups = {groups}"))?;
+            require(
+                c % groups == 0,
+                F,
+                "block_out_channels",
+                &self.block_out_channels,
+                &format!("block {i} is not divisible by norm_num_groups = {groups}"),
+            )?;
         }
         let layers = self.layers_per_block.expand(n, F, "layers_per_block")?;
-        let depth = self.transformer_layers_per_block.expand(n, F, "transformer_layers_per_block")?;
-        let cross = self.cross_attention_dim.expand(n, F, "cross_attention_dim")?;
+        let depth =
+            self.transformer_layers_per_block
+                .expand(n, F, "transformer_layers_per_block")?;
+        let cross = self
+            .cross_attention_dim
+            .expand(n, F, "cross_attention_dim")?;
         let heads = match &self.num_attention_heads {
             Some(h) => h.expand(n, F, "num_attention_heads")?,
             None => self.attention_head_dim.expand(n, F, "attention_head_dim")?,
@@ -431,16 +575,29 @@ impl UNetConfig {
             } else {
                 Err(Error::unsupported(
                     F,
-                    if down { "down_block_types" } else { "up_block_types" },
+                    if down {
+                        "down_block_types"
+                    } else {
+                        "up_block_types"
+                    },
                     name,
-                    &format!("supported: {plain}, {attn}"),
+                    format!("supported: {plain}, {attn}"),
                 ))
             }
         };
         let spec = |i: usize, kind: BlockKind, num_layers: usize| -> Result<UNetBlockSpec> {
             let out_channels = self.block_out_channels[i];
             if kind == BlockKind::CrossAttn {
-                require(heads[i] > 0 && out_channels % heads[i] == 0, F, "attention_head_dim", &heads, &format!("block {i}: {out_channels} channels are not divisible by {} heads", heads[i]))?;
+                require(
+                    heads[i] > 0 && out_channels.is_multiple_of(heads[i]),
+                    F,
+                    "attention_head_dim",
+                    &heads,
+                    &format!(
+                        "block {i}: {out_channels} channels are not divisible by {} heads",
+                        heads[i]
+                    ),
+                )?;
             }
             Ok(UNetBlockSpec {
                 kind,
@@ -464,18 +621,31 @@ impl UNetConfig {
             None => None,
             Some("UNetMidBlock2DCrossAttn") => {
                 let last = n - 1;
-                require(heads[last] > 0 && self.block_out_channels[last] % heads[last] == 0, F, "attention_head_dim", &heads, "mid block channels are not divisible by its heads")?;
+                require(
+                    heads[last] > 0 && self.block_out_channels[last].is_multiple_of(heads[last]),
+                    F,
+                    "attention_head_dim",
+                    &heads,
+                    "mid block channels are not divisible by its heads",
+                )?;
                 Some((heads[last], depth[last], cross[last]))
             }
             Some(other) => {
-                return Err(Error::unsupported(F, "mid_block_type", other, "supported: UNetMidBlock2DCrossAttn or null"))
+                return Err(Error::unsupported(
+                    F,
+                    "mid_block_type",
+                    other,
+                    "supported: UNetMidBlock2DCrossAttn or null",
+                ))
             }
         };
         Ok(UNetPlan {
             down,
             up,
             mid,
-            time_embed_dim: self.time_embedding_dim.unwrap_or(self.block_out_channels[0] * 4),
+            time_embed_dim: self
+                .time_embedding_dim
+                .unwrap_or(self.block_out_channels[0] * 4),
             groups,
         })
     }
@@ -545,19 +715,67 @@ impl VaeConfig {
     pub fn validate(&self) -> Result<()> {
         const F: &str = "vae/config.json";
         let n = self.block_out_channels.len();
-        require(n > 0, F, "block_out_channels", &self.block_out_channels, "needs at least one block")?;
-        require(self.act_fn == "silu", F, "act_fn", &self.act_fn, "only silu")?;
-        require(self.shift_factor.is_none(), F, "shift_factor", self.shift_factor, "latent shift is not used by SD 1.x/2.x VAEs")?;
+        require(
+            n > 0,
+            F,
+            "block_out_channels",
+            &self.block_out_channels,
+            "needs at least one block",
+        )?;
+        require(
+            self.act_fn == "silu",
+            F,
+            "act_fn",
+            &self.act_fn,
+            "only silu",
+        )?;
+        require(
+            self.shift_factor.is_none(),
+            F,
+            "shift_factor",
+            self.shift_factor,
+            "latent shift is not used by SD 1.x/2.x VAEs",
+        )?;
         for t in &self.down_block_types {
-            require(t == "DownEncoderBlock2D", F, "down_block_types", t, "only DownEncoderBlock2D")?;
+            require(
+                t == "DownEncoderBlock2D",
+                F,
+                "down_block_types",
+                t,
+                "only DownEncoderBlock2D",
+            )?;
         }
         for t in &self.up_block_types {
-            require(t == "UpDecoderBlock2D", F, "up_block_types", t, "only UpDecoderBlock2D")?;
+            require(
+                t == "UpDecoderBlock2D",
+                F,
+                "up_block_types",
+                t,
+                "only UpDecoderBlock2D",
+            )?;
         }
-        require(self.down_block_types.is_empty() || self.down_block_types.len() == n, F, "down_block_types", &self.down_block_types, "one per block_out_channels entry")?;
-        require(self.up_block_types.is_empty() || self.up_block_types.len() == n, F, "up_block_types", &self.up_block_types, "one per block_out_channels entry")?;
+        require(
+            self.down_block_types.is_empty() || self.down_block_types.len() == n,
+            F,
+            "down_block_types",
+            &self.down_block_types,
+            "one per block_out_channels entry",
+        )?;
+        require(
+            self.up_block_types.is_empty() || self.up_block_types.len() == n,
+            F,
+            "up_block_types",
+            &self.up_block_types,
+            "one per block_out_channels entry",
+        )?;
         for c in &self.block_out_channels {
-            require(c % self.norm_num_groups == 0, F, "norm_num_groups", self.norm_num_groups, "must divide every block_out_channels entry")?;
+            require(
+                c % self.norm_num_groups == 0,
+                F,
+                "norm_num_groups",
+                self.norm_num_groups,
+                "must divide every block_out_channels entry",
+            )?;
         }
         Ok(())
     }

@@ -24,7 +24,10 @@ impl std::str::FromStr for DeviceChoice {
             "cuda" => Ok(DeviceChoice::Cuda(0)),
             other => match other.strip_prefix("cuda:").map(str::parse) {
                 Some(Ok(n)) => Ok(DeviceChoice::Cuda(n)),
-                _ => Err(Error::invalid("device", format!("`{s}` is not one of cpu, cuda, cuda:N, auto"))),
+                _ => Err(Error::invalid(
+                    "device",
+                    format!("`{s}` is not one of cpu, cuda, cuda:N, auto"),
+                )),
             },
         }
     }
@@ -38,7 +41,8 @@ impl DeviceChoice {
             DeviceChoice::Cuda(n) => {
                 if !candle_core::utils::cuda_is_available() {
                     return Err(Error::Device(
-                        "this binary was built without CUDA support (build with `--features cuda`)".into(),
+                        "this binary was built without CUDA support (build with `--features cuda`)"
+                            .into(),
                     ));
                 }
                 Device::new_cuda(n).map_err(|e| Error::Device(format!("cannot open cuda:{n}: {e}")))

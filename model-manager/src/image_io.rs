@@ -11,7 +11,9 @@ use image::RgbImage;
 pub fn tensor_to_images(decoded: &Tensor) -> Result<Vec<RgbImage>> {
     let (n, c, h, w) = decoded.dims4()?;
     if c != 3 {
-        return Err(Error::Image(format!("the VAE produced {c} channels, expected 3")));
+        return Err(Error::Image(format!(
+            "the VAE produced {c} channels, expected 3"
+        )));
     }
     let pixels = ((decoded.to_dtype(DType::F32)? / 2.0)? + 0.5)?
         .clamp(0f32, 1f32)?
@@ -33,16 +35,32 @@ pub fn tensor_to_images(decoded: &Tensor) -> Result<Vec<RgbImage>> {
 
 /// RGB8 image → `[1, 3, H, W]` in [-1, 1] (diffusers' `VaeImageProcessor.preprocess`), resized
 /// with Lanczos3 first if it is not already `width × height`.
-pub fn image_to_tensor(img: &RgbImage, width: usize, height: usize, device: &Device) -> Result<Tensor> {
+pub fn image_to_tensor(
+    img: &RgbImage,
+    width: usize,
+    height: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let resized;
     let img = if img.width() as usize != width || img.height() as usize != height {
-        resized = image::imageops::resize(img, width as u32, height as u32, image::imageops::FilterType::Lanczos3);
+        resized = image::imageops::resize(
+            img,
+            width as u32,
+            height as u32,
+            image::imageops::FilterType::Lanczos3,
+        );
         &resized
     } else {
         img
     };
-    let data: Vec<f32> = img.as_raw().iter().map(|&b| b as f32 / 255.0 * 2.0 - 1.0).collect();
-    Ok(Tensor::from_vec(data, (1, height, width, 3), device)?.permute((0, 3, 1, 2))?.contiguous()?)
+    let data: Vec<f32> = img
+        .as_raw()
+        .iter()
+        .map(|&b| b as f32 / 255.0 * 2.0 - 1.0)
+        .collect();
+    Ok(Tensor::from_vec(data, (1, height, width, 3), device)?
+        .permute((0, 3, 1, 2))?
+        .contiguous()?)
 }
 
 /// Decodes an init image from encoded bytes (PNG, JPEG, WebP, …), refusing more than
@@ -59,7 +77,10 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
         .into_dimensions()
         .map_err(|e| Error::invalid("init_image", format!("cannot read the image: {e}")))?;
     if w as u64 * h as u64 > max_pixels {
-        return Err(Error::invalid("init_image", format!("{w}×{h} exceeds the limit of {max_pixels} pixels")));
+        return Err(Error::invalid(
+            "init_image",
+            format!("{w}×{h} exceeds the limit of {max_pixels} pixels"),
+        ));
     }
     let img = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
@@ -79,72 +100,29 @@ pub fn encode_image(img: &RgbImage, format: ImageFormat, parameters: &str) -> Re
             enc.set_color(png::ColorType::Rgb);
             enc.set_depth(png::BitDepth::Eight);
             let text_err = |e: png::EncodingError| Error::Image(e.to_string());
-            enc.add_itxt_chunk("parameters".into(), parameters.into()).map_err(text_err)?;
-            enc.add_text_chunk("Software".into(), concat!("jhakaas-worker ", env!("CARGO_PKG_VERSION")).into())
+            enc.add_itxt_chunk("parameters".into(), parameters.into())
                 .map_err(text_err)?;
+            enc.add_text_chunk(
+                "Software".into(),
+                concat!("jhakaas-worker ", env!("CARGO_PKG_VERSION")).into(),
+            )
+            .map_err(text_err)?;
             let mut writer = enc.write_header().map_err(text_err)?;
             writer.write_image_data(img.as_raw()).map_err(text_err)?;
             writer.finish().map_err(text_err)?;
         }
         ImageFormat::Jpeg => {
             let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90);
-            img.write_with_encoder(enc).map_err(|e| Error::Image(e.to_string()))?;
+            img.write_with_encoder(enc)
+                .map_err(|e| Error::Image(e.to_string()))?;
         }
         ImageFormat::Webp => {
             let enc = image::codecs::webp::WebPEncoder::new_lossless(&mut out);
-            img.write_with_encoder(enc).map_err(|e| Error::Image(e.to_string()))?;
+            img.write_with_encoder(enc)
+                .map_err(|e| Error::Image(e.to_string()))?;
         }
     }
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pattern() -> RgbImage {
-        RgbImage::from_fn(16, 8, |x, y| image::Rgb([(x * 15) as u8, (y * 30) as u8, 128]))
-    }
-
-    #[test]
-    fn png_round_trips_pixels_and_carries_parameters() {
-        let img = pattern();
-        let bytes = encode_image(&img, ImageFormat::Png, "a cat\nSteps: 4").unwrap();
-        let decoded = decode_image(&bytes, 1 << 20).unwrap();
-        assert_eq!(decoded, img);
-        let decoder = png::Decoder::new(std::io::Cursor::new(&bytes));
-        let reader = decoder.read_info().unwrap();
-        let info = reader.info();
-        let text: Vec<String> = info.utf8_text.iter().map(|t| t.get_text().unwrap()).collect();
-        assert_eq!(text, vec!["a cat\nSteps: 4".to_string()]);
-    }
-
-    #[test]
-    fn jpeg_and_webp_decode_back_to_the_same_size() {
-        let img = pattern();
-        for f in [ImageFormat::Jpeg, ImageFormat::Webp] {
-            let bytes = encode_image(&img, f, "x").unwrap();
-            let back = decode_image(&bytes, 1 << 20).unwrap();
-            assert_eq!(back.dimensions(), img.dimensions(), "{f:?}");
-        }
-    }
-
-    #[test]
-    fn garbage_and_oversized_images_are_rejected_naming_the_field() {
-        let err = decode_image(b"not an image", 1 << 20).unwrap_err().to_string();
-        assert!(err.contains("init_image"), "{err}");
-        let bytes = encode_image(&pattern(), ImageFormat::Png, "").unwrap();
-        let err = decode_image(&bytes, 100).unwrap_err().to_string();
-        assert!(err.contains("init_image") && err.contains("exceeds"), "{err}");
-    }
-
-    #[test]
-    fn vae_range_maps_like_diffusers() {
-        let t = Tensor::from_vec(vec![-1.0f32, 0.0, 1.0, 2.0, -0.5, 0.999], (1, 3, 1, 2), &Device::Cpu).unwrap();
-        let imgs = tensor_to_images(&t).unwrap();
-        assert_eq!(imgs[0].get_pixel(0, 0).0, [0, 255, 64]);
-        assert_eq!(imgs[0].get_pixel(1, 0).0, [128, 255, 255]);
-    }
 }
 
 /// The `parameters` text embedded in PNGs, in the AUTOMATIC1111 layout most viewers parse:
@@ -163,10 +141,100 @@ pub fn parameters_text(
     }
     s.push_str(&format!(
         "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
-        resolved.steps, resolved.scheduler, resolved.guidance_scale, seed, resolved.width, resolved.height, model
+        resolved.steps,
+        resolved.scheduler,
+        resolved.guidance_scale,
+        seed,
+        resolved.width,
+        resolved.height,
+        model
     ));
     if let Some(strength) = resolved.strength {
         s.push_str(&format!(", Denoising strength: {strength}"));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern() -> RgbImage {
+        RgbImage::from_fn(16, 8, |x, y| {
+            image::Rgb([(x * 15) as u8, (y * 30) as u8, 128])
+        })
+    }
+
+    #[test]
+    fn png_round_trips_pixels_and_carries_parameters() {
+        let img = pattern();
+        let bytes = encode_image(&img, ImageFormat::Png, "a cat\nSteps: 4").unwrap();
+        let decoded = decode_image(&bytes, 1 << 20).unwrap();
+        assert_eq!(decoded, img);
+        let decoder = png::Decoder::new(std::io::Cursor::new(&bytes));
+        let reader = decoder.read_info().unwrap();
+        let info = reader.info();
+        let text: Vec<String> = info
+            .utf8_text
+            .iter()
+            .map(|t| t.get_text().unwrap())
+            .collect();
+        assert_eq!(text, vec!["a cat\nSteps: 4".to_string()]);
+    }
+
+    #[test]
+    fn jpeg_and_webp_decode_back_to_the_same_size() {
+        let img = pattern();
+        for f in [ImageFormat::Jpeg, ImageFormat::Webp] {
+            let bytes = encode_image(&img, f, "x").unwrap();
+            let back = decode_image(&bytes, 1 << 20).unwrap();
+            assert_eq!(back.dimensions(), img.dimensions(), "{f:?}");
+        }
+    }
+
+    #[test]
+    fn garbage_and_oversized_images_are_rejected_naming_the_field() {
+        let err = decode_image(b"not an image", 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("init_image"), "{err}");
+        let bytes = encode_image(&pattern(), ImageFormat::Png, "").unwrap();
+        let err = decode_image(&bytes, 100).unwrap_err().to_string();
+        assert!(
+            err.contains("init_image") && err.contains("exceeds"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn vae_range_maps_like_diffusers() {
+        let t = Tensor::from_vec(
+            vec![-1.0f32, 0.0, 1.0, 2.0, -0.5, 0.999],
+            (1, 3, 1, 2),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let imgs = tensor_to_images(&t).unwrap();
+        assert_eq!(imgs[0].get_pixel(0, 0).0, [0, 255, 64]);
+        assert_eq!(imgs[0].get_pixel(1, 0).0, [128, 255, 255]);
+    }
+
+    #[test]
+    fn parameters_text_follows_the_a1111_layout() {
+        let r = crate::params::ResolvedParams {
+            width: 512,
+            height: 768,
+            steps: 20,
+            guidance_scale: 7.5,
+            scheduler: crate::SchedulerKind::DpmPp2mKarras,
+            seed: 42,
+            num_images: 1,
+            strength: None,
+        };
+        let t = parameters_text("a cat", Some("dog"), &r, 43, "sd-1.5");
+        assert_eq!(
+            t,
+            "a cat\nNegative prompt: dog\nSteps: 20, Sampler: dpmpp-2m-karras, CFG scale: 7.5, Seed: 43, Size: 512x768, Model: sd-1.5"
+        );
+    }
 }

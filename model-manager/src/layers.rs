@@ -40,7 +40,13 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
 ///
 /// Scores and softmax run in f32 whatever the input dtype (diffusers' `upcast_attention` and
 /// `upcast_softmax`), then the result is cast back.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let (b, lq, inner) = q.dims3()?;
     let lk = k.dim(1)?;
     let d = inner / heads;

@@ -25,8 +25,8 @@ pub mod vae;
 pub use device::DeviceChoice;
 pub use error::{Error, Result};
 pub use params::{
-    GenerateParams, GeneratedImage, Generation, HostTensor, ImageFormat, InitImage, ModelDefaults, NoiseReplay,
-    Progress, ResolvedParams, StageTimings,
+    GenerateParams, GeneratedImage, Generation, HostTensor, ImageFormat, InitImage, ModelDefaults,
+    NoiseReplay, Progress, ResolvedParams, StageTimings,
 };
 pub use pipeline::StableDiffusionPipeline;
 pub use scheduler::SchedulerKind;

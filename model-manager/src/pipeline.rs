@@ -51,15 +51,24 @@ impl std::fmt::Debug for StableDiffusionPipeline {
     }
 }
 
-fn weights(source: &ModelSource, component: &str, stem: &str, dtype: DType, device: &Device) -> Result<(VarBuilder<'static>, String)> {
+fn weights(
+    source: &ModelSource,
+    component: &str,
+    stem: &str,
+    dtype: DType,
+    device: &Device,
+) -> Result<(VarBuilder<'static>, String)> {
     let plain = format!("{component}/{stem}.safetensors");
     let fp16 = format!("{component}/{stem}.fp16.safetensors");
     let path = source.first_of(&[&plain, &fp16])?;
     // SAFETY: the file is memory-mapped read-only; checkpoints are not modified while loaded.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], dtype, device) }.map_err(|e| Error::Config {
-        file: plain.clone(),
-        reason: e.to_string(),
-    })?;
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(&[&path], dtype, device) }.map_err(|e| {
+            Error::Config {
+                file: plain.clone(),
+                reason: e.to_string(),
+            }
+        })?;
     Ok((vb, plain))
 }
 
@@ -80,15 +89,20 @@ impl StableDiffusionPipeline {
         let index: ModelIndex = read_json(&source.file("model_index.json")?, "model_index.json")?;
         index.validate()?;
 
-        let te_cfg: ClipTextConfig = read_json(&source.file("text_encoder/config.json")?, "text_encoder/config.json")?;
-        let unet_cfg: UNetConfig = read_json(&source.file("unet/config.json")?, "unet/config.json")?;
+        let te_cfg: ClipTextConfig = read_json(
+            &source.file("text_encoder/config.json")?,
+            "text_encoder/config.json",
+        )?;
+        let unet_cfg: UNetConfig =
+            read_json(&source.file("unet/config.json")?, "unet/config.json")?;
         unet_cfg.plan()?;
         let vae_cfg: VaeConfig = read_json(&source.file("vae/config.json")?, "vae/config.json")?;
         vae_cfg.validate()?;
-        let sched_text = std::fs::read_to_string(source.file(SCHEDULER_FILE)?).map_err(|e| Error::Config {
-            file: SCHEDULER_FILE.into(),
-            reason: e.to_string(),
-        })?;
+        let sched_text =
+            std::fs::read_to_string(source.file(SCHEDULER_FILE)?).map_err(|e| Error::Config {
+                file: SCHEDULER_FILE.into(),
+                reason: e.to_string(),
+            })?;
         let scheduler_config = SchedulerConfig::from_json_str(&sched_text, SCHEDULER_FILE)?;
 
         // Tokenizer files live side by side (in the HF cache: in one snapshot folder).
@@ -106,7 +120,10 @@ impl StableDiffusionPipeline {
             source_name: source.to_string(),
             file: "tokenizer/vocab.json (+ merges.txt) or tokenizer/tokenizer.json".into(),
         })?;
-        for optional in ["tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json"] {
+        for optional in [
+            "tokenizer/special_tokens_map.json",
+            "tokenizer/tokenizer_config.json",
+        ] {
             source.optional_file(optional)?;
         }
         let tokenizer = ClipTokenizer::from_dir(&tok_dir, te_cfg.max_position_embeddings)?;
@@ -129,7 +146,9 @@ impl StableDiffusionPipeline {
             height: size,
             steps: DEFAULT_STEPS,
             guidance_scale: DEFAULT_GUIDANCE,
-            scheduler: scheduler_config.native_kind().unwrap_or(scheduler::FALLBACK),
+            scheduler: scheduler_config
+                .native_kind()
+                .unwrap_or(scheduler::FALLBACK),
         };
         Ok(Self {
             name: source.to_string(),
@@ -178,7 +197,10 @@ impl StableDiffusionPipeline {
         let height = p.height.unwrap_or(default_h);
         for (field, v) in [("width", width), ("height", height)] {
             if v == 0 || v % 8 != 0 || v % scale != 0 {
-                return Err(Error::invalid(field, format!("{v} is not a positive multiple of {}", scale.max(8))));
+                return Err(Error::invalid(
+                    field,
+                    format!("{v} is not a positive multiple of {}", scale.max(8)),
+                ));
             }
         }
         let steps = p.steps.unwrap_or(self.defaults.steps);
@@ -187,7 +209,10 @@ impl StableDiffusionPipeline {
         }
         let guidance_scale = p.guidance_scale.unwrap_or(self.defaults.guidance_scale);
         if !guidance_scale.is_finite() || !(0.0..=100.0).contains(&guidance_scale) {
-            return Err(Error::invalid("guidance_scale", format!("{guidance_scale} is not a finite number in [0, 100]")));
+            return Err(Error::invalid(
+                "guidance_scale",
+                format!("{guidance_scale} is not a finite number in [0, 100]"),
+            ));
         }
         let num_images = p.num_images.max(1);
         let strength = match &p.init_image {
@@ -197,7 +222,10 @@ impl StableDiffusionPipeline {
                     return Err(Error::invalid("strength", format!("{s} is not in (0, 1]")));
                 }
                 if (steps as f64 * s) as usize == 0 {
-                    return Err(Error::invalid("strength", format!("steps × strength = {steps} × {s} < 1: nothing would be denoised")));
+                    return Err(Error::invalid(
+                        "strength",
+                        format!("steps × strength = {steps} × {s} < 1: nothing would be denoised"),
+                    ));
                 }
                 Some(s)
             }
@@ -205,7 +233,12 @@ impl StableDiffusionPipeline {
         };
         let seed = p.seed.unwrap_or_else(random_seed);
         if let Some(noise) = &p.noise {
-            let expect = [num_images, self.unet.config().in_channels, height / scale, width / scale];
+            let expect = [
+                num_images,
+                self.unet.config().in_channels,
+                height / scale,
+                width / scale,
+            ];
             check_shape("latents", &noise.latents.shape, &expect)?;
             if let Some(e) = &noise.encoder_noise {
                 let one = [1, expect[1], expect[2], expect[3]];
@@ -215,7 +248,13 @@ impl StableDiffusionPipeline {
             }
             if let Some(s) = &noise.step_noise {
                 if s.shape.len() != 5 || s.shape[1..] != expect {
-                    return Err(Error::invalid("latents", format!("`step_noise` has shape {:?}, expected [steps, {}, {}, {}, {}]", s.shape, expect[0], expect[1], expect[2], expect[3])));
+                    return Err(Error::invalid(
+                        "latents",
+                        format!(
+                            "`step_noise` has shape {:?}, expected [steps, {}, {}, {}, {}]",
+                            s.shape, expect[0], expect[1], expect[2], expect[3]
+                        ),
+                    ));
                 }
             }
         }
@@ -233,21 +272,42 @@ impl StableDiffusionPipeline {
 
     /// Runs one request. `on_progress` is called after every denoising step; returning
     /// `ControlFlow::Break` cancels the run before the next step ([`Error::Cancelled`]).
-    pub fn generate(&self, p: &GenerateParams, on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>) -> Result<Generation> {
+    pub fn generate(
+        &self,
+        p: &GenerateParams,
+        on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+    ) -> Result<Generation> {
         let rp = self.resolve(p)?;
-        let mut sched = scheduler::build(rp.scheduler, &self.scheduler_config, rp.steps, SCHEDULER_FILE)?;
+        let mut sched = scheduler::build(
+            rp.scheduler,
+            &self.scheduler_config,
+            rp.steps,
+            SCHEDULER_FILE,
+        )?;
         let scale = self.vae_scale_factor();
         let n = rp.num_images;
-        let shape = (n, self.unet.config().in_channels, rp.height / scale, rp.width / scale);
+        let shape = (
+            n,
+            self.unet.config().in_channels,
+            rp.height / scale,
+            rp.width / scale,
+        );
         let per_image = shape.1 * shape.2 * shape.3;
-        let mut streams: Vec<NormalStream> = (0..n as u64).map(|i| NormalStream::new(rp.seed.wrapping_add(i))).collect();
+        let mut streams: Vec<NormalStream> = (0..n as u64)
+            .map(|i| NormalStream::new(rp.seed.wrapping_add(i)))
+            .collect();
         let dev = &self.device;
         let host = |data: Vec<f32>| Tensor::from_vec(data, shape, dev);
 
         // 1. Text.
         let t0 = Instant::now();
         let cfg = rp.guidance_scale > 1.0;
-        let context = self.encode_prompts(&p.prompt, p.negative_prompt.as_deref().unwrap_or(""), cfg, n)?;
+        let context = self.encode_prompts(
+            &p.prompt,
+            p.negative_prompt.as_deref().unwrap_or(""),
+            cfg,
+            n,
+        )?;
         let text_encode = t0.elapsed();
 
         // 2. Initial latents.
@@ -257,17 +317,28 @@ impl StableDiffusionPipeline {
             (Some(init), Some(strength)) => {
                 let init_steps = ((rp.steps as f64 * strength) as usize).min(rp.steps);
                 let start = rp.steps - init_steps;
-                let image = image_to_tensor(&init.image, rp.width, rp.height, dev)?.to_dtype(self.vae_dtype)?;
+                let image = image_to_tensor(&init.image, rp.width, rp.height, dev)?
+                    .to_dtype(self.vae_dtype)?;
                 let dist = self.vae.encode(&image)?;
                 // diffusers draws one posterior sample per init image (replay files may hold
                 // one for the whole batch); our own noise draws one per image from its seed.
                 let enc_noise = match p.noise.as_ref().and_then(|r| r.encoder_noise.as_ref()) {
-                    Some(t) => Tensor::from_vec(t.data.clone(), t.shape.as_slice(), dev)?.broadcast_as(shape)?.contiguous()?,
+                    Some(t) => Tensor::from_vec(t.data.clone(), t.shape.as_slice(), dev)?
+                        .broadcast_as(shape)?
+                        .contiguous()?,
                     None => host(noise::batch(&mut streams, per_image))?,
                 };
                 let dist = crate::vae::LatentDistribution {
-                    mean: dist.mean.to_dtype(DType::F32)?.broadcast_as(shape)?.contiguous()?,
-                    logvar: dist.logvar.to_dtype(DType::F32)?.broadcast_as(shape)?.contiguous()?,
+                    mean: dist
+                        .mean
+                        .to_dtype(DType::F32)?
+                        .broadcast_as(shape)?
+                        .contiguous()?,
+                    logvar: dist
+                        .logvar
+                        .to_dtype(DType::F32)?
+                        .broadcast_as(shape)?
+                        .contiguous()?,
                 };
                 let init_latents = dist.sample(&enc_noise)?;
                 let init_latents = (init_latents * self.vae.config().scaling_factor)?;
@@ -291,10 +362,17 @@ impl StableDiffusionPipeline {
         let batch = if cfg { 2 * n } else { n };
         let mut replayed_steps = 0usize;
         for (done, i) in (start..timesteps.len()).enumerate() {
-            let model_in = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let model_in = if cfg {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
             let model_in = sched.scale_model_input(model_in, i)?.to_dtype(self.dtype)?;
             let t = Tensor::full(timesteps[i] as f32, batch, dev)?;
-            let pred = self.unet.forward(&model_in, &t, &context)?.to_dtype(DType::F32)?;
+            let pred = self
+                .unet
+                .forward(&model_in, &t, &context)?
+                .to_dtype(DType::F32)?;
             let pred = if cfg {
                 let halves = pred.chunk(2, 0)?;
                 (&halves[0] + ((&halves[1] - &halves[0])? * rp.guidance_scale)?)?
@@ -307,7 +385,13 @@ impl StableDiffusionPipeline {
                         let k = replayed_steps;
                         replayed_steps += 1;
                         if (k + 1) * n * per_image > s.data.len() {
-                            return Err(Error::invalid("latents", format!("`step_noise` holds {} steps, the run needs more", s.shape[0])));
+                            return Err(Error::invalid(
+                                "latents",
+                                format!(
+                                    "`step_noise` holds {} steps, the run needs more",
+                                    s.shape[0]
+                                ),
+                            ));
                         }
                         s.data[k * n * per_image..(k + 1) * n * per_image].to_vec()
                     }
@@ -356,14 +440,21 @@ impl StableDiffusionPipeline {
         let full = self.tokenizer.untruncated_len(text)?;
         let max = self.text_encoder.max_positions();
         if full > max {
-            tracing::warn!(tokens = full, max, "prompt is longer than the text encoder accepts; the end is ignored");
+            tracing::warn!(
+                tokens = full,
+                max,
+                "prompt is longer than the text encoder accepts; the end is ignored"
+            );
         }
         self.tokenizer.encode(text)
     }
 
     /// Text-encoder hidden states for a batch of prompts `[B, 77, D]`.
     pub fn encode_text(&self, prompts: &[&str]) -> Result<Tensor> {
-        let ids = prompts.iter().map(|p| self.tokenize(p)).collect::<Result<Vec<_>>>()?;
+        let ids = prompts
+            .iter()
+            .map(|p| self.tokenize(p))
+            .collect::<Result<Vec<_>>>()?;
         let len = ids[0].len();
         let flat: Vec<u32> = ids.into_iter().flatten().collect();
         let ids = Tensor::from_vec(flat, (prompts.len(), len), &self.device)?;
@@ -372,10 +463,17 @@ impl StableDiffusionPipeline {
 
     /// `[uncond × n, cond × n]` with guidance, `[cond × n]` without.
     fn encode_prompts(&self, prompt: &str, negative: &str, cfg: bool, n: usize) -> Result<Tensor> {
-        let rows: Vec<&str> = if cfg { vec![negative, prompt] } else { vec![prompt] };
+        let rows: Vec<&str> = if cfg {
+            vec![negative, prompt]
+        } else {
+            vec![prompt]
+        };
         let hidden = self.encode_text(&rows)?;
         let (b, l, d) = hidden.dims3()?;
-        let repeated = hidden.unsqueeze(1)?.broadcast_as((b, n, l, d))?.reshape((b * n, l, d))?;
+        let repeated = hidden
+            .unsqueeze(1)?
+            .broadcast_as((b, n, l, d))?
+            .reshape((b * n, l, d))?;
         Ok(repeated.to_dtype(self.dtype)?)
     }
 
@@ -406,6 +504,11 @@ fn check_shape(field: &'static str, got: &[usize], expect: &[usize; 4]) -> Resul
 fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.finish() >> 1
 }

@@ -54,14 +54,20 @@ impl ModelSource {
         }
         let (repo, revision) = match spec.split_once('@') {
             Some((r, rev)) if !rev.is_empty() => (r, rev),
-            Some(_) => return Err(Error::invalid("model", format!("`{spec}` has an empty revision after `@`"))),
+            Some(_) => {
+                return Err(Error::invalid(
+                    "model",
+                    format!("`{spec}` has an empty revision after `@`"),
+                ))
+            }
             None => (spec, "main"),
         };
         let valid_part = |p: &str| {
             !p.is_empty()
                 && p != "."
                 && p != ".."
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         };
         match repo.split_once('/') {
             Some((org, name)) if valid_part(org) && valid_part(name) => Ok(ModelSource::Hub {
@@ -94,10 +100,12 @@ impl ModelSource {
                 let p = dir.join(file);
                 Ok(p.is_file().then_some(p))
             }
-            ModelSource::Hub { repo, revision } => hub_file(repo, revision, file).map_err(|reason| Error::Source {
-                source_name: self.to_string(),
-                reason,
-            }),
+            ModelSource::Hub { repo, revision } => {
+                hub_file(repo, revision, file).map_err(|reason| Error::Source {
+                    source_name: self.to_string(),
+                    reason,
+                })
+            }
         }
     }
 
@@ -138,7 +146,12 @@ pub fn hub_cache_dir() -> PathBuf {
 /// Whether `HF_HUB_OFFLINE` asks for cache-only resolution.
 pub fn hub_offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
-        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        .map(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
         .unwrap_or(false)
 }
 
@@ -148,9 +161,17 @@ fn is_commit_hash(rev: &str) -> bool {
 
 /// Finds `file` in the cache, else downloads it unless offline. `Ok(None)` = the repo has no
 /// such file (cache: not present offline; hub: 404).
-fn hub_file(repo: &str, revision: &str, file: &str) -> std::result::Result<Option<PathBuf>, String> {
+fn hub_file(
+    repo: &str,
+    revision: &str,
+    file: &str,
+) -> std::result::Result<Option<PathBuf>, String> {
     let cache_dir = hub_cache_dir();
-    let hub_repo = hf_hub::Repo::with_revision(repo.to_string(), hf_hub::RepoType::Model, revision.to_string());
+    let hub_repo = hf_hub::Repo::with_revision(
+        repo.to_string(),
+        hf_hub::RepoType::Model,
+        revision.to_string(),
+    );
     let cache = hf_hub::Cache::new(cache_dir.clone());
     if let Some(p) = cache.repo(hub_repo.clone()).get(file) {
         return Ok(Some(p));

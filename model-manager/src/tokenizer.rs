@@ -7,7 +7,9 @@
 use crate::error::{Error, Result};
 use serde_json::{json, Value};
 use std::path::Path;
-use tokenizers::{AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{
+    AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationParams,
+};
 
 const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
@@ -51,7 +53,12 @@ impl ClipTokenizer {
         // token `!` always encodes to its own id, even inside `!!!`.
         inner.add_special_tokens(&[AddedToken::from(pad_token.clone(), true)]);
         let pad_id = inner.token_to_id(&pad_token).ok_or_else(|| {
-            Error::unsupported(name("special_tokens_map.json"), "pad_token", &pad_token, "the pad token is not in the vocabulary")
+            Error::unsupported(
+                name("special_tokens_map.json"),
+                "pad_token",
+                &pad_token,
+                "the pad token is not in the vocabulary",
+            )
         })?;
         inner
             .with_truncation(Some(TruncationParams {
@@ -79,7 +86,10 @@ impl ClipTokenizer {
 
     /// Token ids of `text`: BOS, up to `max_length − 2` tokens, EOS, then padding.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, true).map_err(|e| Error::invalid("prompt", e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| Error::invalid("prompt", e.to_string()))?;
         let ids = enc.get_ids().to_vec();
         debug_assert_eq!(ids.len(), self.max_length);
         Ok(ids)
@@ -88,9 +98,14 @@ impl ClipTokenizer {
     /// Number of tokens `text` has before truncation (BOS/EOS included), to warn about cuts.
     pub fn untruncated_len(&self, text: &str) -> Result<usize> {
         let mut plain = self.inner.clone();
-        plain.with_truncation(None).map_err(|e| Error::invalid("prompt", e.to_string()))?;
+        plain
+            .with_truncation(None)
+            .map_err(|e| Error::invalid("prompt", e.to_string()))?;
         plain.with_padding(None);
-        Ok(plain.encode(text, true).map_err(|e| Error::invalid("prompt", e.to_string()))?.len())
+        Ok(plain
+            .encode(text, true)
+            .map_err(|e| Error::invalid("prompt", e.to_string()))?
+            .len())
     }
 
     /// The id sequences are padded with this id.
@@ -124,7 +139,12 @@ fn read_pad_token(dir: &Path) -> Result<Option<String>> {
 fn clip_tokenizer_json(vocab: Value, merges: &str) -> Result<Value> {
     let id = |tok: &str| -> Result<u64> {
         vocab.get(tok).and_then(Value::as_u64).ok_or_else(|| {
-            Error::unsupported("tokenizer/vocab.json", "vocab", tok, "a CLIP vocabulary must contain its BOS/EOS tokens")
+            Error::unsupported(
+                "tokenizer/vocab.json",
+                "vocab",
+                tok,
+                "a CLIP vocabulary must contain its BOS/EOS tokens",
+            )
         })
     };
     let (bos, eos) = (id(BOS)?, id(EOS)?);

@@ -1,7 +1,9 @@
 //! diffusers `AutoencoderKL`: encoder (img2img) and decoder, built from `vae/config.json`.
 
 use crate::config::VaeConfig;
-use crate::layers::{attention, conv2d, group_norm, linear, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use crate::layers::{
+    attention, conv2d, group_norm, linear, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D,
+};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
 
@@ -32,7 +34,12 @@ impl VaeAttention {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
-        let tokens = self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let tokens = self
+            .group_norm
+            .forward(xs)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
@@ -84,11 +91,20 @@ fn resnet_cfg(in_channels: usize, out_channels: usize, groups: usize) -> ResnetC
     }
 }
 
-fn resnets(count: usize, in_channels: usize, out_channels: usize, groups: usize, vb: VarBuilder) -> Result<Vec<ResnetBlock2D>> {
+fn resnets(
+    count: usize,
+    in_channels: usize,
+    out_channels: usize,
+    groups: usize,
+    vb: VarBuilder,
+) -> Result<Vec<ResnetBlock2D>> {
     (0..count)
         .map(|j| {
             let input = if j == 0 { in_channels } else { out_channels };
-            ResnetBlock2D::new(resnet_cfg(input, out_channels, groups), vb.pp(format!("resnets.{j}")))
+            ResnetBlock2D::new(
+                resnet_cfg(input, out_channels, groups),
+                vb.pp(format!("resnets.{j}")),
+            )
         })
         .collect()
 }
@@ -110,10 +126,10 @@ impl Encoder {
         let n = ch.len();
         let mut blocks = Vec::with_capacity(n);
         let mut out = ch[0];
-        for i in 0..n {
+        for (i, &channels) in ch.iter().enumerate() {
             let vb = vb.pp(format!("down_blocks.{i}"));
             let input = out;
-            out = ch[i];
+            out = channels;
             let down = if i + 1 < n {
                 Some(Downsample2D::new(out, 0, vb.pp("downsamplers.0"))?)
             } else {

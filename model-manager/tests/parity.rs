@@ -27,13 +27,21 @@ fn fixtures() -> PathBuf {
 }
 
 fn load(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
-    d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    d.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn assert_close(what: &str, ours: &Tensor, theirs: &Tensor, tol: f32) {
@@ -44,17 +52,29 @@ fn assert_close(what: &str, ours: &Tensor, theirs: &Tensor, tol: f32) {
 
 fn pipeline(name: &str) -> StableDiffusionPipeline {
     let dir = fixtures().join("models").join(name);
-    StableDiffusionPipeline::load(&ModelSource::Local(dir), &Device::Cpu).expect("fixture pipeline loads")
+    StableDiffusionPipeline::load(&ModelSource::Local(dir), &Device::Cpu)
+        .expect("fixture pipeline loads")
 }
 
 #[test]
 fn tokenizer_matches_transformers() {
     for name in ["sd1-tiny", "sd2-tiny"] {
-        let tok = ClipTokenizer::from_dir(&fixtures().join("models").join(name).join("tokenizer"), 77).unwrap();
-        let cases: serde_json::Value = read_json(&fixtures().join("reference").join(name).join("tokens.json"), "tokens.json").unwrap();
+        let tok =
+            ClipTokenizer::from_dir(&fixtures().join("models").join(name).join("tokenizer"), 77)
+                .unwrap();
+        let cases: serde_json::Value = read_json(
+            &fixtures().join("reference").join(name).join("tokens.json"),
+            "tokens.json",
+        )
+        .unwrap();
         for case in cases.as_array().unwrap() {
             let prompt = case["prompt"].as_str().unwrap();
-            let want: Vec<u32> = case["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let want: Vec<u32> = case["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
             assert_eq!(tok.encode(prompt).unwrap(), want, "{name}: {prompt:?}");
         }
     }
@@ -66,11 +86,30 @@ fn text_encoder_matches_transformers_with_and_without_key_prefix() {
     // checkpoints), sd2-tiny without the prefix (transformers 5).
     for name in ["sd1-tiny", "sd2-tiny"] {
         let p = pipeline(name);
-        let reference = load(&fixtures().join("reference").join(name).join("text_encoder.safetensors"));
-        let cases: serde_json::Value = read_json(&fixtures().join("reference").join(name).join("tokens.json"), "tokens.json").unwrap();
-        let prompts: Vec<&str> = cases.as_array().unwrap().iter().map(|c| c["prompt"].as_str().unwrap()).collect();
+        let reference = load(
+            &fixtures()
+                .join("reference")
+                .join(name)
+                .join("text_encoder.safetensors"),
+        );
+        let cases: serde_json::Value = read_json(
+            &fixtures().join("reference").join(name).join("tokens.json"),
+            "tokens.json",
+        )
+        .unwrap();
+        let prompts: Vec<&str> = cases
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["prompt"].as_str().unwrap())
+            .collect();
         let ours = p.encode_text(&prompts).unwrap();
-        assert_close(&format!("{name} text encoder"), &ours, &reference["last_hidden_state"], TEXT_TOL);
+        assert_close(
+            &format!("{name} text encoder"),
+            &ours,
+            &reference["last_hidden_state"],
+            TEXT_TOL,
+        );
     }
 }
 
@@ -79,8 +118,16 @@ fn unet_matches_diffusers() {
     for name in ["sd1-tiny", "sd2-tiny"] {
         let p = pipeline(name);
         for case in ["t999", "t501_37", "nonsquare"] {
-            let r = load(&fixtures().join("reference").join(name).join(format!("unet-{case}.safetensors")));
-            let out = p.unet().forward(&r["sample"], &r["timestep"], &r["encoder_hidden_states"]).unwrap();
+            let r = load(
+                &fixtures()
+                    .join("reference")
+                    .join(name)
+                    .join(format!("unet-{case}.safetensors")),
+            );
+            let out = p
+                .unet()
+                .forward(&r["sample"], &r["timestep"], &r["encoder_hidden_states"])
+                .unwrap();
             assert_close(&format!("{name} unet {case}"), &out, &r["out"], UNET_TOL);
         }
     }
@@ -90,12 +137,37 @@ fn unet_matches_diffusers() {
 fn vae_matches_diffusers() {
     for name in ["sd1-tiny", "sd2-tiny"] {
         let p = pipeline(name);
-        let r = load(&fixtures().join("reference").join(name).join("vae.safetensors"));
-        assert_close(&format!("{name} vae decode"), &p.vae().decode(&r["decode_in"]).unwrap(), &r["decode_out"], VAE_TOL);
-        assert_close(&format!("{name} vae decode non-square"), &p.vae().decode(&r["decode_nonsquare_in"]).unwrap(), &r["decode_nonsquare_out"], VAE_TOL);
+        let r = load(
+            &fixtures()
+                .join("reference")
+                .join(name)
+                .join("vae.safetensors"),
+        );
+        assert_close(
+            &format!("{name} vae decode"),
+            &p.vae().decode(&r["decode_in"]).unwrap(),
+            &r["decode_out"],
+            VAE_TOL,
+        );
+        assert_close(
+            &format!("{name} vae decode non-square"),
+            &p.vae().decode(&r["decode_nonsquare_in"]).unwrap(),
+            &r["decode_nonsquare_out"],
+            VAE_TOL,
+        );
         let dist = p.vae().encode(&r["encode_in"]).unwrap();
-        assert_close(&format!("{name} vae encode mean"), &dist.mean, &r["encode_mean"], VAE_TOL);
-        assert_close(&format!("{name} vae encode logvar"), &dist.logvar, &r["encode_logvar"], VAE_TOL);
+        assert_close(
+            &format!("{name} vae encode mean"),
+            &dist.mean,
+            &r["encode_mean"],
+            VAE_TOL,
+        );
+        assert_close(
+            &format!("{name} vae encode logvar"),
+            &dist.logvar,
+            &r["encode_logvar"],
+            VAE_TOL,
+        );
     }
 }
 
@@ -103,28 +175,49 @@ fn vae_matches_diffusers() {
 /// config, weights and diffusers' outputs.
 #[test]
 fn unseen_unet_and_vae_configs_match_diffusers() {
-    let index: serde_json::Value = read_json(&fixtures().join("variants/index.json"), "index.json").unwrap();
+    let index: serde_json::Value =
+        read_json(&fixtures().join("variants/index.json"), "index.json").unwrap();
     let mut checked = 0;
     for v in index.as_array().unwrap() {
         let name = v["name"].as_str().unwrap();
         let dir = fixtures().join("variants").join(name);
         let weights = dir.join("diffusion_pytorch_model.safetensors");
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &Device::Cpu) }.unwrap();
+        let vb =
+            unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &Device::Cpu) }
+                .unwrap();
         let r = load(&dir.join("reference.safetensors"));
         match v["component"].as_str().unwrap() {
             "unet" => {
                 let cfg: UNetConfig = read_json(&dir.join("config.json"), "config.json").unwrap();
-                let unet = UNet2DConditionModel::new(&cfg, vb).unwrap_or_else(|e| panic!("{name}: {e}"));
-                let out = unet.forward(&r["sample"], &r["timestep"], &r["encoder_hidden_states"]).unwrap();
+                let unet =
+                    UNet2DConditionModel::new(&cfg, vb).unwrap_or_else(|e| panic!("{name}: {e}"));
+                let out = unet
+                    .forward(&r["sample"], &r["timestep"], &r["encoder_hidden_states"])
+                    .unwrap();
                 assert_close(name, &out, &r["out"], UNET_TOL);
             }
             "vae" => {
                 let cfg: VaeConfig = read_json(&dir.join("config.json"), "config.json").unwrap();
                 let vae = AutoencoderKL::new(&cfg, vb).unwrap_or_else(|e| panic!("{name}: {e}"));
-                assert_close(&format!("{name} decode"), &vae.decode(&r["decode_in"]).unwrap(), &r["decode_out"], VAE_TOL);
+                assert_close(
+                    &format!("{name} decode"),
+                    &vae.decode(&r["decode_in"]).unwrap(),
+                    &r["decode_out"],
+                    VAE_TOL,
+                );
                 let dist = vae.encode(&r["encode_in"]).unwrap();
-                assert_close(&format!("{name} encode mean"), &dist.mean, &r["encode_mean"], VAE_TOL);
-                assert_close(&format!("{name} encode logvar"), &dist.logvar, &r["encode_logvar"], VAE_TOL);
+                assert_close(
+                    &format!("{name} encode mean"),
+                    &dist.mean,
+                    &r["encode_mean"],
+                    VAE_TOL,
+                );
+                assert_close(
+                    &format!("{name} encode logvar"),
+                    &dist.logvar,
+                    &r["encode_logvar"],
+                    VAE_TOL,
+                );
             }
             other => panic!("unknown component {other}"),
         }

@@ -1,7 +1,9 @@
 //! Pipeline behaviour beyond parity: seeds, batch independence, progress and cancellation.
 
 use candle_core::Device;
-use jhakaas_model_manager::{Error, GenerateParams, InitImage, ModelSource, SchedulerKind, StableDiffusionPipeline};
+use jhakaas_model_manager::{
+    Error, GenerateParams, InitImage, ModelSource, SchedulerKind, StableDiffusionPipeline,
+};
 use std::ops::ControlFlow;
 use std::path::Path;
 
@@ -23,7 +25,12 @@ fn params(seed: u64, n: usize, scheduler: SchedulerKind) -> GenerateParams {
 }
 
 fn max_pixel_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
-    a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap()
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap()
 }
 
 #[test]
@@ -31,23 +38,41 @@ fn an_image_depends_on_its_seed_not_on_the_batch_it_ran_in() {
     let p = sd1();
     // euler-a also draws noise at every step: that noise must follow the image's seed too.
     for kind in [SchedulerKind::Ddim, SchedulerKind::EulerAncestral] {
-        let batch = p.generate(&params(10, 3, kind), &mut |_| ControlFlow::Continue(())).unwrap();
+        let batch = p
+            .generate(&params(10, 3, kind), &mut |_| ControlFlow::Continue(()))
+            .unwrap();
         let seeds: Vec<u64> = batch.images.iter().map(|i| i.seed).collect();
         assert_eq!(seeds, vec![10, 11, 12]);
-        let single = p.generate(&params(11, 1, kind), &mut |_| ControlFlow::Continue(())).unwrap();
+        let single = p
+            .generate(&params(11, 1, kind), &mut |_| ControlFlow::Continue(()))
+            .unwrap();
         assert_eq!(single.images[0].seed, 11);
         // Bit-exact up to f32 summation order in batched matmuls: at most one level.
         let d = max_pixel_diff(&batch.images[1].image, &single.images[0].image);
-        assert!(d <= 1, "{kind:?}: image with seed 11 differs by {d} between batch sizes");
-        assert!(max_pixel_diff(&batch.images[0].image, &batch.images[1].image) > 10, "different seeds must differ");
+        assert!(
+            d <= 1,
+            "{kind:?}: image with seed 11 differs by {d} between batch sizes"
+        );
+        assert!(
+            max_pixel_diff(&batch.images[0].image, &batch.images[1].image) > 10,
+            "different seeds must differ"
+        );
     }
 }
 
 #[test]
 fn the_same_seed_gives_the_same_pixels() {
     let p = sd1();
-    let a = p.generate(&params(5, 1, SchedulerKind::DpmPp2mKarras), &mut |_| ControlFlow::Continue(())).unwrap();
-    let b = p.generate(&params(5, 1, SchedulerKind::DpmPp2mKarras), &mut |_| ControlFlow::Continue(())).unwrap();
+    let a = p
+        .generate(&params(5, 1, SchedulerKind::DpmPp2mKarras), &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    let b = p
+        .generate(&params(5, 1, SchedulerKind::DpmPp2mKarras), &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
     assert_eq!(a.images[0].image, b.images[0].image);
 }
 
@@ -80,15 +105,24 @@ fn progress_reports_every_step_and_can_cancel_between_steps() {
 #[test]
 fn img2img_runs_only_the_last_steps_and_defaults_to_the_init_image_size() {
     let p = sd1();
-    let init = image::open(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/reference/init.png")).unwrap().to_rgb8();
+    let init = image::open(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/reference/init.png"),
+    )
+    .unwrap()
+    .to_rgb8();
     let mut req = params(3, 1, SchedulerKind::Ddim);
     req.steps = Some(10);
-    req.init_image = Some(InitImage { image: init.clone(), strength: 0.35 });
+    req.init_image = Some(InitImage {
+        image: init.clone(),
+        strength: 0.35,
+    });
     let mut steps = 0;
-    let out = p.generate(&req, &mut |pr| {
-        steps = pr.total_steps;
-        ControlFlow::Continue(())
-    }).unwrap();
+    let out = p
+        .generate(&req, &mut |pr| {
+            steps = pr.total_steps;
+            ControlFlow::Continue(())
+        })
+        .unwrap();
     assert_eq!(steps, 3, "floor(10 × 0.35) steps");
     assert_eq!(out.images[0].image.dimensions(), init.dimensions());
     assert_eq!(out.params.strength, Some(0.35));

@@ -21,7 +21,10 @@ pub fn worker_binary() -> PathBuf {
             return PathBuf::from(p);
         }
         let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/deps");
         let bin = profile_dir.join(format!("jhakaas-worker{}", std::env::consts::EXE_SUFFIX));
         if !bin.is_file() {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

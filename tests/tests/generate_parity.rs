@@ -27,7 +27,9 @@ struct Case {
 
 fn run_pipeline_cases(pipeline: &str) {
     let ref_dir = fixtures().join("reference").join(pipeline);
-    let cases: Vec<Case> = serde_json::from_str(&std::fs::read_to_string(ref_dir.join("cases.json")).unwrap()).unwrap();
+    let cases: Vec<Case> =
+        serde_json::from_str(&std::fs::read_to_string(ref_dir.join("cases.json")).unwrap())
+            .unwrap();
     assert!(cases.len() >= 10, "{pipeline}: expected the full case list");
     let out_dir = scratch_dir(pipeline);
     let mut failures = Vec::new();
@@ -37,7 +39,11 @@ fn run_pipeline_cases(pipeline: &str) {
         let mut args: Vec<String> = vec![
             "generate".into(),
             "--model".into(),
-            fixtures().join("models").join(pipeline).display().to_string(),
+            fixtures()
+                .join("models")
+                .join(pipeline)
+                .display()
+                .to_string(),
             "--prompt".into(),
             case.prompt.clone(),
             "--width".into(),
@@ -81,7 +87,9 @@ fn run_pipeline_cases(pipeline: &str) {
         );
         let expected: Vec<String> = match &case.image {
             serde_json::Value::String(s) => vec![s.clone()],
-            serde_json::Value::Array(a) => a.iter().map(|v| v.as_str().unwrap().to_string()).collect(),
+            serde_json::Value::Array(a) => {
+                a.iter().map(|v| v.as_str().unwrap().to_string()).collect()
+            }
             other => panic!("bad image field {other}"),
         };
         assert_eq!(expected.len(), case.num_images);
@@ -91,16 +99,24 @@ fn run_pipeline_cases(pipeline: &str) {
             } else {
                 out.clone()
             };
-            let ours = image::open(&ours_path).unwrap_or_else(|e| panic!("{}: {e}", ours_path.display())).to_rgb8();
+            let ours = image::open(&ours_path)
+                .unwrap_or_else(|e| panic!("{}: {e}", ours_path.display()))
+                .to_rgb8();
             let theirs = image::open(ref_dir.join(want)).unwrap().to_rgb8();
             let (mean, max) = image_diff(&ours, &theirs);
-            eprintln!("{pipeline}/{} image {i}: mean |diff| {mean:.4}, max {max}", case.name);
+            eprintln!(
+                "{pipeline}/{} image {i}: mean |diff| {mean:.4}, max {max}",
+                case.name
+            );
             if mean > MAX_MEAN || max > MAX_MAX {
                 failures.push(format!("{}/{i}: mean {mean:.3} max {max}", case.name));
             }
         }
     }
-    assert!(failures.is_empty(), "{pipeline}: cases off diffusers: {failures:?}");
+    assert!(
+        failures.is_empty(),
+        "{pipeline}: cases off diffusers: {failures:?}"
+    );
 }
 
 #[test]

@@ -5,8 +5,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use jhakaas_model_manager::image_io::{decode_image, encode_image, parameters_text};
 use jhakaas_model_manager::{
-    device, DeviceChoice, GenerateParams, ImageFormat, InitImage, ModelSource, NoiseReplay, SchedulerKind,
-    StableDiffusionPipeline,
+    device, DeviceChoice, GenerateParams, ImageFormat, InitImage, ModelSource, NoiseReplay,
+    SchedulerKind, StableDiffusionPipeline,
 };
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -75,16 +75,23 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
     let t0 = Instant::now();
     let device = device_choice.open()?;
-    let pipeline = StableDiffusionPipeline::load(&source, &device).with_context(|| format!("loading model `{source}`"))?;
-    eprintln!("loaded {source} on {} in {:.2?}", device::describe(&device), t0.elapsed());
+    let pipeline = StableDiffusionPipeline::load(&source, &device)
+        .with_context(|| format!("loading model `{source}`"))?;
+    eprintln!(
+        "loaded {source} on {} in {:.2?}",
+        device::describe(&device),
+        t0.elapsed()
+    );
 
     let resolved = pipeline.resolve(&params)?;
     let format = output_format(args.output.as_deref())?;
     let bar = ProgressBar::new(resolved.steps as u64);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} ({per_sec})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} ({per_sec})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     let params = GenerateParams {
         seed: Some(resolved.seed),
@@ -99,11 +106,23 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
     let many = generation.images.len() > 1;
     for (i, img) in generation.images.iter().enumerate() {
-        let text = parameters_text(&params.prompt, params.negative_prompt.as_deref(), &generation.params, img.seed, pipeline.name());
+        let text = parameters_text(
+            &params.prompt,
+            params.negative_prompt.as_deref(),
+            &generation.params,
+            img.seed,
+            pipeline.name(),
+        );
         let bytes = encode_image(&img.image, format, &text)?;
         let path = output_path(args.output.as_deref(), img.seed, format, many.then_some(i));
         std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
-        println!("{} ({}x{}, seed {})", path.display(), img.image.width(), img.image.height(), img.seed);
+        println!(
+            "{} ({}x{}, seed {})",
+            path.display(),
+            img.image.width(),
+            img.image.height(),
+            img.seed
+        );
     }
     let t = generation.timings;
     eprintln!(
@@ -114,11 +133,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 }
 
 fn build_params(args: &GenerateArgs) -> Result<GenerateParams> {
-    let scheduler = args.scheduler.as_deref().map(str::parse::<SchedulerKind>).transpose()?;
+    let scheduler = args
+        .scheduler
+        .as_deref()
+        .map(str::parse::<SchedulerKind>)
+        .transpose()?;
     let init_image = match (&args.init_image, args.strength) {
         (Some(path), Some(strength)) => {
-            let bytes = std::fs::read(path).with_context(|| format!("invalid init_image: cannot read {}", path.display()))?;
-            let image = decode_image(&bytes, MAX_INIT_PIXELS).with_context(|| format!("reading {}", path.display()))?;
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("invalid init_image: cannot read {}", path.display()))?;
+            let image = decode_image(&bytes, MAX_INIT_PIXELS)
+                .with_context(|| format!("reading {}", path.display()))?;
             Some(InitImage { image, strength })
         }
         _ => None,
@@ -145,17 +170,29 @@ fn build_params(args: &GenerateArgs) -> Result<GenerateParams> {
 fn output_format(output: Option<&Path>) -> Result<ImageFormat> {
     match output.and_then(|p| p.extension()).and_then(|e| e.to_str()) {
         None => Ok(ImageFormat::Png),
-        Some(ext) => ImageFormat::parse(ext).map_err(|_| anyhow::anyhow!("invalid output: extension `.{ext}` is not png, jpg, jpeg or webp")),
+        Some(ext) => ImageFormat::parse(ext).map_err(|_| {
+            anyhow::anyhow!("invalid output: extension `.{ext}` is not png, jpg, jpeg or webp")
+        }),
     }
 }
 
-fn output_path(output: Option<&Path>, seed: u64, format: ImageFormat, index: Option<usize>) -> PathBuf {
-    let base = output.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(format!("jhakaas-{seed}.{}", format.extension())));
+fn output_path(
+    output: Option<&Path>,
+    seed: u64,
+    format: ImageFormat,
+    index: Option<usize>,
+) -> PathBuf {
+    let base = output
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(format!("jhakaas-{seed}.{}", format.extension())));
     match index {
         None => base,
         Some(i) => {
             let stem = base.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
-            let ext = base.extension().and_then(|e| e.to_str()).unwrap_or(format.extension());
+            let ext = base
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or(format.extension());
             base.with_file_name(format!("{stem}-{i}.{ext}"))
         }
     }

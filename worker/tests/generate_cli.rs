@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/models")
+        .join(name)
 }
 
 fn generate(extra: &[&str]) -> Output {
@@ -35,9 +37,16 @@ fn generate(extra: &[&str]) -> Output {
 /// Asserts a clean failure whose message contains every needle.
 fn assert_fails_with(output: &Output, needles: &[&str]) {
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "expected failure, got success; stderr: {stderr}");
+    assert!(
+        !output.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
     assert!(!stderr.contains("panicked"), "panicked: {stderr}");
-    assert_ne!(output.status.code(), Some(101), "exit code 101 is a panic: {stderr}");
+    assert_ne!(
+        output.status.code(),
+        Some(101),
+        "exit code 101 is a panic: {stderr}"
+    );
     for n in needles {
         assert!(stderr.contains(n), "stderr lacks {n:?}: {stderr}");
     }
@@ -47,8 +56,15 @@ fn assert_fails_with(output: &Output, needles: &[&str]) {
 fn a_good_request_writes_a_png_and_says_where() {
     let out = generate(&["--seed", "7", "--scheduler", "euler-a"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("seed 7") && stdout.contains(".png"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("seed 7") && stdout.contains(".png"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -75,8 +91,14 @@ fn strength_outside_zero_one_is_rejected() {
 fn unreadable_init_image_is_rejected() {
     let bogus = std::env::temp_dir().join(format!("jhakaas-bogus-{}.png", std::process::id()));
     std::fs::write(&bogus, b"definitely not a png").unwrap();
-    assert_fails_with(&generate(&["--init-image", bogus.to_str().unwrap(), "--strength", "0.5"]), &["init_image"]);
-    assert_fails_with(&generate(&["--init-image", "/nonexistent/init.png", "--strength", "0.5"]), &["init_image"]);
+    assert_fails_with(
+        &generate(&["--init-image", bogus.to_str().unwrap(), "--strength", "0.5"]),
+        &["init_image"],
+    );
+    assert_fails_with(
+        &generate(&["--init-image", "/nonexistent/init.png", "--strength", "0.5"]),
+        &["init_image"],
+    );
 }
 
 #[test]
@@ -96,7 +118,14 @@ fn latents_of_the_wrong_shape_are_rejected() {
     let latents = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures/reference/sd1-tiny/case-nonsquare-64x96.noise.safetensors");
     assert_fails_with(
-        &generate(&["--latents", latents.to_str().unwrap(), "--width", "64", "--height", "64"]),
+        &generate(&[
+            "--latents",
+            latents.to_str().unwrap(),
+            "--width",
+            "64",
+            "--height",
+            "64",
+        ]),
         &["latents", "shape"],
     );
 }
@@ -107,15 +136,36 @@ fn missing_weights_name_the_file_and_the_source() {
     let _ = std::fs::remove_dir_all(&dir);
     let src = fixture("sd1-tiny");
     std::fs::create_dir_all(&dir).unwrap();
-    for entry in ["model_index.json", "scheduler", "text_encoder", "tokenizer", "vae", "unet"] {
+    for entry in [
+        "model_index.json",
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "vae",
+        "unet",
+    ] {
         copy_recursively(&src.join(entry), &dir.join(entry));
     }
     std::fs::remove_file(dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_jhakaas-worker"))
-        .args(["generate", "--model", dir.to_str().unwrap(), "--prompt", "x", "--device", "cpu"])
+        .args([
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--device",
+            "cpu",
+        ])
         .output()
         .unwrap();
-    assert_fails_with(&out, &["unet/diffusion_pytorch_model.safetensors", dir.to_str().unwrap()]);
+    assert_fails_with(
+        &out,
+        &[
+            "unet/diffusion_pytorch_model.safetensors",
+            dir.to_str().unwrap(),
+        ],
+    );
 }
 
 #[test]
@@ -124,11 +174,20 @@ fn unsupported_config_values_are_named() {
     let _ = std::fs::remove_dir_all(&dir);
     copy_recursively(&fixture("sd1-tiny"), &dir);
     let cfg_path = dir.join("unet/config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["class_embed_type"] = serde_json::json!("timestep");
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_jhakaas-worker"))
-        .args(["generate", "--model", dir.to_str().unwrap(), "--prompt", "x", "--device", "cpu"])
+        .args([
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--device",
+            "cpu",
+        ])
         .output()
         .unwrap();
     assert_fails_with(&out, &["unet/config.json", "class_embed_type", "timestep"]);
@@ -137,7 +196,15 @@ fn unsupported_config_values_are_named() {
 #[test]
 fn a_model_that_is_neither_folder_nor_hub_id_is_rejected() {
     let out = Command::new(env!("CARGO_BIN_EXE_jhakaas-worker"))
-        .args(["generate", "--model", "no such model", "--prompt", "x", "--device", "cpu"])
+        .args([
+            "generate",
+            "--model",
+            "no such model",
+            "--prompt",
+            "x",
+            "--device",
+            "cpu",
+        ])
         .output()
         .unwrap();
     assert_fails_with(&out, &["model", "no such model"]);

@@ -307,6 +307,22 @@ pub(super) fn refuse_flag(value: Option<bool>, field: &str, file: &str) -> Resul
     Ok(())
 }
 
+/// Refuses `value` (`default` when missing) unless it is one of `allowed`.
+pub(super) fn require_one_of(
+    value: Option<&str>,
+    default: &str,
+    allowed: &[&str],
+    field: &str,
+    file: &str,
+) -> Result<()> {
+    let value = value.unwrap_or(default);
+    if allowed.contains(&value) {
+        return Ok(());
+    }
+    let hint = format!("supported: {}", allowed.join(", "));
+    Err(Error::unsupported(file, field, value, hint))
+}
+
 /// Resolves `final_sigmas_type`: `true` for `sigma_min`, `false` for `zero` (the default).
 pub(super) fn final_sigma_min(c: &SchedulerConfig, file: &str) -> Result<bool> {
     match c.final_sigmas_type.as_deref().unwrap_or("zero") {

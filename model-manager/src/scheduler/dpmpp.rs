@@ -4,7 +4,8 @@
 use candle_core::Tensor;
 
 use super::config::{
-    final_sigma_min, refuse_flag, BetaSchedule, Common, PredictionType, SchedulerConfig, Spacing,
+    final_sigma_min, refuse_flag, require_one_of, BetaSchedule, Common, PredictionType,
+    SchedulerConfig, Spacing,
 };
 use super::schedule::{
     alpha_sigma, alphas_cumprod, div, f32_of, interp, karras, log_sigmas, mul, np_linspace,
@@ -121,55 +122,34 @@ impl DpmPp2m {
 
     /// Refuses every DPM option that would change the maths and is not implemented.
     fn check(c: &SchedulerConfig, file: &str) -> Result<()> {
-        match c.algorithm_type.as_deref().unwrap_or("dpmsolver++") {
-            "dpmsolver++" => {}
-            other => {
-                return Err(Error::unsupported(
-                    file,
-                    "algorithm_type",
-                    other,
-                    "supported: dpmsolver++",
-                ))
-            }
-        }
-        match c.solver_order.unwrap_or(2) {
-            2 => {}
-            other => {
-                return Err(Error::unsupported(
-                    file,
-                    "solver_order",
-                    other,
-                    "supported: 2",
-                ))
-            }
-        }
-        match c.solver_type.as_deref().unwrap_or("midpoint") {
-            // diffusers maps the DEIS/UniPC names to midpoint.
-            "midpoint" | "logrho" | "bh1" | "bh2" => {}
-            other => {
-                return Err(Error::unsupported(
-                    file,
-                    "solver_type",
-                    other,
-                    "supported: midpoint",
-                ))
-            }
+        let algorithm = c.algorithm_type.as_deref();
+        require_one_of(
+            algorithm,
+            "dpmsolver++",
+            &["dpmsolver++"],
+            "algorithm_type",
+            file,
+        )?;
+        // diffusers maps the DEIS/UniPC solver names to midpoint.
+        let solvers = ["midpoint", "logrho", "bh1", "bh2"];
+        require_one_of(
+            c.solver_type.as_deref(),
+            "midpoint",
+            &solvers,
+            "solver_type",
+            file,
+        )?;
+        if let Some(order) = c.solver_order.filter(|&o| o != 2) {
+            return Err(Error::unsupported(
+                file,
+                "solver_order",
+                order,
+                "supported: 2",
+            ));
         }
         if let Some(v @ ("learned" | "learned_range")) = c.variance_type.as_deref() {
-            return Err(Error::unsupported(
-                file,
-                "variance_type",
-                v,
-                "learned variances are not implemented",
-            ));
-        }
-        if c.prediction_type.as_deref() == Some("flow_prediction") {
-            return Err(Error::unsupported(
-                file,
-                "prediction_type",
-                "flow_prediction",
-                "not implemented",
-            ));
+            let hint = "learned variances are not implemented";
+            return Err(Error::unsupported(file, "variance_type", v, hint));
         }
         refuse_flag(c.thresholding, "thresholding", file)?;
         refuse_flag(c.euler_at_final, "euler_at_final", file)?;

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::config::{
-    final_sigma_min, refuse_flag, Common, PredictionType, SchedulerConfig, Spacing,
+    final_sigma_min, refuse_flag, require_one_of, Common, PredictionType, SchedulerConfig, Spacing,
 };
 use super::schedule::{
     alphas_cumprod, div, f32_of, interp, karras, log_sigmas, mul, np_linspace, sigma_to_t,
@@ -151,17 +151,14 @@ impl Euler {
     /// Resolves `config` with `EulerDiscreteScheduler`'s defaults and sets `n` timesteps.
     pub fn new(config: &SchedulerConfig, n: usize, file: &str) -> Result<Self> {
         let common = Common::resolve(config, Spacing::Linspace, file)?;
-        match config.interpolation_type.as_deref().unwrap_or("linear") {
-            "linear" => {}
-            other => {
-                return Err(Error::unsupported(
-                    file,
-                    "interpolation_type",
-                    other,
-                    "supported: linear",
-                ));
-            }
-        }
+        let interpolation = config.interpolation_type.as_deref();
+        require_one_of(
+            interpolation,
+            "linear",
+            &["linear"],
+            "interpolation_type",
+            file,
+        )?;
         refuse_flag(
             config.use_exponential_sigmas,
             "use_exponential_sigmas",

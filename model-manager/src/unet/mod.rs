@@ -3,7 +3,9 @@
 mod transformer;
 
 use crate::config::{BlockKind, UNetBlockSpec, UNetConfig, UNetPlan};
-use crate::layers::{conv2d, group_norm, timestep_embedding, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use crate::layers::{
+    conv2d, group_norm, timestep_embedding, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D,
+};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
 use transformer::{Transformer2D, Transformer2DConfig};
@@ -19,7 +21,12 @@ struct BlockCommon {
 }
 
 impl BlockCommon {
-    fn resnet(&self, in_channels: usize, out_channels: usize, vb: VarBuilder) -> Result<ResnetBlock2D> {
+    fn resnet(
+        &self,
+        in_channels: usize,
+        out_channels: usize,
+        vb: VarBuilder,
+    ) -> Result<ResnetBlock2D> {
         ResnetBlock2D::new(
             ResnetConfig {
                 in_channels,
@@ -33,7 +40,14 @@ impl BlockCommon {
         )
     }
 
-    fn transformer(&self, channels: usize, heads: usize, depth: usize, context_dim: usize, vb: VarBuilder) -> Result<Transformer2D> {
+    fn transformer(
+        &self,
+        channels: usize,
+        heads: usize,
+        depth: usize,
+        context_dim: usize,
+        vb: VarBuilder,
+    ) -> Result<Transformer2D> {
         Transformer2D::new(
             Transformer2DConfig {
                 channels,
@@ -53,7 +67,13 @@ impl BlockCommon {
         }
         (0..spec.num_layers)
             .map(|j| {
-                self.transformer(spec.out_channels, spec.num_heads, spec.transformer_depth, spec.cross_attention_dim, vb.pp(format!("attentions.{j}")))
+                self.transformer(
+                    spec.out_channels,
+                    spec.num_heads,
+                    spec.transformer_depth,
+                    spec.cross_attention_dim,
+                    vb.pp(format!("attentions.{j}")),
+                )
             })
             .collect()
     }
@@ -68,7 +88,13 @@ struct DownBlock {
 }
 
 impl DownBlock {
-    fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor, skips: &mut Vec<Tensor>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        skips: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (j, resnet) in self.resnets.iter().enumerate() {
             xs = resnet.forward(&xs, Some(temb))?;
@@ -94,10 +120,19 @@ struct UpBlock {
 }
 
 impl UpBlock {
-    fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor, skips: &mut Vec<Tensor>, upsample_size: Option<(usize, usize)>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        skips: &mut Vec<Tensor>,
+        upsample_size: Option<(usize, usize)>,
+    ) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (j, resnet) in self.resnets.iter().enumerate() {
-            let skip = skips.pop().ok_or_else(|| candle_core::Error::Msg("UNet skip connections exhausted".into()))?;
+            let skip = skips
+                .pop()
+                .ok_or_else(|| candle_core::Error::Msg("UNet skip connections exhausted".into()))?;
             xs = Tensor::cat(&[&xs, &skip], 1)?;
             xs = resnet.forward(&xs, Some(temb))?;
             if let Some(attn) = self.attentions.get(j) {
@@ -148,8 +183,13 @@ impl UNet2DConditionModel {
             linear_projection: config.use_linear_projection,
         };
         let conv_in = conv2d(config.in_channels, first, 3, 1, 1, vb.pp("conv_in"))?;
-        let time_linear_1 = candle_nn::linear(first, plan.time_embed_dim, vb.pp("time_embedding.linear_1"))?;
-        let time_linear_2 = candle_nn::linear(plan.time_embed_dim, plan.time_embed_dim, vb.pp("time_embedding.linear_2"))?;
+        let time_linear_1 =
+            candle_nn::linear(first, plan.time_embed_dim, vb.pp("time_embedding.linear_1"))?;
+        let time_linear_2 = candle_nn::linear(
+            plan.time_embed_dim,
+            plan.time_embed_dim,
+            vb.pp("time_embedding.linear_2"),
+        )?;
 
         let mut down = Vec::with_capacity(n);
         let mut out_channels = first;
@@ -158,10 +198,20 @@ impl UNet2DConditionModel {
             let in_channels = out_channels;
             out_channels = spec.out_channels;
             let resnets = (0..spec.num_layers)
-                .map(|j| common.resnet(if j == 0 { in_channels } else { out_channels }, out_channels, vb.pp(format!("resnets.{j}"))))
+                .map(|j| {
+                    common.resnet(
+                        if j == 0 { in_channels } else { out_channels },
+                        out_channels,
+                        vb.pp(format!("resnets.{j}")),
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
             let downsampler = if i + 1 < n {
-                Some(Downsample2D::new(out_channels, config.downsample_padding, vb.pp("downsamplers.0"))?)
+                Some(Downsample2D::new(
+                    out_channels,
+                    config.downsample_padding,
+                    vb.pp("downsamplers.0"),
+                )?)
             } else {
                 None
             };
@@ -182,7 +232,13 @@ impl UNet2DConditionModel {
                 };
                 Some(MidBlock {
                     resnet_in: mid_common.resnet(last, last, vb.pp("resnets.0"))?,
-                    attention: mid_common.transformer(last, heads, depth, context_dim, vb.pp("attentions.0"))?,
+                    attention: mid_common.transformer(
+                        last,
+                        heads,
+                        depth,
+                        context_dim,
+                        vb.pp("attentions.0"),
+                    )?,
                     resnet_out: mid_common.resnet(last, last, vb.pp("resnets.1"))?,
                 })
             }
@@ -199,7 +255,11 @@ impl UNet2DConditionModel {
             let skip_in = ch[n - 1 - (i + 1).min(n - 1)];
             let resnets = (0..spec.num_layers)
                 .map(|j| {
-                    let skip = if j + 1 == spec.num_layers { skip_in } else { out_channels };
+                    let skip = if j + 1 == spec.num_layers {
+                        skip_in
+                    } else {
+                        out_channels
+                    };
                     let input = if j == 0 { prev_out } else { out_channels };
                     common.resnet(input + skip, out_channels, vb.pp(format!("resnets.{j}")))
                 })
@@ -246,9 +306,16 @@ impl UNet2DConditionModel {
         } else {
             sample.clone()
         };
-        let t_emb = timestep_embedding(timesteps, self.config.block_out_channels[0], self.config.flip_sin_to_cos, self.config.freq_shift)?
-            .to_dtype(sample.dtype())?;
-        let temb = self.time_linear_2.forward(&self.time_linear_1.forward(&t_emb)?.silu()?)?;
+        let t_emb = timestep_embedding(
+            timesteps,
+            self.config.block_out_channels[0],
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+        )?
+        .to_dtype(sample.dtype())?;
+        let temb = self
+            .time_linear_2
+            .forward(&self.time_linear_1.forward(&t_emb)?.silu()?)?;
 
         let mut xs = self.conv_in.forward(&sample)?;
         let mut skips = vec![xs.clone()];

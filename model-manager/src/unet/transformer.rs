@@ -16,7 +16,13 @@ struct CrossAttention {
 }
 
 impl CrossAttention {
-    fn new(query_dim: usize, context_dim: usize, heads: usize, head_dim: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
             to_q: linear(query_dim, inner, false, vb.pp("to_q"))?,
@@ -32,7 +38,8 @@ impl CrossAttention {
         let q = self.to_q.forward(xs)?;
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
-        self.to_out.forward(&attention(&q, &k, &v, self.heads, None)?)
+        self.to_out
+            .forward(&attention(&q, &k, &v, self.heads, None)?)
     }
 }
 
@@ -73,7 +80,13 @@ struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    fn new(dim: usize, heads: usize, head_dim: usize, context_dim: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        context_dim: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Ok(Self {
             norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
             attn1: CrossAttention::new(dim, dim, heads, head_dim, vb.pp("attn1"))?,
@@ -86,7 +99,10 @@ impl BasicTransformerBlock {
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
         let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(context))? + xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context))?
+            + xs)?;
         self.ff.forward(&self.norm3.forward(&xs)?)? + xs
     }
 }
@@ -138,7 +154,13 @@ impl Transformer2D {
         };
         let blocks = (0..cfg.depth)
             .map(|i| {
-                BasicTransformerBlock::new(inner, cfg.heads, head_dim, cfg.context_dim, vb.pp(format!("transformer_blocks.{i}")))
+                BasicTransformerBlock::new(
+                    inner,
+                    cfg.heads,
+                    head_dim,
+                    cfg.context_dim,
+                    vb.pp(format!("transformer_blocks.{i}")),
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -167,7 +189,9 @@ impl Transformer2D {
         }
         let inner = xs.dim(2)?;
         let to_map = |t: Tensor, ch: usize| -> Result<Tensor> {
-            t.reshape((b, h, w, ch))?.permute((0, 3, 1, 2))?.contiguous()
+            t.reshape((b, h, w, ch))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()
         };
         let xs = match &self.proj_out {
             Projection::Conv(conv) => conv.forward(&to_map(xs, inner)?)?,
