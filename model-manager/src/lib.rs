@@ -22,6 +22,8 @@ pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 
+/// The device type callers hold to choose where models run.
+pub use candle_core::Device;
 pub use device::DeviceChoice;
 pub use error::{Error, Result};
 pub use params::{

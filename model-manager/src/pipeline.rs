@@ -39,6 +39,8 @@ pub struct StableDiffusionPipeline {
     dtype: DType,
     vae_dtype: DType,
     defaults: ModelDefaults,
+    family: &'static str,
+    weight_bytes: u64,
 }
 
 impl std::fmt::Debug for StableDiffusionPipeline {
@@ -57,7 +59,7 @@ fn weights(
     stem: &str,
     dtype: DType,
     device: &Device,
-) -> Result<(VarBuilder<'static>, String)> {
+) -> Result<(VarBuilder<'static>, String, u64)> {
     let plain = format!("{component}/{stem}.safetensors");
     let fp16 = format!("{component}/{stem}.fp16.safetensors");
     let path = source.first_of(&[&plain, &fp16])?;
@@ -69,7 +71,8 @@ fn weights(
                 reason: e.to_string(),
             }
         })?;
-    Ok((vb, plain))
+    let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    Ok((vb, plain, bytes))
 }
 
 fn with_file<T>(file: &str, r: Result<T>) -> Result<T> {
@@ -128,16 +131,18 @@ impl StableDiffusionPipeline {
         }
         let tokenizer = ClipTokenizer::from_dir(&tok_dir, te_cfg.max_position_embeddings)?;
 
-        let (vb, file) = weights(source, "text_encoder", "model", dtype, device)?;
+        let (vb, file, te_bytes) = weights(source, "text_encoder", "model", dtype, device)?;
         let text_encoder = with_file(&file, ClipTextModel::new(&te_cfg, vb))?;
-        let (vb, file) = weights(source, "unet", "diffusion_pytorch_model", dtype, device)?;
+        let (vb, file, unet_bytes) =
+            weights(source, "unet", "diffusion_pytorch_model", dtype, device)?;
         let unet = with_file(&file, UNet2DConditionModel::new(&unet_cfg, vb))?;
         let vae_dtype = if dtype != DType::F32 && vae_cfg.force_upcast {
             DType::F32
         } else {
             dtype
         };
-        let (vb, file) = weights(source, "vae", "diffusion_pytorch_model", vae_dtype, device)?;
+        let (vb, file, vae_bytes) =
+            weights(source, "vae", "diffusion_pytorch_model", vae_dtype, device)?;
         let vae = with_file(&file, AutoencoderKL::new(&vae_cfg, vb))?;
 
         let size = unet_cfg.sample_size.unwrap_or(64) * vae_cfg.scale_factor();
@@ -161,12 +166,29 @@ impl StableDiffusionPipeline {
             dtype,
             vae_dtype,
             defaults,
+            // SD 2.x text encoders (OpenCLIP ViT-H) use exact GELU, SD 1.x (OpenAI CLIP) quick GELU.
+            family: if te_cfg.hidden_act == "gelu" {
+                "sd2"
+            } else {
+                "sd1"
+            },
+            weight_bytes: te_bytes + unet_bytes + vae_bytes,
         })
     }
 
     /// Values used for unset request fields.
     pub fn defaults(&self) -> &ModelDefaults {
         &self.defaults
+    }
+
+    /// Model family: `sd1` or `sd2`.
+    pub fn family(&self) -> &'static str {
+        self.family
+    }
+
+    /// Size of the weight files this pipeline was loaded from, in bytes.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
     }
 
     /// The source this pipeline was loaded from.

@@ -1,10 +1,9 @@
 //! `jhakaas-worker`: the Jhakaas Stable Diffusion worker.
 //!
-//! Today it has one subcommand, `generate`, which runs the engine on this machine and writes
-//! images. The gRPC server (`serve`) and weight prefetching (`fetch`) are built on top of the
-//! same engine in later steps.
+//! `generate` runs the engine once and writes images; `serve` runs the gRPC worker.
 
 mod generate;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +27,8 @@ struct Cli {
 enum Command {
     /// Turn a prompt (and optionally an init image) into image files.
     Generate(generate::GenerateArgs),
+    /// Serve the gRPC API (jobs, streaming progress, health, reflection, metrics).
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -35,6 +36,7 @@ fn main() -> std::process::ExitCode {
     init_logging(&cli.log_format);
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,273 @@
+//! The one place where wire types meet domain types: validation of `GenerateRequest` into a
+//! [`JobRequest`] (every field checked before anything is queued, errors naming the field) and
+//! conversion of jobs and events back to protobuf.
+
+use super::jobs::{EncodedImage, Job, JobEvent, JobRequest, JobSnapshot, JobState, JobTimings};
+use super::models::ModelTable;
+use jhakaas_model_manager::image_io::decode_image;
+use jhakaas_model_manager::{GenerateParams, ImageFormat, InitImage, Progress, SchedulerKind};
+use jhakaas_proto::v1 as pb;
+use std::time::Instant;
+use tonic::Status;
+
+/// Request limits of this server.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest width × height.
+    pub max_pixels: u64,
+    /// Most denoising steps.
+    pub max_steps: u32,
+    /// Most images per request.
+    pub max_images: u32,
+    /// Largest encoded init image.
+    pub max_init_image_bytes: usize,
+}
+
+const MAX_PROMPT_CHARS: usize = 8192;
+const MAX_REQUEST_ID_CHARS: usize = 128;
+const MAX_SIDE: u32 = 8192;
+
+fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("invalid {field}: {reason}"))
+}
+
+/// Validates a request. Unknown models are NOT_FOUND, everything else INVALID_ARGUMENT.
+pub fn job_request(
+    req: pb::GenerateRequest,
+    models: &ModelTable,
+    limits: &Limits,
+    deadline: Option<Instant>,
+) -> Result<JobRequest, Status> {
+    if req.request_id.chars().count() > MAX_REQUEST_ID_CHARS {
+        return Err(invalid(
+            "request_id",
+            format!("longer than {MAX_REQUEST_ID_CHARS} characters"),
+        ));
+    }
+    let model = if req.model.is_empty() {
+        models.default_model().to_string()
+    } else {
+        req.model.clone()
+    };
+    if models.spec(&model).is_none() {
+        let names: Vec<&str> = models.specs().iter().map(|s| s.name.as_str()).collect();
+        return Err(Status::not_found(format!(
+            "invalid model: `{model}` is not served here (models: {})",
+            names.join(", ")
+        )));
+    }
+    if req.prompt.trim().is_empty() {
+        return Err(invalid("prompt", "must not be empty"));
+    }
+    if req.prompt.chars().count() > MAX_PROMPT_CHARS
+        || req.negative_prompt.chars().count() > MAX_PROMPT_CHARS
+    {
+        return Err(invalid(
+            "prompt",
+            format!("longer than {MAX_PROMPT_CHARS} characters"),
+        ));
+    }
+    for (field, v) in [("width", req.width), ("height", req.height)] {
+        if v != 0 && v % 8 != 0 {
+            return Err(invalid(field, format!("{v} is not a multiple of 8")));
+        }
+    }
+    // Zero means the model's default (checked by the engine, which knows it).
+    for (field, v) in [("width", req.width), ("height", req.height)] {
+        if v > MAX_SIDE {
+            return Err(invalid(
+                field,
+                format!("{v} exceeds the largest side of {MAX_SIDE} pixels"),
+            ));
+        }
+    }
+    let (w, h) = (req.width as u64, req.height as u64);
+    if w * h > limits.max_pixels {
+        return Err(invalid(
+            "width",
+            format!(
+                "{w}×{h} exceeds this server's limit of {} pixels",
+                limits.max_pixels
+            ),
+        ));
+    }
+    if req.steps > limits.max_steps {
+        return Err(invalid(
+            "steps",
+            format!(
+                "{} exceeds this server's limit of {}",
+                req.steps, limits.max_steps
+            ),
+        ));
+    }
+    let g = req.guidance_scale;
+    if !g.is_finite() || !(0.0..=50.0).contains(&g) {
+        return Err(invalid(
+            "guidance_scale",
+            format!("{g} is not a finite number in [0, 50]"),
+        ));
+    }
+    if req.num_images > limits.max_images {
+        return Err(invalid(
+            "num_images",
+            format!(
+                "{} exceeds this server's limit of {}",
+                req.num_images, limits.max_images
+            ),
+        ));
+    }
+    let scheduler = if req.scheduler.is_empty() {
+        None
+    } else {
+        Some(
+            req.scheduler
+                .parse::<SchedulerKind>()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+        )
+    };
+    let format = match pb::OutputFormat::try_from(req.output_format) {
+        Ok(pb::OutputFormat::Unspecified | pb::OutputFormat::Png) => ImageFormat::Png,
+        Ok(pb::OutputFormat::Jpeg) => ImageFormat::Jpeg,
+        Ok(pb::OutputFormat::Webp) => ImageFormat::Webp,
+        Err(_) => {
+            return Err(invalid(
+                "output_format",
+                format!("unknown value {}", req.output_format),
+            ))
+        }
+    };
+    let init_image = if req.init_image.is_empty() {
+        if req.strength != 0.0 {
+            return Err(invalid("strength", "given without an init_image"));
+        }
+        None
+    } else {
+        if req.init_image.len() > limits.max_init_image_bytes {
+            return Err(invalid(
+                "init_image",
+                format!(
+                    "{} bytes exceed this server's limit of {}",
+                    req.init_image.len(),
+                    limits.max_init_image_bytes
+                ),
+            ));
+        }
+        let s = req.strength as f64;
+        if !(s > 0.0 && s <= 1.0) {
+            return Err(invalid("strength", format!("{s} is not in (0, 1]")));
+        }
+        let image = decode_image(&req.init_image, limits.max_pixels)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Some(InitImage { image, strength: s })
+    };
+    let non_zero = |v: u32| (v != 0).then_some(v as usize);
+    Ok(JobRequest {
+        request_id: req.request_id,
+        model,
+        params: GenerateParams {
+            prompt: req.prompt,
+            negative_prompt: (!req.negative_prompt.is_empty()).then_some(req.negative_prompt),
+            width: non_zero(req.width),
+            height: non_zero(req.height),
+            steps: non_zero(req.steps),
+            guidance_scale: (g != 0.0).then_some(g as f64),
+            scheduler,
+            seed: req.seed,
+            num_images: req.num_images.max(1) as usize,
+            init_image,
+            noise: None,
+        },
+        format,
+        deadline,
+    })
+}
+
+fn state(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Queued => pb::JobState::Queued,
+        JobState::Running => pb::JobState::Running,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+fn progress(p: &Progress) -> pb::Progress {
+    pb::Progress {
+        step: p.step as u32,
+        total_steps: p.total_steps as u32,
+        timestep: p.timestep,
+    }
+}
+
+fn timings(t: &JobTimings) -> pb::Timings {
+    pb::Timings {
+        queue_seconds: t.queue.as_secs_f64(),
+        text_encode_seconds: t.text_encode.as_secs_f64(),
+        denoise_seconds: t.denoise.as_secs_f64(),
+        decode_seconds: t.decode.as_secs_f64(),
+        image_encode_seconds: t.image_encode.as_secs_f64(),
+        total_seconds: t.total.as_secs_f64(),
+    }
+}
+
+fn images(imgs: &[EncodedImage]) -> Vec<pb::Image> {
+    imgs.iter()
+        .map(|i| pb::Image {
+            data: i.data.clone(),
+            mime_type: i.mime_type.to_string(),
+            width: i.width,
+            height: i.height,
+            seed: i.seed,
+        })
+        .collect()
+}
+
+/// A job as the API reports it.
+pub fn job(job: &Job, snap: &JobSnapshot) -> pb::Job {
+    pb::Job {
+        job_id: job.id.clone(),
+        request_id: job.request.request_id.clone(),
+        model: job.request.model.clone(),
+        state: state(snap.state) as i32,
+        queue_position: snap.queue_position,
+        progress: snap.progress.as_ref().map(progress),
+        images: images(&snap.images),
+        timings: snap.timings.as_ref().map(timings),
+        error: snap.error.clone(),
+    }
+}
+
+/// An event as the API streams it.
+pub fn event(job_id: &str, e: &JobEvent) -> pb::JobEvent {
+    use pb::job_event::Event;
+    let event = match e {
+        JobEvent::Queued { position } => Event::Queued(pb::Queued {
+            queue_position: *position,
+        }),
+        JobEvent::ModelLoading { model } => Event::ModelLoading(pb::ModelLoading {
+            model: model.clone(),
+        }),
+        JobEvent::Started => Event::Started(pb::Started {}),
+        JobEvent::Progress(p) => Event::Progress(progress(p)),
+        JobEvent::Completed {
+            images: imgs,
+            timings: t,
+        } => Event::Completed(pb::Completed {
+            images: images(imgs),
+            timings: Some(timings(t)),
+        }),
+        JobEvent::Failed { reason, timings: t } => Event::Failed(pb::Failed {
+            reason: reason.clone(),
+            timings: Some(timings(t)),
+        }),
+        JobEvent::Cancelled { reason, timings: t } => Event::Cancelled(pb::Cancelled {
+            reason: reason.clone(),
+            timings: Some(timings(t)),
+        }),
+    };
+    pb::JobEvent {
+        job_id: job_id.to_string(),
+        event: Some(event),
+    }
+}

@@ -1,0 +1,343 @@
+//! `jhakaas-worker serve`: the gRPC server. One engine thread per device runs jobs from a
+//! bounded queue; tonic serves the Worker API, health and reflection; Prometheus metrics are
+//! served on their own port; SIGTERM/SIGINT drain the worker before it exits.
+
+mod convert;
+mod engine;
+mod jobs;
+mod models;
+mod service;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use convert::Limits;
+use jhakaas_model_manager::{DeviceChoice, ModelSource};
+use jhakaas_proto::v1::worker_server::WorkerServer;
+use jobs::JobStore;
+use models::{ModelSpec, ModelTable};
+use service::WorkerService;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic_health::ServingStatus;
+
+/// The gRPC service name health reports readiness for.
+const WORKER_SERVICE: &str = "jhakaas.worker.v1.Worker";
+
+/// Arguments of `serve`; every flag also reads a `JHAKAAS_*` variable.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// gRPC listen address.
+    #[arg(long, env = "JHAKAAS_LISTEN", default_value = "0.0.0.0:50051")]
+    listen: SocketAddr,
+    /// Prometheus `/metrics` listen address.
+    #[arg(long, env = "JHAKAAS_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    metrics_listen: SocketAddr,
+    /// A model to serve as NAME=SOURCE (folder, hub id or alias); repeat for more.
+    #[arg(
+        long = "model",
+        env = "JHAKAAS_MODELS",
+        value_delimiter = ',',
+        required = true
+    )]
+    models: Vec<String>,
+    /// Model used when a request names none; loaded and warmed before the worker reports
+    /// ready (default: the first --model).
+    #[arg(long, env = "JHAKAAS_DEFAULT_MODEL")]
+    default_model: Option<String>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, env = "JHAKAAS_DEVICE", default_value = "auto")]
+    device: String,
+    /// Most jobs waiting in the queue; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "JHAKAAS_MAX_QUEUE", default_value_t = 32)]
+    max_queue: usize,
+    /// Most models loaded at once (least recently used are evicted).
+    #[arg(long, env = "JHAKAAS_MAX_LOADED_MODELS", default_value_t = 2)]
+    max_loaded_models: usize,
+    /// How long finished jobs stay retrievable (e.g. 10m).
+    #[arg(long, env = "JHAKAAS_RESULT_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
+    result_ttl: Duration,
+    /// How long a shutdown waits for in-flight jobs before cancelling them.
+    #[arg(long, env = "JHAKAAS_DRAIN_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// File holding the bearer token clients must send (`authorization: Bearer …`).
+    #[arg(long, env = "JHAKAAS_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM).
+    #[arg(long, env = "JHAKAAS_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "JHAKAAS_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Largest width × height a request may ask for.
+    #[arg(long, env = "JHAKAAS_MAX_PIXELS", default_value_t = 1024 * 1024)]
+    max_pixels: u64,
+    /// Most denoising steps a request may ask for.
+    #[arg(long, env = "JHAKAAS_MAX_STEPS", default_value_t = 150)]
+    max_steps: u32,
+    /// Most images per request.
+    #[arg(long, env = "JHAKAAS_MAX_IMAGES", default_value_t = 4)]
+    max_images: u32,
+    /// Largest encoded init image, in bytes.
+    #[arg(long, env = "JHAKAAS_MAX_INIT_IMAGE_BYTES", default_value_t = 8 * 1024 * 1024)]
+    max_init_image_bytes: usize,
+}
+
+fn model_specs(args: &ServeArgs) -> Result<(Vec<ModelSpec>, String)> {
+    let mut specs: Vec<ModelSpec> = Vec::new();
+    for m in &args.models {
+        let (name, source) = m
+            .split_once('=')
+            .with_context(|| format!("invalid --model `{m}`: expected NAME=SOURCE"))?;
+        if name.is_empty() || specs.iter().any(|s| s.name == name) {
+            bail!("invalid --model `{m}`: names must be non-empty and unique");
+        }
+        let source =
+            ModelSource::parse(source).with_context(|| format!("invalid --model `{m}`"))?;
+        specs.push(ModelSpec {
+            name: name.to_string(),
+            source,
+        });
+    }
+    let default = match &args.default_model {
+        Some(d) if specs.iter().any(|s| &s.name == d) => d.clone(),
+        Some(d) => bail!("invalid --default-model `{d}`: not one of the --model names"),
+        None => specs[0].name.clone(),
+    };
+    Ok((specs, default))
+}
+
+fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let seconds = [
+        0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    ];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)?
+        .install_recorder()?;
+    metrics::describe_gauge!("jhakaas_queue_depth", "Jobs waiting in the queue");
+    metrics::describe_counter!("jhakaas_jobs_total", "Finished jobs by outcome");
+    metrics::describe_histogram!("jhakaas_queue_wait_seconds", "Time jobs spent queued");
+    metrics::describe_histogram!("jhakaas_job_duration_seconds", "Submit to terminal event");
+    metrics::describe_histogram!(
+        "jhakaas_step_duration_seconds",
+        "Duration of one denoising step"
+    );
+    metrics::describe_gauge!("jhakaas_models_loaded", "Models loaded on the engine");
+    metrics::gauge!("jhakaas_queue_depth").set(0.0);
+    metrics::gauge!("jhakaas_models_loaded").set(0.0);
+    Ok(handle)
+}
+
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+) {
+    use axum::routing::get;
+    let app =
+        axum::Router::new().route("/metrics", get(move || std::future::ready(handle.render())));
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "metrics server stopped");
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Runs `serve` until a signal drains and stops it.
+pub fn run(args: ServeArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let (specs, default_model) = model_specs(&args)?;
+    let device = args.device.parse::<DeviceChoice>()?.open()?;
+    let token = match &args.auth_token_file {
+        Some(p) => {
+            let t = std::fs::read_to_string(p)
+                .with_context(|| format!("reading --auth-token-file {}", p.display()))?;
+            let t = t.trim().to_string();
+            if t.is_empty() {
+                bail!(
+                    "invalid --auth-token-file {}: the file is empty",
+                    p.display()
+                );
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => {
+            let cert =
+                std::fs::read(c).with_context(|| format!("reading --tls-cert {}", c.display()))?;
+            let key =
+                std::fs::read(k).with_context(|| format!("reading --tls-key {}", k.display()))?;
+            Some(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+        }
+        _ => None,
+    };
+    let metrics = install_metrics()?;
+
+    let table = Arc::new(ModelTable::new(specs, default_model.clone()));
+    let store = Arc::new(JobStore::new(args.max_queue, args.result_ttl));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(WORKER_SERVICE, ServingStatus::NotServing)
+        .await;
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("binding {}", args.metrics_listen))?;
+    // Tests and operators read the bound addresses (port 0 picks a free one).
+    println!(
+        "listening on {} (metrics on {})",
+        listener.local_addr()?,
+        metrics_listener.local_addr()?
+    );
+    tokio::spawn(serve_metrics(metrics_listener, metrics));
+
+    let rt = tokio::runtime::Handle::current();
+    let ready_health = health.clone();
+    let engine = engine::spawn(
+        store.clone(),
+        table.clone(),
+        device,
+        args.max_loaded_models,
+        vec![default_model],
+        Box::new(move || {
+            rt.spawn(async move {
+                ready_health
+                    .set_service_status(WORKER_SERVICE, ServingStatus::Serving)
+                    .await;
+                tracing::info!("ready");
+            });
+        }),
+    )?;
+
+    let sweeper = store.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            sweeper.sweep();
+        }
+    });
+
+    let svc = WorkerService {
+        store: store.clone(),
+        models: table,
+        limits: Limits {
+            max_pixels: args.max_pixels,
+            max_steps: args.max_steps,
+            max_images: args.max_images,
+            max_init_image_bytes: args.max_init_image_bytes,
+        },
+    };
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(jhakaas_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let worker = WorkerServer::new(svc)
+        .max_decoding_message_size(args.max_init_image_bytes + 64 * 1024)
+        .max_encoding_message_size(256 * 1024 * 1024);
+    let worker =
+        tonic::service::interceptor::InterceptedService::new(worker, auth::interceptor(token));
+
+    let drain_store = store.clone();
+    let drain_timeout = args.drain_timeout;
+    let shutdown = async move {
+        shutdown_signal().await;
+        tracing::info!(in_flight = drain_store.in_flight(), "draining");
+        health
+            .set_service_status(WORKER_SERVICE, ServingStatus::NotServing)
+            .await;
+        drain_store.start_draining();
+        let s = drain_store.clone();
+        let idle = tokio::task::spawn_blocking(move || s.wait_idle(drain_timeout))
+            .await
+            .unwrap_or(false);
+        if !idle {
+            tracing::warn!("drain timeout passed; cancelling what remains");
+            drain_store.cancel_all("worker shutting down");
+            let s = drain_store.clone();
+            let _ = tokio::task::spawn_blocking(move || s.wait_idle(Duration::from_secs(30))).await;
+        }
+        drain_store.close();
+    };
+
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(worker)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    store.close();
+    let _ = tokio::task::spawn_blocking(move || engine.join()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+mod auth {
+    //! Optional bearer-token auth for the Worker service (health and reflection stay open).
+
+    use subtle::ConstantTimeEq;
+    use tonic::{Request, Status};
+
+    /// An interceptor admitting requests whose `authorization` is `Bearer <token>`; with no
+    /// token configured, every request.
+    pub fn interceptor(
+        token: Option<String>,
+    ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+        move |req: Request<()>| {
+            let Some(expected) = &token else {
+                return Ok(req);
+            };
+            let given = req
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+                Ok(req)
+            } else {
+                Err(Status::unauthenticated("missing or wrong bearer token"))
+            }
+        }
+    }
+}

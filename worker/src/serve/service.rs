@@ -1,0 +1,214 @@
+//! The `jhakaas.worker.v1.Worker` gRPC service: thin handlers over the job store.
+
+use super::convert::{self, Limits};
+use super::jobs::{Job, JobEvent, JobStore, SubmitError};
+use super::models::ModelTable;
+use jhakaas_proto::v1 as pb;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+/// The service state.
+#[derive(Debug, Clone)]
+pub struct WorkerService {
+    /// All jobs.
+    pub store: Arc<JobStore>,
+    /// Registered models.
+    pub models: Arc<ModelTable>,
+    /// Request limits.
+    pub limits: Limits,
+}
+
+/// Maps a refused submission to its status code.
+fn submit_status(e: SubmitError) -> Status {
+    match e {
+        SubmitError::QueueFull { max_queue } => {
+            Status::resource_exhausted(format!("the queue is full ({max_queue} jobs); retry later"))
+        }
+        SubmitError::Draining => {
+            Status::unavailable("the worker is shutting down; retry on another replica")
+        }
+    }
+}
+
+/// The client's deadline from the `grpc-timeout` header (e.g. `500m`, `2S`).
+fn grpc_deadline<T>(req: &Request<T>) -> Option<Instant> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    let d = match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Some(Instant::now() + d)
+}
+
+fn find(store: &JobStore, id: &str) -> Result<Arc<Job>, Status> {
+    store.get(id).ok_or_else(|| {
+        Status::not_found(format!(
+            "invalid job_id: no job `{id}` (unknown or expired)"
+        ))
+    })
+}
+
+type EventStream = ReceiverStream<Result<pb::JobEvent, Status>>;
+
+/// Streams a job's events until its terminal event. With `owns_job`, the job is cancelled
+/// when the client goes away or its deadline passes (that is what `Generate` promises).
+fn stream_events(store: Arc<JobStore>, job: Arc<Job>, owns_job: bool) -> EventStream {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let (snapshot, mut events) = job.subscribe();
+        let mut pending: Vec<JobEvent> = match &snapshot.terminal {
+            Some(t) => vec![t.clone()],
+            None if snapshot.state == super::jobs::JobState::Running => {
+                let mut v = vec![JobEvent::Started];
+                v.extend(snapshot.progress.map(JobEvent::Progress));
+                v
+            }
+            None => vec![JobEvent::Queued {
+                position: snapshot.queue_position,
+            }],
+        };
+        let deadline = job.request.deadline.map(tokio::time::Instant::from_std);
+        loop {
+            for e in pending.drain(..) {
+                let terminal = e.is_terminal();
+                if tx.send(Ok(convert::event(&job.id, &e))).await.is_err() {
+                    if owns_job {
+                        store.cancel(&job, "client disconnected");
+                    }
+                    return;
+                }
+                if terminal {
+                    return;
+                }
+            }
+            let next = async {
+                match deadline {
+                    Some(d) => tokio::time::timeout_at(d, events.recv()).await.ok(),
+                    None => Some(events.recv().await),
+                }
+            };
+            tokio::select! {
+                r = next => match r {
+                    Some(Ok(e)) => pending.push(e),
+                    Some(Err(broadcast::error::RecvError::Lagged(_))) => {
+                        // Missed events: resume from the snapshot (terminal if it ended).
+                        let s = job.snapshot();
+                        match s.terminal {
+                            Some(t) => pending.push(t),
+                            None => pending.extend(s.progress.map(JobEvent::Progress)),
+                        }
+                    }
+                    Some(Err(broadcast::error::RecvError::Closed)) => return,
+                    None => {
+                        if owns_job {
+                            store.cancel(&job, "deadline exceeded");
+                        }
+                        let _ = tx.send(Err(Status::deadline_exceeded("the request's deadline passed"))).await;
+                        return;
+                    }
+                },
+                _ = tx.closed() => {
+                    if owns_job {
+                        store.cancel(&job, "client disconnected");
+                    }
+                    return;
+                }
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+#[tonic::async_trait]
+impl pb::worker_server::Worker for WorkerService {
+    type GenerateStream = EventStream;
+    type WatchJobStream = EventStream;
+
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let deadline = grpc_deadline(&request);
+        let req = convert::job_request(request.into_inner(), &self.models, &self.limits, deadline)?;
+        let (job, existing) = self.store.submit(req).map_err(submit_status)?;
+        tracing::info!(job_id = %job.id, existing, "generate");
+        // A repeated request id attaches to the original job without owning it.
+        Ok(Response::new(stream_events(
+            self.store.clone(),
+            job,
+            !existing,
+        )))
+    }
+
+    async fn submit_job(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let req = convert::job_request(request.into_inner(), &self.models, &self.limits, None)?;
+        let (job, existing) = self.store.submit(req).map_err(submit_status)?;
+        tracing::info!(job_id = %job.id, existing, "submit");
+        Ok(Response::new(convert::job(&job, &job.snapshot())))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let job = find(&self.store, &request.into_inner().job_id)?;
+        Ok(Response::new(convert::job(&job, &job.snapshot())))
+    }
+
+    async fn watch_job(
+        &self,
+        request: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let job = find(&self.store, &request.into_inner().job_id)?;
+        Ok(Response::new(stream_events(self.store.clone(), job, false)))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let job = find(&self.store, &request.into_inner().job_id)?;
+        self.store.cancel(&job, "cancelled by client");
+        Ok(Response::new(convert::job(&job, &job.snapshot())))
+    }
+
+    async fn list_models(
+        &self,
+        _: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let models = self
+            .models
+            .specs()
+            .iter()
+            .map(|spec| {
+                let s = self.models.status(&spec.name);
+                let d = s.defaults.as_ref();
+                pb::ModelInfo {
+                    name: spec.name.clone(),
+                    source: spec.source.to_string(),
+                    family: s.family.clone().unwrap_or_default(),
+                    default_width: d.map_or(0, |d| d.width as u32),
+                    default_height: d.map_or(0, |d| d.height as u32),
+                    default_steps: d.map_or(0, |d| d.steps as u32),
+                    default_scheduler: d.map(|d| d.scheduler.to_string()).unwrap_or_default(),
+                    loaded: s.loaded,
+                    loaded_bytes: s.loaded_bytes,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+}
