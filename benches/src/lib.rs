@@ -4,6 +4,8 @@
 //! criterion micro-benchmarks of each engine stage on the tiny SD1 fixture; the side-by-side
 //! comparison with diffusers lands in this crate too.
 
+pub mod stats;
+
 use candle_core::{Device, Tensor};
 use jhakaas_model_manager::{ModelSource, StableDiffusionPipeline};
 use std::path::PathBuf;

@@ -261,10 +261,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
             max_init_image_bytes: args.max_init_image_bytes,
         },
     };
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(jhakaas_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions: grpcurl and older tools still ask v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(jhakaas_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let worker = WorkerServer::new(svc)
         .max_decoding_message_size(args.max_init_image_bytes + 64 * 1024)
         .max_encoding_message_size(256 * 1024 * 1024);
@@ -299,7 +303,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     builder
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(worker)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

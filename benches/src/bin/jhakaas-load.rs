@@ -1,0 +1,206 @@
+//! `jhakaas-load`: drives a worker on this machine with N concurrent gRPC clients for M jobs
+//! and reports throughput, latency percentiles and queue wait, checking that every accepted
+//! job completed. Bounded in job count and wall time; refuses non-loopback addresses.
+//!
+//! With `--engine MODEL_DIR` it instead runs the same job through the engine in-process, so
+//! the two medians give the serving overhead.
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use jhakaas_benches::stats::percentile;
+use jhakaas_proto::v1 as pb;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_stream::StreamExt;
+
+#[derive(Debug, Parser)]
+#[command(about = "Load generator and latency probe for the Jhakaas worker (loopback only)")]
+struct Args {
+    /// Worker address, e.g. 127.0.0.1:50051 (loopback only).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    addr: String,
+    /// Run the job through the engine in-process from this model folder instead of gRPC.
+    #[arg(long)]
+    engine: Option<std::path::PathBuf>,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Total jobs.
+    #[arg(long, default_value_t = 64)]
+    jobs: usize,
+    /// Stop issuing jobs after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    max_seconds: u64,
+    /// Model name on the server (empty = its default).
+    #[arg(long, default_value = "")]
+    model: String,
+    /// Steps per job.
+    #[arg(long, default_value_t = 4)]
+    steps: u32,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 64)]
+    side: u32,
+}
+
+fn loopback_only(addr: &str) -> Result<()> {
+    let host = addr
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(addr)
+        .trim_matches(['[', ']']);
+    let ok = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false);
+    if !ok {
+        bail!("refusing to load {addr}: this tool only targets loopback addresses");
+    }
+    Ok(())
+}
+
+fn report(label: &str, latencies: &[Duration], queue: &[Duration], wall: Duration, failed: usize) {
+    let n = latencies.len();
+    println!(
+        "{label}: {n} jobs ok, {failed} failed, {:.2} jobs/s over {:.2?}",
+        n as f64 / wall.as_secs_f64(),
+        wall
+    );
+    println!(
+        "  latency p50 {:.1?}  p95 {:.1?}  p99 {:.1?}",
+        percentile(latencies, 50.0),
+        percentile(latencies, 95.0),
+        percentile(latencies, 99.0)
+    );
+    if !queue.is_empty() {
+        println!(
+            "  queue wait p50 {:.1?}  p95 {:.1?}",
+            percentile(queue, 50.0),
+            percentile(queue, 95.0)
+        );
+    }
+}
+
+fn engine_mode(args: &Args, dir: &std::path::Path) -> Result<()> {
+    use jhakaas_model_manager::{GenerateParams, ModelSource, StableDiffusionPipeline};
+    let p = StableDiffusionPipeline::load(
+        &ModelSource::Local(dir.to_path_buf()),
+        &jhakaas_model_manager::Device::Cpu,
+    )?;
+    let params = GenerateParams {
+        prompt: "a load test".into(),
+        steps: Some(args.steps as usize),
+        width: Some(args.side as usize),
+        height: Some(args.side as usize),
+        seed: Some(1),
+        ..Default::default()
+    };
+    p.generate(&params, &mut |_| std::ops::ControlFlow::Continue(()))?; // warm-up
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    for _ in 0..args.jobs {
+        let t = Instant::now();
+        let g = p.generate(&params, &mut |_| std::ops::ControlFlow::Continue(()))?;
+        for img in &g.images {
+            jhakaas_model_manager::image_io::encode_image(
+                &img.image,
+                jhakaas_model_manager::ImageFormat::Png,
+                "",
+            )?;
+        }
+        latencies.push(t.elapsed());
+    }
+    report(
+        "engine (in-process, sequential)",
+        &latencies,
+        &[],
+        started.elapsed(),
+        0,
+    );
+    Ok(())
+}
+
+async fn grpc_mode(args: &Args) -> Result<()> {
+    loopback_only(&args.addr)?;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", args.addr))?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", args.addr))?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let results = Arc::new(Mutex::new((Vec::new(), Vec::new(), 0usize, 0usize)));
+    let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.clients {
+        let mut client = pb::worker_client::WorkerClient::new(channel.clone())
+            .max_decoding_message_size(256 << 20);
+        let (next, results) = (next.clone(), results.clone());
+        let req = pb::GenerateRequest {
+            model: args.model.clone(),
+            prompt: "a load test".into(),
+            steps: args.steps,
+            width: args.side,
+            height: args.side,
+            ..Default::default()
+        };
+        let jobs = args.jobs;
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::SeqCst) < jobs && Instant::now() < deadline {
+                let t = Instant::now();
+                let outcome = match client.generate(req.clone()).await {
+                    Ok(resp) => {
+                        let mut stream = resp.into_inner();
+                        let mut last = None;
+                        while let Some(Ok(e)) = stream.next().await {
+                            last = e.event;
+                        }
+                        last
+                    }
+                    Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                        results.lock().unwrap().3 += 1;
+                        continue;
+                    }
+                    Err(_) => None,
+                };
+                let mut r = results.lock().unwrap();
+                match outcome {
+                    Some(pb::job_event::Event::Completed(c)) => {
+                        r.0.push(t.elapsed());
+                        let q = c.timings.map(|t| t.queue_seconds).unwrap_or(0.0);
+                        r.1.push(Duration::from_secs_f64(q));
+                    }
+                    _ => r.2 += 1,
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let wall = started.elapsed();
+    let (latencies, queue, failed, refused) = &*results.lock().unwrap();
+    report(
+        &format!("grpc ({} clients)", args.clients),
+        latencies,
+        queue,
+        wall,
+        *failed,
+    );
+    println!("  refused (RESOURCE_EXHAUSTED): {refused}");
+    if *failed > 0 {
+        bail!("{failed} accepted jobs did not complete");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(dir) = &args.engine {
+        return engine_mode(&args, dir);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(grpc_mode(&args))
+}
