@@ -281,3 +281,60 @@ async fn past_the_drain_timeout_remaining_work_is_cancelled_and_the_worker_still
         server.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn finished_jobs_expire_after_the_result_ttl_and_logs_can_be_json() {
+    let model = fixture_model("tiny", "sd1-tiny");
+    let server = TestServer::start(&[
+        "--model",
+        &model,
+        "--result-ttl",
+        "400ms",
+        "--log-format",
+        "json",
+    ]);
+    server.wait_ready().await;
+    let mut client = server.client().await;
+    let mut req = request("short-lived", 2, 64);
+    req.request_id = "ttl-key".into();
+    let job = client.submit_job(req.clone()).await.unwrap().into_inner();
+    let mut watch = client
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while watch.next().await.is_some() {}
+    let done = client
+        .get_job(pb::GetJobRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.state, pb::JobState::Succeeded as i32);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let err = client
+        .get_job(pb::GetJobRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // Once expired, the idempotency key is free again: a new job runs.
+    let again = client.submit_job(req).await.unwrap().into_inner();
+    assert_ne!(again.job_id, job.job_id);
+
+    let logs = server.logs();
+    let job_lines: Vec<&str> = logs.lines().filter(|l| l.contains(&job.job_id)).collect();
+    assert!(!job_lines.is_empty(), "no log line names the job: {logs}");
+    for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v.get("level").is_some() && v.get("timestamp").is_some(),
+            "{line}"
+        );
+    }
+}

@@ -243,8 +243,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     )?;
 
     let sweeper = store.clone();
+    let sweep_every =
+        (args.result_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut tick = tokio::time::interval(sweep_every);
         loop {
             tick.tick().await;
             sweeper.sweep();
