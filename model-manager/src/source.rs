@@ -109,6 +109,19 @@ impl ModelSource {
         }
     }
 
+    /// Path of `file` if it is already on disk (folder or HF cache), never downloading.
+    pub fn cached_file(&self, file: &str) -> Result<Option<PathBuf>> {
+        match self {
+            ModelSource::Local(dir) => {
+                let p = dir.join(file);
+                Ok(p.is_file().then_some(p))
+            }
+            ModelSource::Hub { repo, revision } => {
+                Ok(cache_lookup(&hub_cache_dir(), repo, revision, file))
+            }
+        }
+    }
+
     /// The first of `candidates` the source has (e.g. a weights file and its fp16 variant).
     pub fn first_of(&self, candidates: &[&str]) -> Result<PathBuf> {
         for c in candidates {
@@ -159,6 +172,107 @@ fn is_commit_hash(rev: &str) -> bool {
     rev.len() == 40 && rev.chars().all(|c| c.is_ascii_hexdigit())
 }
 
+/// `file` of `repo` at `revision` in the HF cache at `cache_dir`, if present.
+fn cache_lookup(cache_dir: &Path, repo: &str, revision: &str, file: &str) -> Option<PathBuf> {
+    let hub_repo = hf_hub::Repo::with_revision(
+        repo.to_string(),
+        hf_hub::RepoType::Model,
+        revision.to_string(),
+    );
+    if let Some(p) = hf_hub::Cache::new(cache_dir.to_path_buf())
+        .repo(hub_repo)
+        .get(file)
+    {
+        return Some(p);
+    }
+    if is_commit_hash(revision) {
+        let p = repo_cache_dir(cache_dir, repo)
+            .join("snapshots")
+            .join(revision)
+            .join(file);
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    None
+}
+
+fn repo_cache_dir(cache_dir: &Path, repo: &str) -> PathBuf {
+    cache_dir.join(format!("models--{}", repo.replace('/', "--")))
+}
+
+/// A hub client writing into the HF cache; honours `HF_ENDPOINT` and `HF_TOKEN`.
+fn hub_api(progress: bool) -> std::result::Result<hf_hub::api::sync::Api, String> {
+    let cache = hf_hub::Cache::new(hub_cache_dir());
+    let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(cache).with_progress(progress);
+    if let Ok(token) = std::env::var("HF_TOKEN") {
+        builder = builder.with_token(Some(token));
+    }
+    if let Some(endpoint) = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()) {
+        builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_string());
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
+fn hub_repo(repo: &str, revision: &str) -> hf_hub::Repo {
+    hf_hub::Repo::with_revision(
+        repo.to_string(),
+        hf_hub::RepoType::Model,
+        revision.to_string(),
+    )
+}
+
+/// Every file of a hub repository at `revision`, with its size where the hub reports it.
+pub fn hub_listing(
+    repo: &str,
+    revision: &str,
+) -> std::result::Result<Vec<(String, Option<u64>)>, String> {
+    if hub_offline() {
+        return Err("HF_HUB_OFFLINE is set: cannot list the repository on the hub".into());
+    }
+    let api = hub_api(false)?;
+    let body = api
+        .repo(hub_repo(repo, revision))
+        .info_request()
+        .query("blobs", "true")
+        .call()
+        .map_err(|e| format!("listing the repository failed: {e}"))?
+        .into_string()
+        .map_err(|e| e.to_string())?;
+    let info: serde_json::Value =
+        serde_json::from_str(&body).map_err(|e| format!("bad listing: {e}"))?;
+    let siblings = info["siblings"]
+        .as_array()
+        .ok_or("the listing has no files")?;
+    Ok(siblings
+        .iter()
+        .filter_map(|s| {
+            let name = s["rfilename"].as_str()?.to_string();
+            let size = s["lfs"]["size"].as_u64().or_else(|| s["size"].as_u64());
+            Some((name, size))
+        })
+        .collect())
+}
+
+/// Downloads `file` into the HF cache (resuming a partial download), or returns the cached copy.
+pub fn hub_download(
+    repo: &str,
+    revision: &str,
+    file: &str,
+    progress: bool,
+) -> std::result::Result<PathBuf, String> {
+    if let Some(p) = cache_lookup(&hub_cache_dir(), repo, revision, file) {
+        return Ok(p);
+    }
+    if hub_offline() {
+        return Err(format!("`{file}` is not cached and HF_HUB_OFFLINE is set"));
+    }
+    hub_api(progress)?
+        .repo(hub_repo(repo, revision))
+        .download(file)
+        .map_err(|e| format!("downloading `{file}` failed: {e}"))
+}
+
 /// Finds `file` in the cache, else downloads it unless offline. `Ok(None)` = the repo has no
 /// such file (cache: not present offline; hub: 404).
 fn hub_file(
@@ -167,27 +281,11 @@ fn hub_file(
     file: &str,
 ) -> std::result::Result<Option<PathBuf>, String> {
     let cache_dir = hub_cache_dir();
-    let hub_repo = hf_hub::Repo::with_revision(
-        repo.to_string(),
-        hf_hub::RepoType::Model,
-        revision.to_string(),
-    );
-    let cache = hf_hub::Cache::new(cache_dir.clone());
-    if let Some(p) = cache.repo(hub_repo.clone()).get(file) {
+    if let Some(p) = cache_lookup(&cache_dir, repo, revision, file) {
         return Ok(Some(p));
     }
-    if is_commit_hash(revision) {
-        let p = cache_dir
-            .join(format!("models--{}", repo.replace('/', "--")))
-            .join("snapshots")
-            .join(revision)
-            .join(file);
-        if p.is_file() {
-            return Ok(Some(p));
-        }
-    }
     if hub_offline() {
-        let repo_dir = cache_dir.join(format!("models--{}", repo.replace('/', "--")));
+        let repo_dir = repo_cache_dir(&cache_dir, repo);
         let snapshot = if is_commit_hash(revision) {
             Some(revision.to_string())
         } else {
@@ -201,12 +299,7 @@ fn hub_file(
             )),
         };
     }
-    let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(cache).with_progress(false);
-    if let Ok(token) = std::env::var("HF_TOKEN") {
-        builder = builder.with_token(Some(token));
-    }
-    let api = builder.build().map_err(|e| e.to_string())?;
-    match api.repo(hub_repo).get(file) {
+    match hub_api(false)?.repo(hub_repo(repo, revision)).get(file) {
         Ok(p) => Ok(Some(p)),
         Err(e) => {
             let msg = e.to_string();

@@ -76,3 +76,38 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("creating scratch dir");
     dir
 }
+
+/// The commit the fake HF cache entries are recorded at.
+pub const FAKE_COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+/// Lays a fixture pipeline out under `hub` exactly as huggingface_hub caches `repo`
+/// (`models--org--name/{refs/main, snapshots/<commit>/…, blobs/…}` with symlinks).
+pub fn lay_out_hf_cache(hub: &Path, repo: &str, fixture: &str) {
+    let repo_dir = hub.join(format!("models--{}", repo.replace('/', "--")));
+    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+    std::fs::write(repo_dir.join("refs/main"), FAKE_COMMIT).unwrap();
+    let blobs = repo_dir.join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    link_tree(
+        &fixtures().join("models").join(fixture),
+        &repo_dir.join("snapshots").join(FAKE_COMMIT),
+        &blobs,
+        &mut 0,
+    );
+}
+
+fn link_tree(from: &Path, to: &Path, blobs: &Path, n: &mut usize) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let path = e.path();
+        if path.is_dir() {
+            link_tree(&path, &to.join(e.file_name()), blobs, n);
+        } else {
+            *n += 1;
+            let blob = blobs.join(format!("blob{n:04}"));
+            std::fs::copy(&path, &blob).unwrap();
+            std::os::unix::fs::symlink(&blob, to.join(e.file_name())).unwrap();
+        }
+    }
+}

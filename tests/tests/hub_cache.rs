@@ -6,38 +6,10 @@ use jhakaas_tests::{fixtures, scratch_dir, worker_binary};
 use std::path::Path;
 use std::process::Command;
 
-const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+use jhakaas_tests::{lay_out_hf_cache, FAKE_COMMIT as COMMIT};
 
-/// Lays the sd1-tiny fixture out as the HF cache entry `jhakaas/sd1-tiny` under `hub`.
 fn lay_out_cache(hub: &Path) {
-    let repo = hub.join("models--jhakaas--sd1-tiny");
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), COMMIT).unwrap();
-    let snapshot = repo.join("snapshots").join(COMMIT);
-    let blobs = repo.join("blobs");
-    std::fs::create_dir_all(&blobs).unwrap();
-    link_tree(
-        &fixtures().join("models/sd1-tiny"),
-        &snapshot,
-        &blobs,
-        &mut 0,
-    );
-}
-
-fn link_tree(from: &Path, to: &Path, blobs: &Path, n: &mut usize) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let path = e.path();
-        if path.is_dir() {
-            link_tree(&path, &to.join(e.file_name()), blobs, n);
-        } else {
-            *n += 1;
-            let blob = blobs.join(format!("blob{n:04}"));
-            std::fs::copy(&path, &blob).unwrap();
-            std::os::unix::fs::symlink(&blob, to.join(e.file_name())).unwrap();
-        }
-    }
+    lay_out_hf_cache(hub, "jhakaas/sd1-tiny", "sd1-tiny");
 }
 
 fn generate(model: &str, env: &[(&str, &Path)], out: &Path) -> std::process::Output {

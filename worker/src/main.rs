@@ -1,7 +1,9 @@
 //! `jhakaas-worker`: the Jhakaas Stable Diffusion worker.
 //!
-//! `generate` runs the engine once and writes images; `serve` runs the gRPC worker.
+//! `generate` runs the engine once and writes images; `serve` runs the gRPC worker; `fetch`
+//! puts models into the HF cache (and `fetch --check` proves they are complete).
 
+mod fetch;
 mod generate;
 mod serve;
 
@@ -29,6 +31,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Serve the gRPC API (jobs, streaming progress, health, reflection, metrics).
     Serve(serve::ServeArgs),
+    /// Download the files models need into the HF cache, or `--check` them offline.
+    Fetch(fetch::FetchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -37,6 +41,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Fetch(args) => fetch::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -109,6 +109,31 @@ fn model_specs(args: &ServeArgs) -> Result<(Vec<ModelSpec>, String)> {
     Ok((specs, default))
 }
 
+/// The `fetch --check` of every model: an incomplete default model that cannot be downloaded
+/// (offline, or a folder) stops start-up; any other gap is logged.
+fn startup_check(specs: &[ModelSpec], default_model: &str) -> Result<()> {
+    let offline = jhakaas_model_manager::source::hub_offline();
+    for spec in specs {
+        let report = jhakaas_model_manager::fetch::check(&spec.source)?;
+        let downloadable = !offline && matches!(spec.source, ModelSource::Hub { .. });
+        if report.is_complete() {
+            tracing::info!(model = %spec.name, source = %spec.source, "model files present and intact");
+        } else if spec.name == default_model && !downloadable {
+            bail!(
+                "default model `{}` ({}) is incomplete: {}",
+                spec.name,
+                spec.source,
+                report.problems()
+            );
+        } else if downloadable {
+            tracing::info!(model = %spec.name, problems = %report.problems(), "model files will be downloaded on first load");
+        } else {
+            tracing::warn!(model = %spec.name, problems = %report.problems(), "model is incomplete; its jobs will fail");
+        }
+    }
+    Ok(())
+}
+
 fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
     let seconds = [
@@ -203,6 +228,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     let metrics = install_metrics()?;
 
+    startup_check(&specs, &default_model)?;
     let table = Arc::new(ModelTable::new(specs, default_model.clone()));
     let store = Arc::new(JobStore::new(args.max_queue, args.result_ttl));
     let (health, health_service) = tonic_health::server::health_reporter();

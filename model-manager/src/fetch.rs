@@ -1,0 +1,361 @@
+//! Which files a Stable Diffusion pipeline needs, fetching exactly those into the HF cache,
+//! and checking — offline — that a cache (or a folder) holds a complete, intact copy.
+//!
+//! The same check runs in `jhakaas-worker fetch --check` and when the server starts, so an
+//! image whose weights were baked in at build time can prove it before it takes traffic.
+
+use crate::error::{Error, Result};
+use crate::source::ModelSource;
+use std::path::{Path, PathBuf};
+
+/// Config and tokenizer files every pipeline needs.
+pub const REQUIRED_CONFIGS: &[&str] = &[
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "unet/config.json",
+    "vae/config.json",
+];
+
+/// Tokenizer files: `vocab.json` + `merges.txt`, or `tokenizer.json`; the rest are optional.
+const TOKENIZER_BPE: &[&str] = &["tokenizer/vocab.json", "tokenizer/merges.txt"];
+const TOKENIZER_JSON: &str = "tokenizer/tokenizer.json";
+const TOKENIZER_OPTIONAL: &[&str] = &[
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+];
+
+/// Weight files per component: (folder, file stem).
+const WEIGHTS: &[(&str, &str)] = &[
+    ("text_encoder", "model"),
+    ("unet", "diffusion_pytorch_model"),
+    ("vae", "diffusion_pytorch_model"),
+];
+
+/// Which weights to prefer when a repository has both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Variant {
+    /// `*.fp16.safetensors` where present (half the bytes; the CPU upcasts to f32).
+    #[default]
+    Fp16,
+    /// Full-precision `*.safetensors` where present.
+    Fp32,
+}
+
+impl std::str::FromStr for Variant {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fp16" => Ok(Variant::Fp16),
+            "fp32" => Ok(Variant::Fp32),
+            other => Err(Error::invalid(
+                "variant",
+                format!("`{other}` is not fp16 or fp32"),
+            )),
+        }
+    }
+}
+
+fn weight_candidates(folder: &str, stem: &str, variant: Variant) -> [String; 2] {
+    let plain = format!("{folder}/{stem}.safetensors");
+    let fp16 = format!("{folder}/{stem}.fp16.safetensors");
+    match variant {
+        Variant::Fp16 => [fp16, plain],
+        Variant::Fp32 => [plain, fp16],
+    }
+}
+
+/// The files to fetch from a repository listing `available` (paths relative to its root).
+pub fn plan(available: &[String], variant: Variant, source_name: &str) -> Result<Vec<String>> {
+    let has = |f: &str| available.iter().any(|a| a == f);
+    let missing = |file: String| Error::MissingFile {
+        source_name: source_name.to_string(),
+        file,
+    };
+    let mut files = Vec::new();
+    for f in REQUIRED_CONFIGS {
+        if !has(f) {
+            return Err(missing(f.to_string()));
+        }
+        files.push(f.to_string());
+    }
+    if TOKENIZER_BPE.iter().all(|f| has(f)) {
+        files.extend(TOKENIZER_BPE.iter().map(|f| f.to_string()));
+    } else if has(TOKENIZER_JSON) {
+        files.push(TOKENIZER_JSON.to_string());
+    } else {
+        return Err(missing(
+            "tokenizer/vocab.json + tokenizer/merges.txt (or tokenizer/tokenizer.json)".into(),
+        ));
+    }
+    files.extend(
+        TOKENIZER_OPTIONAL
+            .iter()
+            .filter(|f| has(f))
+            .map(|f| f.to_string()),
+    );
+    for (folder, stem) in WEIGHTS {
+        let candidates = weight_candidates(folder, stem, variant);
+        match candidates.iter().find(|c| has(c)) {
+            Some(c) => files.push(c.clone()),
+            None => return Err(missing(candidates.join(" or "))),
+        }
+    }
+    Ok(files)
+}
+
+/// Checks that a safetensors file is whole: its header parses and the file is exactly as long
+/// as the header says (a truncated or interrupted download fails here).
+pub fn verify_safetensors(path: &Path) -> std::result::Result<(), String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| "shorter than a safetensors header".to_string())?;
+    let header_len = u64::from_le_bytes(n);
+    if header_len > 100 << 20 || 8 + header_len > len {
+        return Err(format!(
+            "header length {header_len} does not fit a {len}-byte file"
+        ));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header).map_err(|e| e.to_string())?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| format!("header is not JSON: {e}"))?;
+    let tensors = header.as_object().ok_or("header is not a JSON object")?;
+    let mut end = 0u64;
+    for (name, t) in tensors.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
+        let offsets = t
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .filter(|o| o.len() == 2)
+            .ok_or_else(|| format!("tensor `{name}` has no data_offsets"))?;
+        end = end.max(
+            offsets[1]
+                .as_u64()
+                .ok_or_else(|| format!("tensor `{name}` has a bad offset"))?,
+        );
+    }
+    let expected = 8 + header_len + end;
+    if expected != len {
+        return Err(format!(
+            "file is {len} bytes, its header describes {expected}"
+        ));
+    }
+    Ok(())
+}
+
+/// Outcome of an offline completeness check.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct CheckReport {
+    /// Files found and intact.
+    pub present: Vec<PathBuf>,
+    /// Required files that are absent.
+    pub missing: Vec<String>,
+    /// Files present but damaged, with why.
+    pub corrupt: Vec<(String, String)>,
+}
+
+impl CheckReport {
+    /// Whether the model can be loaded offline.
+    pub fn is_complete(&self) -> bool {
+        self.missing.is_empty() && self.corrupt.is_empty()
+    }
+
+    /// One line per problem, for error messages.
+    pub fn problems(&self) -> String {
+        let mut lines: Vec<String> = self
+            .missing
+            .iter()
+            .map(|m| format!("missing {m}"))
+            .collect();
+        lines.extend(
+            self.corrupt
+                .iter()
+                .map(|(f, why)| format!("corrupt {f}: {why}")),
+        );
+        lines.join("; ")
+    }
+}
+
+/// Checks, without any network access, that `source` has every file a pipeline needs and that
+/// its weights are intact. Either weights variant counts.
+pub fn check(source: &ModelSource) -> Result<CheckReport> {
+    let mut report = CheckReport::default();
+    let require = |file: &str, report: &mut CheckReport| -> Result<Option<PathBuf>> {
+        let p = source.cached_file(file)?;
+        match &p {
+            Some(p) => report.present.push(p.clone()),
+            None => report.missing.push(file.to_string()),
+        }
+        Ok(p)
+    };
+    for f in REQUIRED_CONFIGS {
+        if let Some(p) = require(f, &mut report)? {
+            if let Err(e) = std::fs::read(&p).map_err(|e| e.to_string()).and_then(|b| {
+                serde_json::from_slice::<serde_json::Value>(&b)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }) {
+                report.corrupt.push((f.to_string(), e));
+            }
+        }
+    }
+    let bpe: Vec<Option<PathBuf>> = TOKENIZER_BPE
+        .iter()
+        .map(|f| source.cached_file(f))
+        .collect::<Result<_>>()?;
+    if bpe.iter().all(Option::is_some) {
+        report.present.extend(bpe.into_iter().flatten());
+    } else if let Some(p) = source.cached_file(TOKENIZER_JSON)? {
+        report.present.push(p);
+    } else {
+        report.missing.push(
+            "tokenizer/vocab.json + tokenizer/merges.txt (or tokenizer/tokenizer.json)".into(),
+        );
+    }
+    for (folder, stem) in WEIGHTS {
+        let candidates = weight_candidates(folder, stem, Variant::Fp32);
+        let mut found = None;
+        for c in &candidates {
+            if let Some(p) = source.cached_file(c)? {
+                found = Some((c.clone(), p));
+                break;
+            }
+        }
+        match found {
+            Some((name, p)) => match verify_safetensors(&p) {
+                Ok(()) => report.present.push(p),
+                Err(why) => report.corrupt.push((name, why)),
+            },
+            None => report.missing.push(candidates.join(" or ")),
+        }
+    }
+    Ok(report)
+}
+
+/// Downloads the files `source` (a hub id) needs into the HF cache, resuming partial
+/// downloads, with progress bars when `progress`; then verifies sizes and safetensors
+/// headers. Local folders are only checked.
+pub fn fetch(source: &ModelSource, variant: Variant, progress: bool) -> Result<Vec<PathBuf>> {
+    let ModelSource::Hub { repo, revision } = source else {
+        let report = check(source)?;
+        return if report.is_complete() {
+            Ok(report.present)
+        } else {
+            Err(Error::Source {
+                source_name: source.to_string(),
+                reason: report.problems(),
+            })
+        };
+    };
+    let fail = |reason: String| Error::Source {
+        source_name: source.to_string(),
+        reason,
+    };
+    let listing = crate::source::hub_listing(repo, revision).map_err(fail)?;
+    let names: Vec<String> = listing.iter().map(|(n, _)| n.clone()).collect();
+    let files = plan(&names, variant, &source.to_string())?;
+    let mut paths = Vec::new();
+    for file in &files {
+        let path = crate::source::hub_download(repo, revision, file, progress).map_err(fail)?;
+        let expected = listing
+            .iter()
+            .find(|(n, _)| n == file)
+            .and_then(|(_, size)| *size);
+        let actual = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if let Some(expected) = expected {
+            if expected != actual {
+                return Err(fail(format!(
+                    "{file}: downloaded {actual} bytes, the hub lists {expected}"
+                )));
+            }
+        }
+        if file.ends_with(".safetensors") {
+            verify_safetensors(&path).map_err(|why| fail(format!("{file}: {why}")))?;
+        }
+        paths.push(path);
+    }
+    Ok(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listing(files: &[&str]) -> Vec<String> {
+        files.iter().map(|s| s.to_string()).collect()
+    }
+
+    const BASE: &[&str] = &[
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "unet/config.json",
+        "vae/config.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "tokenizer/special_tokens_map.json",
+        "README.md",
+        "v1-5-pruned.ckpt",
+        "text_encoder/model.safetensors",
+        "text_encoder/model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.bin",
+        "vae/diffusion_pytorch_model.safetensors",
+    ];
+
+    #[test]
+    fn plan_takes_only_what_a_pipeline_needs_in_the_preferred_variant() {
+        let files = plan(&listing(BASE), Variant::Fp16, "x").unwrap();
+        assert!(files.contains(&"unet/diffusion_pytorch_model.fp16.safetensors".to_string()));
+        assert!(files.contains(&"text_encoder/model.fp16.safetensors".to_string()));
+        // No fp16 VAE in the repo: the plain one.
+        assert!(files.contains(&"vae/diffusion_pytorch_model.safetensors".to_string()));
+        assert!(!files
+            .iter()
+            .any(|f| f.ends_with(".ckpt") || f.ends_with(".bin") || f == "README.md"));
+        assert!(!files.contains(&"unet/diffusion_pytorch_model.safetensors".to_string()));
+        let fp32 = plan(&listing(BASE), Variant::Fp32, "x").unwrap();
+        assert!(fp32.contains(&"unet/diffusion_pytorch_model.safetensors".to_string()));
+    }
+
+    #[test]
+    fn plan_names_what_the_repository_lacks() {
+        let without_unet: Vec<&str> = BASE
+            .iter()
+            .copied()
+            .filter(|f| !f.starts_with("unet/diffusion"))
+            .collect();
+        let err = plan(&listing(&without_unet), Variant::Fp16, "org/name")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unet/diffusion_pytorch_model") && err.contains("org/name"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn truncated_safetensors_are_detected() {
+        let dir = std::env::temp_dir().join(format!("jhakaas-st-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.safetensors");
+        let t =
+            candle_core::Tensor::zeros((4, 4), candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap();
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("w".to_string(), t)]),
+            &path,
+        )
+        .unwrap();
+        assert_eq!(verify_safetensors(&path), Ok(()));
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+        assert!(verify_safetensors(&path).unwrap_err().contains("bytes"));
+        std::fs::write(&path, b"garbage").unwrap();
+        assert!(verify_safetensors(&path).is_err());
+    }
+}
