@@ -77,8 +77,9 @@ async fn resolve(
     (StatusCode::PARTIAL_CONTENT, h, data[start..=end].to_vec()).into_response()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn fetch_downloads_exactly_what_the_pipeline_needs_and_check_then_passes() {
+/// Starts the stand-in hub serving the sd1-tiny fixture (plus files a pipeline never needs)
+/// as `jhakaas/mock`; returns its state and endpoint.
+async fn start_hub() -> (Hub, String) {
     let mut files = BTreeMap::new();
     collect(&fixtures().join("models/sd1-tiny"), "", &mut files);
     // Things a real repository also holds that a pipeline does not need.
@@ -96,6 +97,12 @@ async fn fetch_downloads_exactly_what_the_pipeline_needs_and_check_then_passes()
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (hub, endpoint)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fetch_downloads_exactly_what_the_pipeline_needs_and_check_then_passes() {
+    let (hub, endpoint) = start_hub().await;
 
     let cache = scratch_dir("fetch-download");
     let out = tokio::task::spawn_blocking({
@@ -176,5 +183,57 @@ async fn fetch_downloads_exactly_what_the_pipeline_needs_and_check_then_passes()
         run.status.success(),
         "{}",
         String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+/// README's main job: `generate --model <hub id>` with nothing cached downloads what it needs
+/// on the way (optional files the repository lacks are skipped, not fatal).
+#[tokio::test(flavor = "multi_thread")]
+async fn generate_on_an_uncached_hub_id_downloads_lazily() {
+    let (hub, endpoint) = start_hub().await;
+    let cache = scratch_dir("generate-download");
+    let img = cache.join("lazy.png");
+    let out = tokio::task::spawn_blocking({
+        let (cache, img) = (cache.clone(), img.clone());
+        move || {
+            std::process::Command::new(worker_binary())
+                .args([
+                    "generate",
+                    "--model",
+                    "jhakaas/mock",
+                    "--prompt",
+                    "downloaded",
+                    "--steps",
+                    "2",
+                    "--device",
+                    "cpu",
+                    "--output",
+                ])
+                .arg(&img)
+                .env("HF_HUB_CACHE", &cache)
+                .env("HF_ENDPOINT", &endpoint)
+                .env_remove("HF_HUB_OFFLINE")
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(img.is_file());
+    let requested = hub.requested.lock().unwrap().clone();
+    assert!(
+        requested
+            .iter()
+            .any(|f| f == "unet/diffusion_pytorch_model.safetensors"),
+        "{requested:?}"
+    );
+    assert!(
+        !requested.iter().any(|f| f.ends_with(".ckpt")),
+        "{requested:?}"
     );
 }
