@@ -217,35 +217,33 @@ async fn cancel_stops_a_queued_job_at_once_and_a_running_one_within_a_step() {
         .await
         .unwrap()
         .into_inner();
-    client
+    let at_cancel = client
         .cancel_job(pb::CancelJobRequest {
             job_id: long.job_id.clone(),
         })
         .await
-        .unwrap();
-    let mut after_cancel = 0;
+        .unwrap()
+        .into_inner()
+        .progress
+        .map_or(0, |p| p.step);
     let mut terminal = None;
     while let Some(Ok(e)) = watch.next().await {
-        match e.event {
-            Some(Event::Progress(_)) => after_cancel += 1,
-            Some(Event::Cancelled(c)) => {
-                terminal = Some(c);
-                break;
-            }
-            other => assert!(
-                matches!(other, Some(Event::Started(_)) | Some(Event::Queued(_))),
-                "{other:?}"
-            ),
+        if let Some(Event::Cancelled(c)) = e.event {
+            terminal = Some(c);
+            break;
         }
     }
     let c = terminal.expect("cancelled event");
     assert!(c.reason.contains("cancelled"), "{}", c.reason);
-    assert!(
-        after_cancel <= 2,
-        "{after_cancel} steps ran after the cancel"
-    );
     let job = wait_state(&mut client, &long.job_id, pb::JobState::Cancelled).await;
-    assert!(job.progress.unwrap().step < 150);
+    // The flag is set before the snapshot the cancel call returns, so at most the step that
+    // was already running then can still finish.
+    let last = job.progress.unwrap().step;
+    assert!(
+        last <= at_cancel + 1,
+        "cancelled at step {at_cancel}, ran until {last}"
+    );
+    assert!(last < 150);
     // The worker keeps serving.
     let (events, _) = collect(
         client
@@ -313,7 +311,7 @@ async fn overload_refuses_with_resource_exhausted_and_loses_no_accepted_job() {
     for i in 0..8 {
         let mut c = client.clone();
         handles.push(tokio::spawn(async move {
-            c.submit_job(request(&format!("load {i}"), 20)).await
+            c.submit_job(request(&format!("load {i}"), 60)).await
         }));
     }
     let mut accepted = Vec::new();

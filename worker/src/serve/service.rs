@@ -88,6 +88,16 @@ fn stream_events(store: Arc<JobStore>, job: Arc<Job>, owns_job: bool) -> EventSt
                     return;
                 }
                 if terminal {
+                    // A job stopped by its deadline ends the call with DEADLINE_EXCEEDED, whichever
+                    // side noticed first (the engine between steps, or this task's timer).
+                    let expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+                    if owns_job && expired && matches!(e, JobEvent::Cancelled { .. }) {
+                        let _ = tx
+                            .send(Err(Status::deadline_exceeded(
+                                "the request's deadline passed",
+                            )))
+                            .await;
+                    }
                     return;
                 }
             }
