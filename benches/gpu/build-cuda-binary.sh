@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Builds the CUDA release binary of jhakaas-worker on a machine WITHOUT a GPU, for carrying to
+# a lent GPU machine that has no Rust toolchain (see run-gpu-check.sh):
+#   * NVIDIA's CUDA compiler and the cuBLAS/cuRAND/NVRTC(/cuDNN) libraries from PyPI, at the
+#     CUDA version of the target machine's driver (13.0 for driver 580: newer PTX is refused);
+#   * a stub libcuda.so.1 exporting the driver API symbols cudarc declares, for the linker
+#     only (the real one comes from the driver at run time).
+# Usage: benches/gpu/build-cuda-binary.sh [FEATURES] [COMPUTE_CAP]  -> .gpu/jhakaas-worker.xz
+set -euo pipefail
+features="${1:-cuda}"
+cap="${2:-90}"
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+work="${JHAKAAS_GPU_BUILD_DIR:-/tmp/jhakaas-cuda-build}"
+mkdir -p "$work/link"
+if [ ! -x "$work/venv/bin/pip" ]; then python3 -m venv "$work/venv"; fi
+pkgs=("nvidia-cuda-nvcc==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-crt==13.0.*"
+      "nvidia-cuda-cccl==13.0.*" "nvidia-cublas==13.0.*" "nvidia-curand" "nvidia-cuda-nvrtc==13.0.*")
+case "$features" in *cudnn*) pkgs+=("nvidia-cudnn-cu13") ;; esac
+"$work/venv/bin/pip" install --quiet "${pkgs[@]}"
+site="$(echo "$work"/venv/lib/python3*/site-packages/nvidia)"
+cu="$site/cu13"
+for n in cublas cublasLt cudart nvrtc; do ln -sf "$cu/lib/lib$n.so.13" "$work/link/lib$n.so"; done
+ln -sf "$cu/lib/libcurand.so.10" "$work/link/libcurand.so"
+[ -f "$site/cudnn/lib/libcudnn.so.9" ] && ln -sf "$site/cudnn/lib/libcudnn.so.9" "$work/link/libcudnn.so"
+sys="$(ls "$HOME"/.cargo/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs | tail -n 1)"
+grep -ohE '^\s+fn (cu[A-Za-z0-9_]+)\(' "$sys" | sed -E 's/^\s+fn //; s/\($//' | sort -u \
+  | while read -r s; do echo "void $s(void) {}"; done > "$work/link/stub.c"
+gcc -shared -fPIC -o "$work/link/libcuda.so" "$work/link/stub.c" -Wl,-soname,libcuda.so.1
+cd "$root"
+PATH="$cu/bin:$PATH" CUDA_ROOT="$cu" CUDA_PATH="$cu" CUDA_COMPUTE_CAP="$cap" \
+  CARGO_TARGET_DIR="$work/target" RUSTFLAGS="-L $work/link" \
+  cargo build --release --locked -p jhakaas-worker --features "$features"
+mkdir -p .gpu
+xz -T0 -6 -c "$work/target/release/jhakaas-worker" > .gpu/jhakaas-worker.xz
+readelf -d "$work/target/release/jhakaas-worker" | grep NEEDED
+ls -la "$work/target/release/jhakaas-worker" .gpu/jhakaas-worker.xz
