@@ -252,6 +252,15 @@ impl Job {
     }
 }
 
+/// An accepted submission.
+#[derive(Debug)]
+pub struct Submitted {
+    /// The job (new, or the existing one for a repeated `request_id`).
+    pub job: Arc<Job>,
+    /// For a new job: every event since before it was queued. `None` for an existing job.
+    pub events: Option<broadcast::Receiver<JobEvent>>,
+}
+
 /// Why a submission was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubmitError {
@@ -292,9 +301,10 @@ impl JobStore {
         }
     }
 
-    /// Queues a job, or returns the existing one with the same non-empty `request_id`
-    /// (`true` in the second field).
-    pub fn submit(&self, request: JobRequest) -> Result<(Arc<Job>, bool), SubmitError> {
+    /// Queues a job, or returns the existing one with the same non-empty `request_id`.
+    /// A new job comes with a receiver subscribed before it was queued, so its caller sees
+    /// every event from `Queued` on (the engine may start it at once).
+    pub fn submit(&self, request: JobRequest) -> Result<Submitted, SubmitError> {
         let mut inner = lock(&self.inner);
         if !request.request_id.is_empty() {
             if let Some(job) = inner
@@ -302,7 +312,10 @@ impl JobStore {
                 .get(&request.request_id)
                 .and_then(|id| inner.jobs.get(id))
             {
-                return Ok((job.clone(), true));
+                return Ok(Submitted {
+                    job: job.clone(),
+                    events: None,
+                });
             }
         }
         if inner.draining {
@@ -315,6 +328,7 @@ impl JobStore {
         }
         let position = inner.queue.len() as u32;
         let job = Arc::new(Job::new(request, position));
+        let events = job.events.subscribe();
         if !job.request.request_id.is_empty() {
             inner
                 .by_request
@@ -326,7 +340,10 @@ impl JobStore {
         metrics::gauge!("jhakaas_queue_depth").set(inner.queue.len() as f64);
         drop(inner);
         self.wake.notify_all();
-        Ok((job, false))
+        Ok(Submitted {
+            job,
+            events: Some(events),
+        })
     }
 
     /// The job with this id, if it exists and has not expired.

@@ -60,22 +60,35 @@ fn find(store: &JobStore, id: &str) -> Result<Arc<Job>, Status> {
 
 type EventStream = ReceiverStream<Result<pb::JobEvent, Status>>;
 
-/// Streams a job's events until its terminal event. With `owns_job`, the job is cancelled
-/// when the client goes away or its deadline passes (that is what `Generate` promises).
-fn stream_events(store: Arc<JobStore>, job: Arc<Job>, owns_job: bool) -> EventStream {
+/// Streams a job's events until its terminal event. `subscribed` is a receiver that has seen
+/// every event of a job just submitted; without one, the stream starts from the job's current
+/// state. With `owns_job`, the job is cancelled when the client goes away or its deadline
+/// passes (that is what `Generate` promises).
+fn stream_events(
+    store: Arc<JobStore>,
+    job: Arc<Job>,
+    subscribed: Option<broadcast::Receiver<JobEvent>>,
+    owns_job: bool,
+) -> EventStream {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
-        let (snapshot, mut events) = job.subscribe();
-        let mut pending: Vec<JobEvent> = match &snapshot.terminal {
-            Some(t) => vec![t.clone()],
-            None if snapshot.state == super::jobs::JobState::Running => {
-                let mut v = vec![JobEvent::Started];
-                v.extend(snapshot.progress.map(JobEvent::Progress));
-                v
+        let (mut pending, mut events) = match subscribed {
+            Some(rx) => (Vec::new(), rx),
+            None => {
+                let (snapshot, rx) = job.subscribe();
+                let pending = match &snapshot.terminal {
+                    Some(t) => vec![t.clone()],
+                    None if snapshot.state == super::jobs::JobState::Running => {
+                        let mut v = vec![JobEvent::Started];
+                        v.extend(snapshot.progress.map(JobEvent::Progress));
+                        v
+                    }
+                    None => vec![JobEvent::Queued {
+                        position: snapshot.queue_position,
+                    }],
+                };
+                (pending, rx)
             }
-            None => vec![JobEvent::Queued {
-                position: snapshot.queue_position,
-            }],
         };
         let deadline = job.request.deadline.map(tokio::time::Instant::from_std);
         loop {
@@ -150,12 +163,14 @@ impl pb::worker_server::Worker for WorkerService {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let deadline = grpc_deadline(&request);
         let req = convert::job_request(request.into_inner(), &self.models, &self.limits, deadline)?;
-        let (job, existing) = self.store.submit(req).map_err(submit_status)?;
-        tracing::info!(job_id = %job.id, existing, "generate");
+        let submitted = self.store.submit(req).map_err(submit_status)?;
+        let existing = submitted.events.is_none();
+        tracing::info!(job_id = %submitted.job.id, existing, "generate");
         // A repeated request id attaches to the original job without owning it.
         Ok(Response::new(stream_events(
             self.store.clone(),
-            job,
+            submitted.job,
+            submitted.events,
             !existing,
         )))
     }
@@ -165,8 +180,9 @@ impl pb::worker_server::Worker for WorkerService {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let req = convert::job_request(request.into_inner(), &self.models, &self.limits, None)?;
-        let (job, existing) = self.store.submit(req).map_err(submit_status)?;
-        tracing::info!(job_id = %job.id, existing, "submit");
+        let submitted = self.store.submit(req).map_err(submit_status)?;
+        let job = submitted.job;
+        tracing::info!(job_id = %job.id, existing = submitted.events.is_none(), "submit");
         Ok(Response::new(convert::job(&job, &job.snapshot())))
     }
 
@@ -183,7 +199,12 @@ impl pb::worker_server::Worker for WorkerService {
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let job = find(&self.store, &request.into_inner().job_id)?;
-        Ok(Response::new(stream_events(self.store.clone(), job, false)))
+        Ok(Response::new(stream_events(
+            self.store.clone(),
+            job,
+            None,
+            false,
+        )))
     }
 
     async fn cancel_job(
