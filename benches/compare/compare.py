@@ -1,0 +1,175 @@
+"""Side-by-side latency of jhakaas-worker and diffusers on the same model files, prompt, size,
+steps, scheduler and initial noise. One command:
+
+    .venv-ref/bin/python benches/compare/compare.py --arch sd15 --size 256 --steps 4
+
+It (1) writes a random-weight pipeline with the architecture's real configs (make_model.py)
+unless it exists, (2) alternates the sides run by run: diffusers in Python (reference.py),
+our engine in-process (jhakaas-bench-engine) — each a fresh process doing a warm-up job, then
+`--runs` timed jobs — and (3) our server over gRPC (time to health SERVING, then jobs through
+jhakaas-load). It reports medians and the ratio ours / diffusers for the whole job, text
+encode, one UNet step (CFG batch 2), VAE decode, cold start and peak RSS; checks that both
+sides produced the same image; and writes Markdown, JSON and SVG under benches/results/.
+Needs: release builds of jhakaas-worker, jhakaas-bench-engine and jhakaas-load
+(`cargo build --release -p jhakaas-worker -p jhakaas-benches --bins`) and the reference venv.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPT = "a photograph of an astronaut riding a horse on the moon"
+
+
+def machine() -> str:
+    model = "cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{socket.gethostname()} ({model}, {os.cpu_count()} cores)"
+
+
+def run_side(cmd: list[str]) -> dict:
+    start = time.time()
+    proc = subprocess.Popen(cmd + [str(start)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[0]} failed:\n{err[-2000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def serve_side(worker: Path, load: Path, model: Path, size: int, steps: int, runs: int) -> dict:
+    port = 50600 + os.getpid() % 1000
+    start = time.time()
+    proc = subprocess.Popen(
+        [str(worker), "serve", "--listen", f"127.0.0.1:{port}", "--metrics-listen", "127.0.0.1:0",
+         "--device", "cpu", "--model", f"bench={model}", "--log-format", "json"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "JHAKAAS_LOG": "info"})
+    ready = None
+    for line in proc.stderr:
+        if '"ready"' in line:
+            ready = time.time() - start
+            break
+    if ready is None:
+        raise SystemExit("server never became ready")
+    out = subprocess.run([str(load), "--addr", f"127.0.0.1:{port}", "--clients", "1", "--jobs", str(runs + 1),
+                          "--steps", str(steps), "--side", str(size)], capture_output=True, text=True, check=True).stdout
+    proc.terminate()
+    proc.wait(timeout=120)
+    p50 = re.search(r"latency p50 ([0-9.]+)(ms|s)", out)
+    job = float(p50.group(1)) / (1000 if p50.group(2) == "ms" else 1)
+    return {"ready_s": ready, "job_p50_s": job, "raw": out}
+
+
+def svg(cases: list[dict], path: Path, title: str) -> None:
+    w, row, left = 760, 34, 230
+    h = 60 + row * len(cases)
+    worst = max(max(c["ratio"], 1.0) for c in cases)
+    scale = (w - left - 80) / worst
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="13">',
+             f'<text x="10" y="22" font-size="15">{title}</text>',
+             f'<line x1="{left + scale}" y1="35" x2="{left + scale}" y2="{h - 10}" stroke="#888" stroke-dasharray="4"/>',
+             f'<text x="{left + scale + 4}" y="{h - 12}" fill="#555">1.0 = diffusers</text>']
+    for i, c in enumerate(cases):
+        y = 45 + i * row
+        color = "#2a9d4b" if c["ratio"] <= 1 else "#d2552d"
+        parts.append(f'<text x="10" y="{y + 15}">{c["name"]}</text>')
+        parts.append(f'<rect x="{left}" y="{y}" width="{c["ratio"] * scale:.1f}" height="20" fill="{color}"/>')
+        parts.append(f'<text x="{left + c["ratio"] * scale + 6:.1f}" y="{y + 15}">{c["ratio"]:.2f}×</text>')
+    parts.append("</svg>")
+    path.write_text("\n".join(parts))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="sd15", choices=["sd15", "sd21"])
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--runs", type=int, default=2, help="timed jobs per process, after one warm-up")
+    ap.add_argument("--rounds", type=int, default=2, help="alternations of the two sides")
+    ap.add_argument("--models", default=str(ROOT / "benches/compare/.models"))
+    ap.add_argument("--target", default=str(ROOT / "target/release"))
+    a = ap.parse_args()
+
+    target = Path(a.target)
+    model = Path(a.models) / a.arch
+    if not (model / "model_index.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "benches/compare/make_model.py"), "--arch", a.arch, "--out", str(model),
+                        "--tokenizer", str(ROOT / "tests/fixtures/models/sd1-tiny/tokenizer")], check=True)
+    h = a.size // 8
+    latents = model / f"latents-{a.size}.safetensors"
+    save_file({"latents": torch.randn((1, 4, h, h), generator=torch.Generator().manual_seed(0))}, str(latents))
+    work = Path(a.models) / "out"
+    work.mkdir(parents=True, exist_ok=True)
+    common = [str(model), str(latents), PROMPT, str(a.steps), str(a.size), str(a.runs)]
+    ours, theirs = [], []
+    for r in range(a.rounds):
+        theirs.append(run_side([sys.executable, str(ROOT / "benches/compare/reference.py"), *common, str(work / "diffusers.png")]))
+        ours.append(run_side([str(target / "jhakaas-bench-engine"), *common, str(work / "ours.png")]))
+        print(f"round {r + 1}/{a.rounds} done", flush=True)
+    server = serve_side(target / "jhakaas-worker", target / "jhakaas-load", model, a.size, a.steps, a.runs)
+
+    def med(side: list[dict], key: str) -> float:
+        return statistics.median(run[key] for p in side for run in p["runs"])
+
+    cases = []
+    for name, key in [("end-to-end job", "job_s"), ("text encode (CFG)", "text_encode_s"),
+                      ("UNet step (CFG batch 2)", "unet_step_s"), ("VAE decode", "vae_decode_s")]:
+        o, t = med(ours, key), med(theirs, key)
+        cases.append({"name": name, "ours_s": o, "reference_s": t, "ratio": o / t})
+    o = statistics.median(p["cold_start_s"] for p in ours)
+    t = statistics.median(p["cold_start_s"] for p in theirs)
+    cases.append({"name": "cold start to first image", "ours_s": o, "reference_s": t, "ratio": o / t})
+    cases.append({"name": "server cold start to SERVING", "ours_s": server["ready_s"], "reference_s": t,
+                  "ratio": server["ready_s"] / t, "note": "reference: diffusers process start to first image"})
+    cases.append({"name": "gRPC job (p50)", "ours_s": server["job_p50_s"], "reference_s": med(theirs, "job_s"),
+                  "ratio": server["job_p50_s"] / med(theirs, "job_s")})
+    o = statistics.median(p["peak_rss_mb"] for p in ours)
+    t = statistics.median(p["peak_rss_mb"] for p in theirs)
+    cases.append({"name": "peak RSS (MB)", "ours_s": o, "reference_s": t, "ratio": o / t, "unit": "MB"})
+
+    a_img = np.asarray(Image.open(work / "ours.png").convert("RGB")).astype(np.int16)
+    b_img = np.asarray(Image.open(work / "diffusers.png").convert("RGB")).astype(np.int16)
+    diff = np.abs(a_img - b_img)
+    date = datetime.date.today().isoformat()
+    slug = re.sub(r"[^a-z0-9]+", "-", socket.gethostname().lower()).strip("-")[:24] or "machine"
+    stem = ROOT / "benches/results" / f"{date}-{slug}-{a.arch}-{a.size}px-{a.steps}steps"
+    report = {"machine": machine(), "date": date, "device": "cpu", "arch": a.arch, "size": a.size, "steps": a.steps,
+              "scheduler": "ddim", "guidance_scale": 7.5, "runs_per_side": a.rounds * a.runs,
+              "torch": torch.__version__, "platform": platform.platform(),
+              "parity": {"mean_abs_diff": float(diff.mean()), "max_abs_diff": int(diff.max())}, "cases": cases}
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    lines = [f"# jhakaas vs diffusers — {a.arch}, {a.size}×{a.size}, {a.steps} DDIM steps, CFG 7.5, CPU f32",
+             "", f"Machine: {report['machine']}; {date}; torch {torch.__version__}; "
+             f"{a.rounds} alternating rounds × {a.runs} timed jobs per side after a warm-up.", "",
+             f"Parity (same files, same latents): mean |diff| {diff.mean():.3f}, max {diff.max()} on 0–255.", "",
+             "| case | jhakaas | diffusers | ratio (ours ÷ diffusers) |", "|---|---|---|---|"]
+    for c in cases:
+        unit = c.get("unit", "s")
+        lines.append(f"| {c['name']} | {c['ours_s']:.3f} {unit} | {c['reference_s']:.3f} {unit} | {c['ratio']:.2f} |")
+    lines += ["", f"![ratios]({stem.name}.svg)"]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    svg(cases, stem.with_suffix(".svg"), f"jhakaas ÷ diffusers, {a.arch} {a.size}px {a.steps} steps (lower is better)")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Write a full-size Stable Diffusion pipeline with random weights in diffusers layout.
+
+Latency depends on shapes, not weight values: `--arch sd15` uses SD 1.5's real configs (UNet
+320/640/1280/1280 with 768-wide cross-attention, CLIP ViT-L/14, 4-block VAE), `--arch sd21`
+SD 2.1's / SD-Turbo's (1024-wide OpenCLIP-H text encoder with 23 layers, linear projections,
+per-block heads, v-prediction), both with the real 49408-token CLIP tokenizer, so diffusers and
+jhakaas-worker load the very same files. Nothing is downloaded.
+
+Usage: python make_model.py --arch sd15 --out DIR --tokenizer tests/fixtures/models/sd1-tiny/tokenizer
+"""
+import argparse
+import shutil
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+
+def build(arch: str, tokenizer_dir: str) -> StableDiffusionPipeline:
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
+    )
+    if arch == "sd15":
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+        text = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768))
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    elif arch == "sd21":
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                                    use_linear_projection=True, upcast_attention=True)
+        text = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+            num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512))
+        scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                           prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=1)
+    else:
+        raise SystemExit(f"unknown --arch {arch}")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    if arch == "sd21":
+        tokenizer.pad_token = "!"
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="sd15", choices=["sd15", "sd21"])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tokenizer", required=True)
+    a = ap.parse_args()
+    shutil.rmtree(a.out, ignore_errors=True)
+    build(a.arch, a.tokenizer).save_pretrained(a.out, safe_serialization=True)
+    print(f"wrote {a.arch} to {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The diffusers side of the comparison: one process, one model, timed stage by stage.
+
+Prints one JSON line: cold start (process start to first image), then per timed run the
+end-to-end job, text encode, each UNet call and the VAE decode, plus peak RSS. The image of
+the last run is written for the parity check.
+Usage: python reference.py MODEL_DIR LATENTS PROMPT STEPS SIZE RUNS OUT_PNG START_EPOCH
+"""
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+model, latents_path, prompt, steps, size, runs, out_png, start = sys.argv[1:9]
+steps, size, runs, start = int(steps), int(size), int(runs), float(start)
+torch.set_grad_enabled(False)
+pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None)
+pipe.set_progress_bar_config(disable=True)
+latents = load_file(latents_path)["latents"]
+stage = {}
+
+
+def timed(module, name, method="forward"):
+    original = getattr(module, method)
+
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        out = original(*args, **kwargs)
+        stage.setdefault(name, []).append(time.perf_counter() - t)
+        return out
+
+    setattr(module, method, wrapper)
+
+
+timed(pipe.text_encoder, "text_encode")
+timed(pipe.unet, "unet_step")
+timed(pipe.vae, "vae_decode", "decode")
+
+
+def run():
+    stage.clear()
+    t = time.perf_counter()
+    img = pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
+               latents=latents.clone(), output_type="np").images[0]
+    return img, time.perf_counter() - t, dict(stage)
+
+
+img, _, _ = run()
+cold_start = time.time() - start
+results = []
+for _ in range(runs):
+    img, total, st = run()
+    results.append({"job_s": total, "text_encode_s": sum(st["text_encode"]),
+                    "unet_step_s": float(np.median(st["unet_step"])), "vae_decode_s": sum(st["vae_decode"])})
+Image.fromarray((img * 255).round().astype(np.uint8)).save(out_png)
+print(json.dumps({"cold_start_s": cold_start, "runs": results,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "torch": torch.__version__, "threads": torch.get_num_threads()}))
