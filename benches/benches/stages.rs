@@ -11,6 +11,15 @@ use std::ops::ControlFlow;
 
 fn stages(c: &mut Criterion) {
     let p = load_fixture("sd1-tiny");
+    // A full-size model (e.g. from benches/compare/make_model.py) gets the same stage benches.
+    if let Some(dir) = std::env::var_os("JHAKAAS_BENCH_MODEL") {
+        let full = jhakaas_model_manager::StableDiffusionPipeline::load(
+            &jhakaas_model_manager::ModelSource::Local(dir.into()),
+            &candle_core::Device::Cpu,
+        )
+        .expect("JHAKAAS_BENCH_MODEL loads");
+        full_size(c, &full);
+    }
     c.bench_function("sd1-tiny/text_encode_cfg", |b| {
         b.iter(|| {
             p.encode_text(&["", "a photograph of an astronaut riding a horse"])
@@ -65,6 +74,24 @@ fn stages(c: &mut Criterion) {
                 .unwrap()
         })
     });
+}
+
+/// Text encode, one CFG UNet step and a VAE decode at 256×256 on a full-size model.
+fn full_size(c: &mut Criterion, p: &jhakaas_model_manager::StableDiffusionPipeline) {
+    let mut g = c.benchmark_group("full-size-256px");
+    g.sample_size(10);
+    g.bench_function("text_encode_cfg", |b| {
+        b.iter(|| p.encode_text(&["", "an astronaut"]).unwrap())
+    });
+    let context = p.encode_text(&["", "an astronaut"]).unwrap();
+    let latents = pattern(&[2, 4, 32, 32]);
+    let t = Tensor::new(&[500f32, 500.0], &candle_core::Device::Cpu).unwrap();
+    g.bench_function("unet_step_cfg", |b| {
+        b.iter(|| p.unet().forward(&latents, &t, &context).unwrap())
+    });
+    let z = pattern(&[1, 4, 32, 32]);
+    g.bench_function("vae_decode", |b| b.iter(|| p.vae().decode(&z).unwrap()));
+    g.finish();
 }
 
 criterion_group! {
