@@ -1,173 +1,8 @@
-//! Diffusers/transformers config files, parsed and validated.
-//!
-//! Each struct mirrors one JSON file of a diffusers pipeline. Fields keep diffusers' names and
-//! defaults; anything this engine does not implement is rejected by `validate` with an error
-//! naming the file, the field and the value, instead of being silently ignored.
+//! `unet/config.json`: the UNet config and its expansion into a per-block plan.
 
+use super::{require, PerBlock};
 use crate::error::{Error, Result};
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use std::path::Path;
-
-/// A value that diffusers accepts either as a scalar (applied to every block) or as a list.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(untagged)]
-pub enum PerBlock<T> {
-    /// One value for every block.
-    One(T),
-    /// One value per block.
-    Many(Vec<T>),
-}
-
-impl<T: Clone + std::fmt::Debug> PerBlock<T> {
-    /// Expands to exactly `n` values, failing if a list has another length.
-    pub fn expand(&self, n: usize, file: &str, field: &str) -> Result<Vec<T>> {
-        match self {
-            PerBlock::One(v) => Ok(vec![v.clone(); n]),
-            PerBlock::Many(v) if v.len() == n => Ok(v.clone()),
-            PerBlock::Many(v) => Err(Error::unsupported(
-                file,
-                field,
-                format!("{v:?}"),
-                format!("expected one value or a list of {n} (one per block)"),
-            )),
-        }
-    }
-}
-
-/// Reads and parses a JSON config file, naming it in any error.
-pub fn read_json<T: DeserializeOwned>(path: &Path, display_name: &str) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
-        file: display_name.to_string(),
-        reason: e.to_string(),
-    })?;
-    serde_json::from_str(&text).map_err(|e| Error::Config {
-        file: display_name.to_string(),
-        reason: e.to_string(),
-    })
-}
-
-/// Fails with [`Error::Unsupported`] unless `ok`.
-pub(crate) fn require(
-    ok: bool,
-    file: &str,
-    field: &str,
-    value: impl std::fmt::Debug,
-    hint: &str,
-) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::unsupported(file, field, format!("{value:?}"), hint))
-    }
-}
-
-/// `model_index.json`: which class implements each component.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ModelIndex {
-    /// The pipeline class, e.g. `StableDiffusionPipeline`.
-    #[serde(rename = "_class_name")]
-    pub class_name: String,
-    /// `[library, class]` of the text encoder.
-    #[serde(default)]
-    pub text_encoder: Option<(Option<String>, Option<String>)>,
-    /// `[library, class]` of the UNet.
-    #[serde(default)]
-    pub unet: Option<(Option<String>, Option<String>)>,
-    /// `[library, class]` of the VAE.
-    #[serde(default)]
-    pub vae: Option<(Option<String>, Option<String>)>,
-    /// `[library, class]` of the scheduler.
-    #[serde(default)]
-    pub scheduler: Option<(Option<String>, Option<String>)>,
-    /// `[library, class]` of the tokenizer.
-    #[serde(default)]
-    pub tokenizer: Option<(Option<String>, Option<String>)>,
-}
-
-impl ModelIndex {
-    /// Checks that this is a pipeline family the engine runs.
-    pub fn validate(&self) -> Result<()> {
-        const SUPPORTED: [&str; 3] = [
-            "StableDiffusionPipeline",
-            "StableDiffusionImg2ImgPipeline",
-            "StableDiffusionInpaintPipeline",
-        ];
-        require(
-            SUPPORTED.contains(&self.class_name.as_str()),
-            "model_index.json",
-            "_class_name",
-            &self.class_name,
-            "this engine runs Stable Diffusion 1.x/2.x pipelines (StableDiffusionPipeline)",
-        )?;
-        if let Some((_, Some(class))) = &self.text_encoder {
-            require(
-                class == "CLIPTextModel",
-                "model_index.json",
-                "text_encoder",
-                class,
-                "only CLIPTextModel text encoders are supported",
-            )?;
-        }
-        Ok(())
-    }
-}
-
-/// `text_encoder/config.json` of a transformers `CLIPTextModel`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ClipTextConfig {
-    /// Vocabulary size.
-    pub vocab_size: usize,
-    /// Width of the hidden states.
-    pub hidden_size: usize,
-    /// Width of the MLP.
-    pub intermediate_size: usize,
-    /// Number of encoder layers.
-    pub num_hidden_layers: usize,
-    /// Attention heads per layer.
-    pub num_attention_heads: usize,
-    /// Maximum sequence length (77 for every SD checkpoint).
-    #[serde(default = "default_max_positions")]
-    pub max_position_embeddings: usize,
-    /// `quick_gelu` (SD 1.x) or `gelu` (SD 2.x).
-    #[serde(default = "default_hidden_act")]
-    pub hidden_act: String,
-    /// LayerNorm epsilon.
-    #[serde(default = "default_ln_eps")]
-    pub layer_norm_eps: f64,
-}
-
-fn default_max_positions() -> usize {
-    77
-}
-fn default_hidden_act() -> String {
-    "quick_gelu".into()
-}
-fn default_ln_eps() -> f64 {
-    1e-5
-}
-
-impl ClipTextConfig {
-    /// Rejects values this implementation does not compute.
-    pub fn validate(&self) -> Result<()> {
-        const FILE: &str = "text_encoder/config.json";
-        require(
-            matches!(self.hidden_act.as_str(), "quick_gelu" | "gelu"),
-            FILE,
-            "hidden_act",
-            &self.hidden_act,
-            "supported: quick_gelu, gelu",
-        )?;
-        require(
-            self.num_attention_heads > 0
-                && self.hidden_size.is_multiple_of(self.num_attention_heads),
-            FILE,
-            "num_attention_heads",
-            self.num_attention_heads,
-            "hidden_size must be divisible by num_attention_heads",
-        )
-    }
-}
 
 /// `unet/config.json` of a diffusers `UNet2DConditionModel`.
 #[derive(Debug, Clone, Deserialize)]
@@ -293,22 +128,22 @@ pub struct UNetConfig {
     pub mid_block_only_cross_attention: Option<bool>,
 }
 
-fn four() -> usize {
+pub(super) fn four() -> usize {
     4
 }
-fn three() -> usize {
+pub(super) fn three() -> usize {
     3
 }
-fn one() -> usize {
+pub(super) fn one() -> usize {
     1
 }
-fn one_f() -> f64 {
+pub(super) fn one_f() -> f64 {
     1.0
 }
-fn yes() -> bool {
+pub(super) fn yes() -> bool {
     true
 }
-fn silu() -> String {
+pub(super) fn silu() -> String {
     "silu".into()
 }
 fn positional() -> String {
@@ -648,140 +483,5 @@ impl UNetConfig {
                 .unwrap_or(self.block_out_channels[0] * 4),
             groups,
         })
-    }
-}
-
-/// `vae/config.json` of a diffusers `AutoencoderKL`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct VaeConfig {
-    /// Image channels in.
-    #[serde(default = "three")]
-    pub in_channels: usize,
-    /// Image channels out.
-    #[serde(default = "three")]
-    pub out_channels: usize,
-    /// Encoder block class names.
-    #[serde(default)]
-    pub down_block_types: Vec<String>,
-    /// Decoder block class names.
-    #[serde(default)]
-    pub up_block_types: Vec<String>,
-    /// Channels of each block.
-    pub block_out_channels: Vec<usize>,
-    /// ResNets per encoder block (decoder: one more).
-    #[serde(default = "one")]
-    pub layers_per_block: usize,
-    /// Activation (only `silu`).
-    #[serde(default = "silu")]
-    pub act_fn: String,
-    /// Latent channels.
-    #[serde(default = "four")]
-    pub latent_channels: usize,
-    /// GroupNorm groups.
-    #[serde(default = "default_groups_usize")]
-    pub norm_num_groups: usize,
-    /// Image size the model was trained at.
-    #[serde(default)]
-    pub sample_size: Option<usize>,
-    /// Latents are divided by this before decoding.
-    #[serde(default = "default_scaling")]
-    pub scaling_factor: f64,
-    /// Latents are shifted by this before decoding (SD3/Flux; must be null here).
-    #[serde(default)]
-    pub shift_factor: Option<f64>,
-    /// Decode in f32 on half-precision devices.
-    #[serde(default = "yes")]
-    pub force_upcast: bool,
-    /// 1×1 conv after the encoder.
-    #[serde(default = "yes")]
-    pub use_quant_conv: bool,
-    /// 1×1 conv before the decoder.
-    #[serde(default = "yes")]
-    pub use_post_quant_conv: bool,
-    /// Attention in the mid blocks.
-    #[serde(default = "yes")]
-    pub mid_block_add_attention: bool,
-}
-
-fn default_groups_usize() -> usize {
-    32
-}
-fn default_scaling() -> f64 {
-    0.18215
-}
-
-impl VaeConfig {
-    /// Rejects values this implementation does not compute.
-    pub fn validate(&self) -> Result<()> {
-        const F: &str = "vae/config.json";
-        let n = self.block_out_channels.len();
-        require(
-            n > 0,
-            F,
-            "block_out_channels",
-            &self.block_out_channels,
-            "needs at least one block",
-        )?;
-        require(
-            self.act_fn == "silu",
-            F,
-            "act_fn",
-            &self.act_fn,
-            "only silu",
-        )?;
-        require(
-            self.shift_factor.is_none(),
-            F,
-            "shift_factor",
-            self.shift_factor,
-            "latent shift is not used by SD 1.x/2.x VAEs",
-        )?;
-        for t in &self.down_block_types {
-            require(
-                t == "DownEncoderBlock2D",
-                F,
-                "down_block_types",
-                t,
-                "only DownEncoderBlock2D",
-            )?;
-        }
-        for t in &self.up_block_types {
-            require(
-                t == "UpDecoderBlock2D",
-                F,
-                "up_block_types",
-                t,
-                "only UpDecoderBlock2D",
-            )?;
-        }
-        require(
-            self.down_block_types.is_empty() || self.down_block_types.len() == n,
-            F,
-            "down_block_types",
-            &self.down_block_types,
-            "one per block_out_channels entry",
-        )?;
-        require(
-            self.up_block_types.is_empty() || self.up_block_types.len() == n,
-            F,
-            "up_block_types",
-            &self.up_block_types,
-            "one per block_out_channels entry",
-        )?;
-        for c in &self.block_out_channels {
-            require(
-                c % self.norm_num_groups == 0,
-                F,
-                "norm_num_groups",
-                self.norm_num_groups,
-                "must divide every block_out_channels entry",
-            )?;
-        }
-        Ok(())
-    }
-
-    /// Pixels per latent along each axis: 2^(blocks − 1).
-    pub fn scale_factor(&self) -> usize {
-        1 << (self.block_out_channels.len() - 1)
     }
 }
