@@ -47,21 +47,21 @@ def machine() -> str:
     return f"{socket.gethostname()} ({model}, {os.cpu_count()} cores)"
 
 
-def run_side(cmd: list[str]) -> dict:
+def run_side(cmd: list[str], device: str) -> dict:
     start = time.time()
-    proc = subprocess.Popen(cmd + [str(start)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd + [str(start), device], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed:\n{err[-2000:]}")
     return json.loads(out.strip().splitlines()[-1])
 
 
-def serve_side(worker: Path, load: Path, model: Path, size: int, steps: int, runs: int) -> dict:
+def serve_side(worker: Path, load: Path, model: Path, size: int, steps: int, runs: int, device: str) -> dict:
     port = 50600 + os.getpid() % 1000
     start = time.time()
     proc = subprocess.Popen(
         [str(worker), "serve", "--listen", f"127.0.0.1:{port}", "--metrics-listen", "127.0.0.1:0",
-         "--device", "cpu", "--model", f"bench={model}", "--log-format", "json"],
+         "--device", device, "--model", f"bench={model}", "--log-format", "json"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "JHAKAAS_LOG": "info"})
     ready = None
     for line in proc.stderr:
@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternations of the two sides")
     ap.add_argument("--models", default=str(ROOT / "benches/compare/.models"))
     ap.add_argument("--target", default=str(ROOT / "target/release"))
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda runs fp16 on both sides")
+    ap.add_argument("--results", default=str(ROOT / "benches/results"))
     a = ap.parse_args()
 
     target = Path(a.target)
@@ -122,10 +124,11 @@ def main() -> None:
     common = [str(model), str(latents), PROMPT, str(a.steps), str(a.size), str(a.runs)]
     ours, theirs = [], []
     for r in range(a.rounds):
-        theirs.append(run_side([sys.executable, str(ROOT / "benches/compare/reference.py"), *common, str(work / "diffusers.png")]))
-        ours.append(run_side([str(target / "jhakaas-bench-engine"), *common, str(work / "ours.png")]))
+        theirs.append(run_side([sys.executable, str(ROOT / "benches/compare/reference.py"), *common,
+                                str(work / "diffusers.png")], a.device))
+        ours.append(run_side([str(target / "jhakaas-bench-engine"), *common, str(work / "ours.png")], a.device))
         print(f"round {r + 1}/{a.rounds} done", flush=True)
-    server = serve_side(target / "jhakaas-worker", target / "jhakaas-load", model, a.size, a.steps, a.runs)
+    server = serve_side(target / "jhakaas-worker", target / "jhakaas-load", model, a.size, a.steps, a.runs, a.device)
 
     def med(side: list[dict], key: str) -> float:
         return statistics.median(run[key] for p in side for run in p["runs"])
@@ -151,13 +154,15 @@ def main() -> None:
     diff = np.abs(a_img - b_img)
     date = datetime.date.today().isoformat()
     slug = re.sub(r"[^a-z0-9]+", "-", socket.gethostname().lower()).strip("-")[:24] or "machine"
-    stem = ROOT / "benches/results" / f"{date}-{slug}-{a.arch}-{a.size}px-{a.steps}steps"
-    report = {"machine": machine(), "date": date, "device": "cpu", "arch": a.arch, "size": a.size, "steps": a.steps,
+    precision = "fp16" if a.device == "cuda" else "f32"
+    gpu = torch.cuda.get_device_name(0) if a.device == "cuda" else None
+    stem = Path(a.results) / f"{date}-{slug}-{a.device}-{a.arch}-{a.size}px-{a.steps}steps"
+    report = {"machine": machine() + (f", {gpu}" if gpu else ""), "date": date, "device": a.device, "precision": precision, "arch": a.arch, "size": a.size, "steps": a.steps,
               "scheduler": "ddim", "guidance_scale": 7.5, "runs_per_side": a.rounds * a.runs,
               "torch": torch.__version__, "platform": platform.platform(),
               "parity": {"mean_abs_diff": float(diff.mean()), "max_abs_diff": int(diff.max())}, "cases": cases}
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    lines = [f"# jhakaas vs diffusers — {a.arch}, {a.size}×{a.size}, {a.steps} DDIM steps, CFG 7.5, CPU f32",
+    lines = [f"# jhakaas vs diffusers — {a.arch}, {a.size}×{a.size}, {a.steps} DDIM steps, CFG 7.5, {a.device} {precision}",
              "", f"Machine: {report['machine']}; {date}; torch {torch.__version__}; "
              f"{a.rounds} alternating rounds × {a.runs} timed jobs per side after a warm-up.", "",
              f"Parity (same files, same latents): mean |diff| {diff.mean():.3f}, max {diff.max()} on 0–255.", "",

@@ -3,7 +3,8 @@
 Prints one JSON line: cold start (process start to first image), then per timed run the
 end-to-end job, text encode, each UNet call and the VAE decode, plus peak RSS. The image of
 the last run is written for the parity check.
-Usage: python reference.py MODEL_DIR LATENTS PROMPT STEPS SIZE RUNS OUT_PNG START_EPOCH
+Usage: python reference.py MODEL_DIR LATENTS PROMPT STEPS SIZE RUNS OUT_PNG START_EPOCH [DEVICE]
+DEVICE is cpu (float32) or cuda (float16), like jhakaas-worker's working precision.
 """
 import json
 import resource
@@ -16,21 +17,31 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-model, latents_path, prompt, steps, size, runs, out_png, start = sys.argv[1:9]
-steps, size, runs, start = int(steps), int(size), int(runs), float(start)
+model, latents_path, prompt, steps, size, runs, out_png = sys.argv[1:8]
+start = float(sys.argv[8])
+device = sys.argv[9] if len(sys.argv) > 9 else "cpu"
+steps, size, runs = int(steps), int(size), int(runs)
+dtype = torch.float16 if device == "cuda" else torch.float32
 torch.set_grad_enabled(False)
-pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, safety_checker=None)
+pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None).to(device)
 pipe.set_progress_bar_config(disable=True)
 latents = load_file(latents_path)["latents"]
 stage = {}
+
+
+def sync():
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def timed(module, name, method="forward"):
     original = getattr(module, method)
 
     def wrapper(*args, **kwargs):
+        sync()
         t = time.perf_counter()
         out = original(*args, **kwargs)
+        sync()
         stage.setdefault(name, []).append(time.perf_counter() - t)
         return out
 
@@ -44,9 +55,11 @@ timed(pipe.vae, "vae_decode", "decode")
 
 def run():
     stage.clear()
+    sync()
     t = time.perf_counter()
     img = pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
-               latents=latents.clone(), output_type="np").images[0]
+               latents=latents.clone().to(device, dtype), output_type="np").images[0]
+    sync()
     return img, time.perf_counter() - t, dict(stage)
 
 

@@ -30,7 +30,14 @@ cd "$root"
 PATH="$cu/bin:$PATH" CUDA_ROOT="$cu" CUDA_PATH="$cu" CUDA_COMPUTE_CAP="$cap" \
   CARGO_TARGET_DIR="$work/target" RUSTFLAGS="-L $work/link" \
   cargo build --release --locked -p jhakaas-worker --features "$features"
+# The comparison's in-process side (its engine dependency gets the same CUDA features).
+PATH="$cu/bin:$PATH" CUDA_ROOT="$cu" CUDA_PATH="$cu" CUDA_COMPUTE_CAP="$cap" \
+  CARGO_TARGET_DIR="$work/target" RUSTFLAGS="-L $work/link" \
+  cargo build --release --locked -p jhakaas-benches --bin jhakaas-bench-engine --bin jhakaas-load \
+  --features "jhakaas-model-manager/$features"
 mkdir -p .gpu
 xz -T0 -6 -c "$work/target/release/jhakaas-worker" > .gpu/jhakaas-worker.xz
+xz -T0 -6 -c "$work/target/release/jhakaas-bench-engine" > .gpu/jhakaas-bench-engine.xz
+xz -T0 -6 -c "$work/target/release/jhakaas-load" > .gpu/jhakaas-load.xz
 readelf -d "$work/target/release/jhakaas-worker" | grep NEEDED
 ls -la "$work/target/release/jhakaas-worker" .gpu/jhakaas-worker.xz
