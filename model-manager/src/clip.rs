@@ -1,4 +1,5 @@
-//! transformers `CLIPTextModel`, built from `text_encoder/config.json`.
+//! transformers `CLIPTextModel` and `CLIPTextModelWithProjection`, built from a text encoder's
+//! `config.json`.
 //!
 //! Accepts both spellings of the weights found in the wild: published SD checkpoints prefix
 //! every key with `text_model.` (and carry a `position_ids` buffer, ignored here), while
@@ -67,7 +68,27 @@ impl EncoderLayer {
     }
 }
 
-/// The CLIP text transformer, returning the final-layer-normed last hidden state.
+/// Which hidden state a pipeline conditions on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HiddenLayer {
+    /// The final-layer-normed last hidden state (SD 1.x/2.x).
+    Last,
+    /// transformers' `hidden_states[-2]`: the output of the second-to-last encoder layer,
+    /// without the final layer norm (SDXL).
+    Penultimate,
+}
+
+/// What one text-encoder call returns.
+#[derive(Debug, Clone)]
+pub struct ClipOutput {
+    /// Hidden states `[B, L, D]` of the requested layer.
+    pub hidden: Tensor,
+    /// `text_projection` of the final-layer-normed state at each sequence's end-of-text token,
+    /// `[B, projection_dim]`; only for encoders with a projection.
+    pub text_embeds: Option<Tensor>,
+}
+
+/// The CLIP text transformer, optionally with its `text_projection`.
 #[derive(Debug)]
 pub struct ClipTextModel {
     token_embedding: Embedding,
@@ -77,12 +98,41 @@ pub struct ClipTextModel {
     heads: usize,
     activation: Activation,
     max_positions: usize,
+    text_projection: Option<Linear>,
+    projection_dim: Option<usize>,
+    hidden_size: usize,
+    eos_token_id: u32,
 }
 
 impl ClipTextModel {
     /// Builds the encoder from `vb`, finding out which key spelling the checkpoint uses.
-    pub fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> crate::Result<Self> {
-        cfg.validate()?;
+    /// `with_projection` also loads `text_projection` (CLIPTextModelWithProjection); `file`
+    /// names the config in errors.
+    pub fn new(
+        cfg: &ClipTextConfig,
+        vb: VarBuilder,
+        with_projection: bool,
+        file: &str,
+    ) -> crate::Result<Self> {
+        cfg.validate(file)?;
+        let text_projection = if with_projection {
+            let dim = cfg.projection_dim.ok_or_else(|| {
+                crate::Error::unsupported(
+                    file,
+                    "projection_dim",
+                    "null",
+                    "a CLIPTextModelWithProjection needs projection_dim",
+                )
+            })?;
+            Some(linear(
+                cfg.hidden_size,
+                dim,
+                false,
+                vb.pp("text_projection"),
+            )?)
+        } else {
+            None
+        };
         let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             vb.pp("text_model")
         } else {
@@ -113,6 +163,14 @@ impl ClipTextModel {
                 Activation::QuickGelu
             },
             max_positions: cfg.max_position_embeddings,
+            text_projection,
+            projection_dim: if with_projection {
+                cfg.projection_dim
+            } else {
+                None
+            },
+            hidden_size: cfg.hidden_size,
+            eos_token_id: cfg.eos_token_id,
         })
     }
 
@@ -121,8 +179,29 @@ impl ClipTextModel {
         self.max_positions
     }
 
-    /// Encodes token ids `[B, L]` (u32) to hidden states `[B, L, D]` with a causal mask.
+    /// Width of `text_embeds`, for encoders with a `text_projection`.
+    pub fn projection_dim(&self) -> Option<usize> {
+        self.projection_dim
+    }
+
+    /// Width of the hidden states.
+    pub fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+
+    /// Whether the MLP uses exact GELU (OpenCLIP, SD 2.x) rather than quick GELU (OpenAI CLIP).
+    pub fn uses_exact_gelu(&self) -> bool {
+        matches!(self.activation, Activation::Gelu)
+    }
+
+    /// Encodes token ids `[B, L]` (u32) to the final-layer-normed last hidden state `[B, L, D]`.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        Ok(self.encode(input_ids, HiddenLayer::Last)?.hidden)
+    }
+
+    /// Encodes token ids `[B, L]` (u32) with a causal mask, returning the requested hidden
+    /// state and, with a projection, the pooled and projected `text_embeds`.
+    pub fn encode(&self, input_ids: &Tensor, layer: HiddenLayer) -> Result<ClipOutput> {
         let (_, len) = input_ids.dims2()?;
         let device = input_ids.device();
         let positions = Tensor::arange(0u32, len as u32, device)?;
@@ -130,10 +209,68 @@ impl ClipTextModel {
         let xs = xs.broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(len, device)?;
         let mut xs = xs;
-        for layer in &self.layers {
-            xs = layer.forward(&xs, self.heads, &mask, self.activation)?;
+        let mut penultimate = None;
+        let n = self.layers.len();
+        for (i, l) in self.layers.iter().enumerate() {
+            if i + 1 == n {
+                penultimate = Some(xs.clone());
+                // The last layer only matters for `Last` and for the pooled output.
+                if layer == HiddenLayer::Penultimate && self.text_projection.is_none() {
+                    break;
+                }
+            }
+            xs = l.forward(&xs, self.heads, &mask, self.activation)?;
         }
-        self.final_layer_norm.forward(&xs)
+        let needs_final = layer == HiddenLayer::Last || self.text_projection.is_some();
+        let last = if needs_final {
+            Some(self.final_layer_norm.forward(&xs)?)
+        } else {
+            None
+        };
+        let text_embeds = match (&self.text_projection, &last) {
+            (Some(proj), Some(last)) => {
+                let rows = self.eos_positions(input_ids)?;
+                let pooled = rows
+                    .iter()
+                    .enumerate()
+                    .map(|(b, &pos)| last.narrow(0, b, 1)?.narrow(1, pos, 1)?.squeeze(1))
+                    .collect::<Result<Vec<_>>>()?;
+                Some(proj.forward(&Tensor::cat(&pooled, 0)?)?)
+            }
+            _ => None,
+        };
+        let hidden = match layer {
+            HiddenLayer::Last => last.expect("final layer norm computed for Last"),
+            HiddenLayer::Penultimate => match penultimate {
+                Some(p) => p,
+                // A one-layer encoder: hidden_states[-2] is the embeddings output.
+                None => xs,
+            },
+        };
+        Ok(ClipOutput {
+            hidden,
+            text_embeds,
+        })
+    }
+
+    /// Where transformers pools each sequence: at `argmax(input_ids)` for configs with the stale
+    /// `eos_token_id` 2, else at the first `eos_token_id` (position 0 if there is none, as transformers' argmax).
+    fn eos_positions(&self, input_ids: &Tensor) -> Result<Vec<usize>> {
+        let ids = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        Ok(ids
+            .iter()
+            .map(|row| {
+                if self.eos_token_id == 2 {
+                    // first maximum, as torch.argmax
+                    let max = row.iter().copied().max().unwrap_or(0);
+                    row.iter().position(|&v| v == max).unwrap_or(0)
+                } else {
+                    row.iter()
+                        .position(|&v| v == self.eos_token_id)
+                        .unwrap_or(0)
+                }
+            })
+            .collect())
     }
 }
 

@@ -8,29 +8,64 @@ use crate::error::{Error, Result};
 use crate::source::ModelSource;
 use std::path::{Path, PathBuf};
 
-/// Config and tokenizer files every pipeline needs.
-pub const REQUIRED_CONFIGS: &[&str] = &[
-    "model_index.json",
-    "scheduler/scheduler_config.json",
-    "text_encoder/config.json",
-    "unet/config.json",
-    "vae/config.json",
-];
+/// What a repository must hold: a whole pipeline (SD or SDXL), or a lone `AutoencoderKL` (a VAE
+/// override such as `madebyollin/sdxl-vae-fp16-fix`, with `config.json` at its root).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Layout {
+    /// JSON files that must be present.
+    configs: Vec<String>,
+    /// Tokenizer folders: `vocab.json` + `merges.txt`, or `tokenizer.json`.
+    tokenizers: Vec<&'static str>,
+    /// Weights as (folder, file stem); `""` is the root.
+    weights: Vec<(&'static str, &'static str)>,
+}
 
-/// Tokenizer files: `vocab.json` + `merges.txt`, or `tokenizer.json`; the rest are optional.
-const TOKENIZER_BPE: &[&str] = &["tokenizer/vocab.json", "tokenizer/merges.txt"];
-const TOKENIZER_JSON: &str = "tokenizer/tokenizer.json";
-const TOKENIZER_OPTIONAL: &[&str] = &[
-    "tokenizer/special_tokens_map.json",
-    "tokenizer/tokenizer_config.json",
-];
+impl Layout {
+    /// A diffusers pipeline; `xl` adds SDXL's second text encoder and tokenizer.
+    fn pipeline(xl: bool) -> Self {
+        let mut configs: Vec<String> = [
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "text_encoder/config.json",
+            "unet/config.json",
+            "vae/config.json",
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut tokenizers = vec!["tokenizer"];
+        let mut weights = vec![
+            ("text_encoder", "model"),
+            ("unet", "diffusion_pytorch_model"),
+            ("vae", "diffusion_pytorch_model"),
+        ];
+        if xl {
+            configs.push("text_encoder_2/config.json".into());
+            tokenizers.push("tokenizer_2");
+            weights.push(("text_encoder_2", "model"));
+        }
+        Layout {
+            configs,
+            tokenizers,
+            weights,
+        }
+    }
 
-/// Weight files per component: (folder, file stem).
-const WEIGHTS: &[(&str, &str)] = &[
-    ("text_encoder", "model"),
-    ("unet", "diffusion_pytorch_model"),
-    ("vae", "diffusion_pytorch_model"),
-];
+    /// A lone VAE.
+    fn vae() -> Self {
+        Layout {
+            configs: vec!["config.json".into()],
+            tokenizers: vec![],
+            weights: vec![("", "diffusion_pytorch_model")],
+        }
+    }
+}
+
+/// Optional tokenizer files, fetched when present.
+const TOKENIZER_OPTIONAL: &[&str] = &["special_tokens_map.json", "tokenizer_config.json"];
+
+fn tokenizer_missing(folder: &str) -> String {
+    format!("{folder}/vocab.json + {folder}/merges.txt (or {folder}/tokenizer.json)")
+}
 
 /// Which weights to prefer when a repository has both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -57,44 +92,64 @@ impl std::str::FromStr for Variant {
 }
 
 fn weight_candidates(folder: &str, stem: &str, variant: Variant) -> [String; 2] {
-    let plain = format!("{folder}/{stem}.safetensors");
-    let fp16 = format!("{folder}/{stem}.fp16.safetensors");
+    let prefix = if folder.is_empty() {
+        String::new()
+    } else {
+        format!("{folder}/")
+    };
+    let plain = format!("{prefix}{stem}.safetensors");
+    let fp16 = format!("{prefix}{stem}.fp16.safetensors");
     match variant {
         Variant::Fp16 => [fp16, plain],
         Variant::Fp32 => [plain, fp16],
     }
 }
 
-/// The files to fetch from a repository listing `available` (paths relative to its root).
+/// The files to fetch from a repository listing `available` (paths relative to its root): a
+/// pipeline's (SDXL's when it has `text_encoder_2/`), or a lone VAE's.
 pub fn plan(available: &[String], variant: Variant, source_name: &str) -> Result<Vec<String>> {
     let has = |f: &str| available.iter().any(|a| a == f);
     let missing = |file: String| Error::MissingFile {
         source_name: source_name.to_string(),
         file,
     };
-    let mut files = Vec::new();
-    for f in REQUIRED_CONFIGS {
-        if !has(f) {
-            return Err(missing(f.to_string()));
-        }
-        files.push(f.to_string());
-    }
-    if TOKENIZER_BPE.iter().all(|f| has(f)) {
-        files.extend(TOKENIZER_BPE.iter().map(|f| f.to_string()));
-    } else if has(TOKENIZER_JSON) {
-        files.push(TOKENIZER_JSON.to_string());
+    let layout = if has("model_index.json") {
+        Layout::pipeline(has("text_encoder_2/config.json"))
+    } else if has("config.json") {
+        Layout::vae()
     } else {
         return Err(missing(
-            "tokenizer/vocab.json + tokenizer/merges.txt (or tokenizer/tokenizer.json)".into(),
+            "model_index.json (a pipeline) or config.json (a VAE)".into(),
         ));
+    };
+    let mut files = Vec::new();
+    for f in &layout.configs {
+        if !has(f) {
+            return Err(missing(f.clone()));
+        }
+        files.push(f.clone());
     }
-    files.extend(
-        TOKENIZER_OPTIONAL
-            .iter()
-            .filter(|f| has(f))
-            .map(|f| f.to_string()),
-    );
-    for (folder, stem) in WEIGHTS {
+    for folder in &layout.tokenizers {
+        let bpe = [
+            format!("{folder}/vocab.json"),
+            format!("{folder}/merges.txt"),
+        ];
+        let json = format!("{folder}/tokenizer.json");
+        if bpe.iter().all(|f| has(f)) {
+            files.extend(bpe);
+        } else if has(&json) {
+            files.push(json);
+        } else {
+            return Err(missing(tokenizer_missing(folder)));
+        }
+        files.extend(
+            TOKENIZER_OPTIONAL
+                .iter()
+                .map(|f| format!("{folder}/{f}"))
+                .filter(|f| has(f)),
+        );
+    }
+    for (folder, stem) in &layout.weights {
         let candidates = weight_candidates(folder, stem, variant);
         match candidates.iter().find(|c| has(c)) {
             Some(c) => files.push(c.clone()),
@@ -179,43 +234,54 @@ impl CheckReport {
     }
 }
 
-/// Checks, without any network access, that `source` has every file a pipeline needs and that
-/// its weights are intact. Either weights variant counts.
+/// Checks, without any network access, that `source` has every file a pipeline (or a lone
+/// VAE) needs and that its weights are intact. Either weights variant counts.
 pub fn check(source: &ModelSource) -> Result<CheckReport> {
     let mut report = CheckReport::default();
-    let require = |file: &str, report: &mut CheckReport| -> Result<Option<PathBuf>> {
-        let p = source.cached_file(file)?;
-        match &p {
-            Some(p) => report.present.push(p.clone()),
-            None => report.missing.push(file.to_string()),
+    let layout = match source.cached_file("model_index.json")? {
+        Some(index) => {
+            let xl = std::fs::read(&index)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v.get("text_encoder_2").cloned())
+                .is_some_and(|te2| {
+                    te2.as_array()
+                        .is_some_and(|a| a.iter().any(|x| !x.is_null()))
+                });
+            Layout::pipeline(xl)
         }
-        Ok(p)
+        None if source.cached_file("config.json")?.is_some() => Layout::vae(),
+        None => Layout::pipeline(false),
     };
-    for f in REQUIRED_CONFIGS {
-        if let Some(p) = require(f, &mut report)? {
-            if let Err(e) = std::fs::read(&p).map_err(|e| e.to_string()).and_then(|b| {
-                serde_json::from_slice::<serde_json::Value>(&b)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            }) {
-                report.corrupt.push((f.to_string(), e));
+    for f in &layout.configs {
+        match source.cached_file(f)? {
+            None => report.missing.push(f.clone()),
+            Some(p) => {
+                match std::fs::read(&p).map_err(|e| e.to_string()).and_then(|b| {
+                    serde_json::from_slice::<serde_json::Value>(&b)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }) {
+                    Ok(()) => report.present.push(p),
+                    Err(e) => report.corrupt.push((f.clone(), e)),
+                }
             }
         }
     }
-    let bpe: Vec<Option<PathBuf>> = TOKENIZER_BPE
-        .iter()
-        .map(|f| source.cached_file(f))
-        .collect::<Result<_>>()?;
-    if bpe.iter().all(Option::is_some) {
-        report.present.extend(bpe.into_iter().flatten());
-    } else if let Some(p) = source.cached_file(TOKENIZER_JSON)? {
-        report.present.push(p);
-    } else {
-        report.missing.push(
-            "tokenizer/vocab.json + tokenizer/merges.txt (or tokenizer/tokenizer.json)".into(),
-        );
+    for folder in &layout.tokenizers {
+        let bpe: Vec<Option<PathBuf>> = ["vocab.json", "merges.txt"]
+            .iter()
+            .map(|f| source.cached_file(&format!("{folder}/{f}")))
+            .collect::<Result<_>>()?;
+        if bpe.iter().all(Option::is_some) {
+            report.present.extend(bpe.into_iter().flatten());
+        } else if let Some(p) = source.cached_file(&format!("{folder}/tokenizer.json"))? {
+            report.present.push(p);
+        } else {
+            report.missing.push(tokenizer_missing(folder));
+        }
     }
-    for (folder, stem) in WEIGHTS {
+    for (folder, stem) in &layout.weights {
         let candidates = weight_candidates(folder, stem, Variant::Fp32);
         let mut found = None;
         for c in &candidates {
@@ -335,6 +401,50 @@ mod tests {
         assert!(
             err.contains("unet/diffusion_pytorch_model") && err.contains("org/name"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn plan_adds_sdxl_second_encoder_and_handles_a_lone_vae() {
+        let mut xl: Vec<&str> = BASE.to_vec();
+        xl.extend([
+            "text_encoder_2/config.json",
+            "text_encoder_2/model.safetensors",
+            "text_encoder_2/model.fp16.safetensors",
+            "tokenizer_2/vocab.json",
+            "tokenizer_2/merges.txt",
+            "tokenizer_2/special_tokens_map.json",
+            "sd_xl_base_1.0.safetensors",
+        ]);
+        let files = plan(&listing(&xl), Variant::Fp16, "x").unwrap();
+        for f in [
+            "text_encoder_2/config.json",
+            "text_encoder_2/model.fp16.safetensors",
+            "tokenizer_2/merges.txt",
+            "tokenizer_2/special_tokens_map.json",
+        ] {
+            assert!(files.contains(&f.to_string()), "{f} missing from {files:?}");
+        }
+        assert!(!files.iter().any(|f| f.starts_with("sd_xl_base")));
+        let no_tok2: Vec<&str> = xl
+            .iter()
+            .copied()
+            .filter(|f| !f.starts_with("tokenizer_2/"))
+            .collect();
+        let err = plan(&listing(&no_tok2), Variant::Fp16, "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tokenizer_2/vocab.json"), "{err}");
+
+        let vae = listing(&[
+            "config.json",
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.bin",
+            "README.md",
+        ]);
+        assert_eq!(
+            plan(&vae, Variant::Fp16, "v").unwrap(),
+            ["config.json", "diffusion_pytorch_model.safetensors"]
         );
     }
 

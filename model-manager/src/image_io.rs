@@ -152,6 +152,25 @@ pub fn parameters_text(
     if let Some(strength) = resolved.strength {
         s.push_str(&format!(", Denoising strength: {strength}"));
     }
+    if let Some(sc) = &resolved.size_conditioning {
+        let (ow, oh) = sc.original_size;
+        let (top, left) = sc.crop_top_left;
+        let (tw, th) = sc.target_size;
+        if (ow, oh, top, left, tw, th)
+            != (
+                resolved.width,
+                resolved.height,
+                0,
+                0,
+                resolved.width,
+                resolved.height,
+            )
+        {
+            s.push_str(&format!(
+                ", Original size: {ow}x{oh}, Crop top-left: {top},{left}, Target size: {tw}x{th}"
+            ));
+        }
+    }
     s
 }
 
@@ -230,6 +249,7 @@ mod tests {
             seed: 42,
             num_images: 1,
             strength: None,
+            size_conditioning: None,
         };
         let t = parameters_text("a cat", Some("dog"), &r, 43, "sd-1.5");
         assert_eq!(

@@ -19,9 +19,11 @@ pub mod pipeline;
 mod replay;
 pub mod scheduler;
 pub mod source;
+pub mod text;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod weights;
 
 /// The device type callers hold to choose where models run.
 pub use candle_core::Device;
@@ -29,8 +31,9 @@ pub use device::DeviceChoice;
 pub use error::{Error, Result};
 pub use params::{
     GenerateParams, GeneratedImage, Generation, HostTensor, ImageFormat, InitImage, ModelDefaults,
-    NoiseReplay, Progress, ResolvedParams, StageTimings,
+    NoiseReplay, Progress, ResolvedParams, ResolvedSizeConditioning, SizeConditioning,
+    StageTimings,
 };
-pub use pipeline::StableDiffusionPipeline;
+pub use pipeline::{LoadOptions, StableDiffusionPipeline};
 pub use scheduler::SchedulerKind;
 pub use source::ModelSource;

@@ -80,6 +80,47 @@ pub struct NoiseReplay {
     pub encoder_noise: Option<HostTensor>,
 }
 
+/// SDXL's size micro-conditioning (diffusers' `original_size`, `crops_coords_top_left`,
+/// `target_size`). `None` fields take diffusers' defaults: the output size and no crop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SizeConditioning {
+    /// `(width, height)` the model is told the source image had.
+    pub original_size: Option<(usize, usize)>,
+    /// `(top, left)` offset of the crop the model is told was taken.
+    pub crop_top_left: Option<(usize, usize)>,
+    /// `(width, height)` the model is told to aim for.
+    pub target_size: Option<(usize, usize)>,
+}
+
+impl SizeConditioning {
+    /// Whether any field is set.
+    pub fn is_set(&self) -> bool {
+        *self != Self::default()
+    }
+}
+
+/// [`SizeConditioning`] with its defaults applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolvedSizeConditioning {
+    /// `(width, height)`.
+    pub original_size: (usize, usize),
+    /// `(top, left)`.
+    pub crop_top_left: (usize, usize),
+    /// `(width, height)`.
+    pub target_size: (usize, usize),
+}
+
+impl ResolvedSizeConditioning {
+    /// The six `add_time_ids` in diffusers' order: original (h, w), crop (top, left),
+    /// target (h, w).
+    pub fn time_ids(&self) -> [f32; 6] {
+        let (ow, oh) = self.original_size;
+        let (top, left) = self.crop_top_left;
+        let (tw, th) = self.target_size;
+        [oh, ow, top, left, th, tw].map(|v| v as f32)
+    }
+}
+
 /// A generation request. `None` means "the model's default".
 #[derive(Debug, Clone, Default)]
 pub struct GenerateParams {
@@ -105,6 +146,8 @@ pub struct GenerateParams {
     pub init_image: Option<InitImage>,
     /// Replay noise instead of drawing it.
     pub noise: Option<NoiseReplay>,
+    /// SDXL size micro-conditioning (other families reject it).
+    pub size_conditioning: SizeConditioning,
 }
 
 /// Defaults a model applies to unset request fields.
@@ -141,6 +184,8 @@ pub struct ResolvedParams {
     pub num_images: usize,
     /// img2img strength, if any.
     pub strength: Option<f64>,
+    /// SDXL: the size conditioning that ran.
+    pub size_conditioning: Option<ResolvedSizeConditioning>,
 }
 
 /// Reported after every denoising step.
@@ -183,4 +228,27 @@ pub struct Generation {
     pub params: ResolvedParams,
     /// Stage timings.
     pub timings: StageTimings,
+}
+
+/// Parses `WIDTHxHEIGHT` (e.g. `1024x768`) for the request field `field`.
+pub fn parse_size(field: &'static str, text: &str) -> crate::Result<(usize, usize)> {
+    parse_pair(field, text, 'x', "WIDTHxHEIGHT, e.g. 1024x768")
+}
+
+/// Parses `TOP,LEFT` (e.g. `0,0`) for the request field `field`.
+pub fn parse_offset(field: &'static str, text: &str) -> crate::Result<(usize, usize)> {
+    parse_pair(field, text, ',', "TOP,LEFT in pixels, e.g. 0,0")
+}
+
+fn parse_pair(
+    field: &'static str,
+    text: &str,
+    sep: char,
+    expected: &str,
+) -> crate::Result<(usize, usize)> {
+    let bad = || crate::Error::invalid(field, format!("`{text}` is not {expected}"));
+    let (a, b) = text.trim().split_once(sep).ok_or_else(bad)?;
+    let a = a.trim().parse().map_err(|_| bad())?;
+    let b = b.trim().parse().map_err(|_| bad())?;
+    Ok((a, b))
 }

@@ -21,16 +21,30 @@ struct Case {
     num_images: usize,
     strength: Option<f64>,
     init_image: Option<String>,
+    /// SDXL size conditioning, `[height, width]` / `[top, left]` as diffusers takes them.
+    #[serde(default)]
+    original_size: Option<[usize; 2]>,
+    #[serde(default)]
+    crops_coords_top_left: Option<[usize; 2]>,
+    #[serde(default)]
+    target_size: Option<[usize; 2]>,
     noise: String,
     image: serde_json::Value,
 }
 
 fn run_pipeline_cases(pipeline: &str) {
+    run_cases(pipeline, 10);
+}
+
+fn run_cases(pipeline: &str, min_cases: usize) {
     let ref_dir = fixtures().join("reference").join(pipeline);
     let cases: Vec<Case> =
         serde_json::from_str(&std::fs::read_to_string(ref_dir.join("cases.json")).unwrap())
             .unwrap();
-    assert!(cases.len() >= 10, "{pipeline}: expected the full case list");
+    assert!(
+        cases.len() >= min_cases,
+        "{pipeline}: expected the full case list"
+    );
     let out_dir = scratch_dir(pipeline);
     let mut failures = Vec::new();
     for case in &cases {
@@ -69,6 +83,15 @@ fn run_pipeline_cases(pipeline: &str) {
         ];
         if let Some(neg) = &case.negative_prompt {
             args.extend(["--negative-prompt".into(), neg.clone()]);
+        }
+        if let Some([h, w]) = case.original_size {
+            args.extend(["--original-size".into(), format!("{w}x{h}")]);
+        }
+        if let Some([top, left]) = case.crops_coords_top_left {
+            args.extend(["--crop-top-left".into(), format!("{top},{left}")]);
+        }
+        if let Some([h, w]) = case.target_size {
+            args.extend(["--target-size".into(), format!("{w}x{h}")]);
         }
         if let (Some(init), Some(strength)) = (&case.init_image, case.strength) {
             args.extend([
@@ -127,4 +150,25 @@ fn sd1_tiny_matches_diffusers_for_every_case() {
 #[test]
 fn sd2_tiny_matches_diffusers_for_every_case() {
     run_pipeline_cases("sd2-tiny");
+}
+
+/// SDXL: two text encoders (penultimate states, pooled projection), text_time conditioning,
+/// a force_upcast VAE with scaling_factor 0.13025, every scheduler, CFG with a negative prompt,
+/// CFG with all-zero negative embeddings, no CFG, non-square, batch, micro-conditioning, img2img.
+#[test]
+fn sdxl_tiny_matches_diffusers_for_every_case() {
+    run_pipeline_cases("sdxl-tiny");
+}
+
+/// A second SDXL-family architecture (three blocks, other widths, first-eos pooling) with
+/// SDXL-Turbo's trailing Euler-ancestral config: 1-4 steps without guidance.
+#[test]
+fn sdxl_turbo_tiny_matches_diffusers_for_every_case() {
+    run_cases("sdxl-turbo-tiny", 6);
+}
+
+/// SD-Turbo: SD 2.1 architecture with a trailing Euler config, every scheduler at 1-4 steps.
+#[test]
+fn sd_turbo_tiny_matches_diffusers_for_every_case() {
+    run_cases("sd-turbo-tiny", 9);
 }

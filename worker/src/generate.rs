@@ -4,9 +4,10 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use jhakaas_model_manager::image_io::{decode_image, encode_image, parameters_text};
+use jhakaas_model_manager::params::{parse_offset, parse_size};
 use jhakaas_model_manager::{
-    device, DeviceChoice, GenerateParams, ImageFormat, InitImage, ModelSource, NoiseReplay,
-    SchedulerKind, StableDiffusionPipeline,
+    device, DeviceChoice, GenerateParams, ImageFormat, InitImage, LoadOptions, ModelSource,
+    NoiseReplay, SchedulerKind, SizeConditioning, StableDiffusionPipeline,
 };
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -18,9 +19,14 @@ const MAX_INIT_PIXELS: u64 = 4096 * 4096;
 /// Arguments of `generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Model: a diffusers folder, a hub id `org/name[@revision]`, or an alias (sd-1.5, sd-2.1, sd-turbo).
+    /// Model: a diffusers folder, a hub id `org/name[@revision]`, or an alias (sd-1.5, sd-2.1,
+    /// sd-turbo, sdxl, sdxl-turbo).
     #[arg(long, env = "JHAKAAS_MODEL")]
     model: String,
+    /// Use this VAE instead of the model's: an AutoencoderKL folder or hub id (e.g.
+    /// madebyollin/sdxl-vae-fp16-fix, which decodes SDXL in f16 without the f32 upcast).
+    #[arg(long, env = "JHAKAAS_VAE")]
+    vae: Option<String>,
     /// What to draw.
     #[arg(long)]
     prompt: String,
@@ -54,6 +60,16 @@ pub struct GenerateArgs {
     /// img2img strength in (0, 1].
     #[arg(long, requires = "init_image")]
     strength: Option<f64>,
+    /// SDXL size conditioning: the source image size WIDTHxHEIGHT the model is told about
+    /// (default: the output size).
+    #[arg(long, value_name = "WxH")]
+    original_size: Option<String>,
+    /// SDXL size conditioning: the crop offset TOP,LEFT in pixels (default 0,0).
+    #[arg(long, value_name = "TOP,LEFT")]
+    crop_top_left: Option<String>,
+    /// SDXL size conditioning: the target size WIDTHxHEIGHT (default: the output size).
+    #[arg(long, value_name = "WxH")]
+    target_size: Option<String>,
     /// Replay noise from a safetensors file (`latents` [N,4,H/8,W/8] f32, optional `step_noise`
     /// and `encoder_noise`) instead of drawing it from the seed.
     #[arg(long)]
@@ -72,10 +88,18 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let params = build_params(&args)?;
     let device_choice: DeviceChoice = args.device.parse()?;
     let source = ModelSource::parse(&args.model)?;
+    let options = LoadOptions {
+        vae: args
+            .vae
+            .as_deref()
+            .map(ModelSource::parse)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("invalid vae: {e}"))?,
+    };
 
     let t0 = Instant::now();
     let device = device_choice.open()?;
-    let pipeline = StableDiffusionPipeline::load(&source, &device)
+    let pipeline = StableDiffusionPipeline::load_with(&source, &device, &options)
         .with_context(|| format!("loading model `{source}`"))?;
     eprintln!(
         "loaded {source} on {} in {:.2?}",
@@ -164,6 +188,23 @@ fn build_params(args: &GenerateArgs) -> Result<GenerateParams> {
         num_images: args.num_images,
         init_image,
         noise,
+        size_conditioning: SizeConditioning {
+            original_size: args
+                .original_size
+                .as_deref()
+                .map(|v| parse_size("original_size", v))
+                .transpose()?,
+            crop_top_left: args
+                .crop_top_left
+                .as_deref()
+                .map(|v| parse_offset("crop_top_left", v))
+                .transpose()?,
+            target_size: args
+                .target_size
+                .as_deref()
+                .map(|v| parse_size("target_size", v))
+                .transpose()?,
+        },
     })
 }
 

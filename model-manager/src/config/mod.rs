@@ -12,7 +12,7 @@ use std::path::Path;
 mod unet;
 mod vae;
 
-pub use unet::{BlockKind, UNetBlockSpec, UNetConfig, UNetPlan};
+pub use unet::{AddedConditioningSpec, BlockKind, UNetBlockSpec, UNetConfig, UNetPlan};
 pub use vae::VaeConfig;
 
 /// A value that diffusers accepts either as a scalar (applied to every block) or as a list.
@@ -89,33 +89,93 @@ pub struct ModelIndex {
     /// `[library, class]` of the tokenizer.
     #[serde(default)]
     pub tokenizer: Option<(Option<String>, Option<String>)>,
+    /// `[library, class]` of SDXL's second text encoder.
+    #[serde(default)]
+    pub text_encoder_2: Option<(Option<String>, Option<String>)>,
+    /// `[library, class]` of SDXL's second tokenizer.
+    #[serde(default)]
+    pub tokenizer_2: Option<(Option<String>, Option<String>)>,
+    /// SDXL: an absent negative prompt gives all-zero negative embeddings (diffusers' default).
+    #[serde(default = "yes")]
+    pub force_zeros_for_empty_prompt: bool,
+    /// SDXL refiner: the UNet is conditioned on an aesthetic score (not supported).
+    #[serde(default)]
+    pub requires_aesthetics_score: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Which family of diffusers pipeline a checkpoint is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipelineKind {
+    /// `StableDiffusionPipeline` (SD 1.x/2.x, SD-Turbo): one CLIP text encoder.
+    StableDiffusion,
+    /// `StableDiffusionXLPipeline` (SDXL, SDXL-Turbo): two text encoders and text/time
+    /// conditioning.
+    StableDiffusionXl,
 }
 
 impl ModelIndex {
-    /// Checks that this is a pipeline family the engine runs.
-    pub fn validate(&self) -> Result<()> {
-        const SUPPORTED: [&str; 3] = [
-            "StableDiffusionPipeline",
-            "StableDiffusionImg2ImgPipeline",
-            "StableDiffusionInpaintPipeline",
-        ];
-        require(
-            SUPPORTED.contains(&self.class_name.as_str()),
-            "model_index.json",
-            "_class_name",
-            &self.class_name,
-            "this engine runs Stable Diffusion 1.x/2.x pipelines (StableDiffusionPipeline)",
-        )?;
-        if let Some((_, Some(class))) = &self.text_encoder {
+    /// Checks that this is a pipeline family the engine runs, and says which.
+    pub fn validate(&self) -> Result<PipelineKind> {
+        const F: &str = "model_index.json";
+        let kind = match self.class_name.as_str() {
+            "StableDiffusionPipeline"
+            | "StableDiffusionImg2ImgPipeline"
+            | "StableDiffusionInpaintPipeline" => PipelineKind::StableDiffusion,
+            "StableDiffusionXLPipeline" | "StableDiffusionXLImg2ImgPipeline" => {
+                PipelineKind::StableDiffusionXl
+            }
+            other => {
+                return Err(Error::unsupported(
+                    F,
+                    "_class_name",
+                    format!("{other:?}"),
+                    "this engine runs StableDiffusionPipeline (SD 1.x/2.x, SD-Turbo) and \
+                     StableDiffusionXLPipeline (SDXL, SDXL-Turbo) checkpoints",
+                ))
+            }
+        };
+        let class = |c: &Option<(Option<String>, Option<String>)>| {
+            c.as_ref().and_then(|(_, class)| class.clone())
+        };
+        if let Some(c) = class(&self.text_encoder) {
             require(
-                class == "CLIPTextModel",
-                "model_index.json",
+                c == "CLIPTextModel",
+                F,
                 "text_encoder",
-                class,
+                &c,
                 "only CLIPTextModel text encoders are supported",
             )?;
         }
-        Ok(())
+        if kind == PipelineKind::StableDiffusionXl {
+            let c2 = class(&self.text_encoder_2);
+            require(
+                c2.as_deref() == Some("CLIPTextModelWithProjection"),
+                F,
+                "text_encoder_2",
+                &c2,
+                "SDXL pipelines need a CLIPTextModelWithProjection as text_encoder_2 \
+                 (refiner-only checkpoints are not supported)",
+            )?;
+            require(
+                class(&self.text_encoder).is_some(),
+                F,
+                "text_encoder",
+                "null",
+                "SDXL pipelines without the first text encoder (refiners) are not supported",
+            )?;
+            require(
+                !self.requires_aesthetics_score,
+                F,
+                "requires_aesthetics_score",
+                true,
+                "aesthetic-score conditioning (the SDXL refiner) is not supported",
+            )?;
+        }
+        Ok(kind)
     }
 }
 
@@ -141,6 +201,17 @@ pub struct ClipTextConfig {
     /// LayerNorm epsilon.
     #[serde(default = "default_ln_eps")]
     pub layer_norm_eps: f64,
+    /// Width of `text_projection` (CLIPTextModelWithProjection).
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
+    /// End-of-text token id. transformers pools at `argmax(input_ids)` when this is the stale
+    /// value 2 that SD checkpoints carry, else at the first occurrence of this id.
+    #[serde(default = "default_eos")]
+    pub eos_token_id: u32,
+}
+
+fn default_eos() -> u32 {
+    49407
 }
 
 fn default_max_positions() -> usize {
@@ -154,12 +225,11 @@ fn default_ln_eps() -> f64 {
 }
 
 impl ClipTextConfig {
-    /// Rejects values this implementation does not compute.
-    pub fn validate(&self) -> Result<()> {
-        const FILE: &str = "text_encoder/config.json";
+    /// Rejects values this implementation does not compute; `file` names the config in errors.
+    pub fn validate(&self, file: &str) -> Result<()> {
         require(
             matches!(self.hidden_act.as_str(), "quick_gelu" | "gelu"),
-            FILE,
+            file,
             "hidden_act",
             &self.hidden_act,
             "supported: quick_gelu, gelu",
@@ -167,10 +237,17 @@ impl ClipTextConfig {
         require(
             self.num_attention_heads > 0
                 && self.hidden_size.is_multiple_of(self.num_attention_heads),
-            FILE,
+            file,
             "num_attention_heads",
             self.num_attention_heads,
             "hidden_size must be divisible by num_attention_heads",
+        )?;
+        require(
+            self.projection_dim.is_none_or(|d| d > 0),
+            file,
+            "projection_dim",
+            self.projection_dim,
+            "must be positive",
         )
     }
 }

@@ -81,9 +81,15 @@ pub struct UNetConfig {
     /// Class embedding type (unsupported unless null).
     #[serde(default)]
     pub class_embed_type: Option<String>,
-    /// Additional embedding type (`text_time` is SDXL; unsupported here).
+    /// Additional embedding type: `null`, or SDXL's `text_time` (pooled text + size/crop ids).
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// Width of the sinusoidal embedding of each `text_time` id.
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// Input width of `add_embedding` (pooled text width + 6 × `addition_time_embed_dim`).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     /// Encoder hidden projection (unsupported unless null).
     #[serde(default)]
     pub encoder_hid_dim: Option<usize>,
@@ -197,6 +203,22 @@ pub struct UNetBlockSpec {
     pub cross_attention_dim: usize,
 }
 
+/// SDXL's `text_time` added conditioning, resolved from the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddedConditioningSpec {
+    /// Sinusoidal embedding width of each of the time ids.
+    pub time_embed_dim: usize,
+    /// Input width of `add_embedding.linear_1`.
+    pub in_dim: usize,
+}
+
+impl AddedConditioningSpec {
+    /// Width of the pooled text embedding the UNet expects with `n_time_ids` ids.
+    pub fn text_embeds_dim(&self, n_time_ids: usize) -> Option<usize> {
+        self.in_dim.checked_sub(n_time_ids * self.time_embed_dim)
+    }
+}
+
 /// A UNet config with every per-block list expanded and checked.
 #[derive(Debug, Clone)]
 pub struct UNetPlan {
@@ -210,6 +232,8 @@ pub struct UNetPlan {
     pub time_embed_dim: usize,
     /// GroupNorm groups.
     pub groups: usize,
+    /// SDXL's `text_time` conditioning, if the UNet has it.
+    pub added: Option<AddedConditioningSpec>,
 }
 
 impl UNetConfig {
@@ -259,13 +283,46 @@ impl UNetConfig {
             &self.class_embed_type,
             "class-conditioned UNets are not supported",
         )?;
-        require(
-            self.addition_embed_type.is_none(),
-            F,
-            "addition_embed_type",
-            &self.addition_embed_type,
-            "added text/time conditioning (SDXL) is not supported by this engine yet",
-        )?;
+        let added = match self.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => {
+                let time_embed_dim = self.addition_time_embed_dim.ok_or_else(|| {
+                    Error::unsupported(
+                        F,
+                        "addition_time_embed_dim",
+                        "null",
+                        "addition_embed_type \"text_time\" needs it",
+                    )
+                })?;
+                let in_dim = self.projection_class_embeddings_input_dim.ok_or_else(|| {
+                    Error::unsupported(
+                        F,
+                        "projection_class_embeddings_input_dim",
+                        "null",
+                        "addition_embed_type \"text_time\" needs it",
+                    )
+                })?;
+                require(
+                    time_embed_dim > 0 && in_dim > 6 * time_embed_dim,
+                    F,
+                    "projection_class_embeddings_input_dim",
+                    in_dim,
+                    &format!("must exceed 6 × addition_time_embed_dim ({time_embed_dim})"),
+                )?;
+                Some(AddedConditioningSpec {
+                    time_embed_dim,
+                    in_dim,
+                })
+            }
+            Some(other) => {
+                return Err(Error::unsupported(
+                    F,
+                    "addition_embed_type",
+                    format!("{other:?}"),
+                    "supported: null, \"text_time\" (SDXL)",
+                ))
+            }
+        };
         require(
             self.encoder_hid_dim.is_none(),
             F,
@@ -482,6 +539,7 @@ impl UNetConfig {
                 .time_embedding_dim
                 .unwrap_or(self.block_out_channels[0] * 4),
             groups,
+            added,
         })
     }
 }

@@ -55,6 +55,12 @@ pub struct VaeConfig {
     /// Attention in the mid blocks.
     #[serde(default = "yes")]
     pub mid_block_add_attention: bool,
+    /// Per-channel latent mean (Playground v2.5-style VAEs; must be null here).
+    #[serde(default)]
+    pub latents_mean: Option<Vec<f64>>,
+    /// Per-channel latent std (must be null here).
+    #[serde(default)]
+    pub latents_std: Option<Vec<f64>>,
 }
 
 fn default_groups_usize() -> usize {
@@ -108,6 +114,13 @@ impl VaeConfig {
                 "only UpDecoderBlock2D",
             )?;
         }
+        require(
+            self.latents_mean.is_none() && self.latents_std.is_none(),
+            F,
+            "latents_mean",
+            &self.latents_mean,
+            "per-channel latent normalisation is not supported",
+        )?;
         require(
             self.down_block_types.is_empty() || self.down_block_types.len() == n,
             F,

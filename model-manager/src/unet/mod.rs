@@ -2,11 +2,11 @@
 
 mod transformer;
 
-use crate::config::{BlockKind, UNetBlockSpec, UNetConfig, UNetPlan};
+use crate::config::{AddedConditioningSpec, BlockKind, UNetBlockSpec, UNetConfig, UNetPlan};
 use crate::layers::{
     conv2d, group_norm, timestep_embedding, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D,
 };
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
 use transformer::{Transformer2D, Transformer2DConfig};
 
@@ -154,12 +154,31 @@ struct MidBlock {
     resnet_out: ResnetBlock2D,
 }
 
+/// SDXL's extra conditioning, one row per batch item: the pooled, projected text embedding of
+/// the second text encoder and the six size/crop ids.
+#[derive(Debug, Clone)]
+pub struct AddedConditioning {
+    /// `[B, P]` pooled text embeddings.
+    pub text_embeds: Tensor,
+    /// `[B, 6]` (original h, w, crop top, left, target h, w).
+    pub time_ids: Tensor,
+}
+
+/// `add_time_proj` + `add_embedding` of a `text_time` UNet.
+#[derive(Debug)]
+struct AddedEmbedding {
+    spec: AddedConditioningSpec,
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
 /// The denoising UNet.
 #[derive(Debug)]
 pub struct UNet2DConditionModel {
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    add_embedding: Option<AddedEmbedding>,
     down: Vec<DownBlock>,
     mid: Option<MidBlock>,
     up: Vec<UpBlock>,
@@ -190,6 +209,23 @@ impl UNet2DConditionModel {
             plan.time_embed_dim,
             vb.pp("time_embedding.linear_2"),
         )?;
+
+        let add_embedding = match plan.added {
+            Some(spec) => Some(AddedEmbedding {
+                spec,
+                linear_1: candle_nn::linear(
+                    spec.in_dim,
+                    plan.time_embed_dim,
+                    vb.pp("add_embedding.linear_1"),
+                )?,
+                linear_2: candle_nn::linear(
+                    plan.time_embed_dim,
+                    plan.time_embed_dim,
+                    vb.pp("add_embedding.linear_2"),
+                )?,
+            }),
+            None => None,
+        };
 
         let mut down = Vec::with_capacity(n);
         let mut out_channels = first;
@@ -280,6 +316,7 @@ impl UNet2DConditionModel {
             conv_in,
             time_linear_1,
             time_linear_2,
+            add_embedding,
             down,
             mid,
             up,
@@ -294,9 +331,27 @@ impl UNet2DConditionModel {
         &self.config
     }
 
+    /// The `text_time` conditioning this UNet needs, if any.
+    pub fn added_conditioning(&self) -> Option<AddedConditioningSpec> {
+        self.add_embedding.as_ref().map(|a| a.spec)
+    }
+
     /// Predicts noise (or v) for `sample` `[B, C, h, w]` at `timesteps` `[B]` (f32, fractional
-    /// allowed) given the text embeddings `context` `[B, L, D]`.
+    /// allowed) given the text embeddings `context` `[B, L, D]`. For UNets without added
+    /// conditioning; see [`UNet2DConditionModel::forward_with`].
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.forward_with(sample, timesteps, context, None)
+    }
+
+    /// [`UNet2DConditionModel::forward`] with SDXL's added conditioning, which a `text_time`
+    /// UNet requires.
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedConditioning>,
+    ) -> Result<Tensor> {
         let (_, _, h, w) = sample.dims4()?;
         let up_factor = 1usize << (self.up.len() - 1);
         let forward_upsample_size = h % up_factor != 0 || w % up_factor != 0;
@@ -316,6 +371,29 @@ impl UNet2DConditionModel {
         let temb = self
             .time_linear_2
             .forward(&self.time_linear_1.forward(&t_emb)?.silu()?)?;
+        let temb = match (&self.add_embedding, added) {
+            (None, _) => temb,
+            (Some(_), None) => {
+                return Err(candle_core::Error::Msg(
+                    "this UNet (addition_embed_type \"text_time\") needs text_embeds and time_ids"
+                        .into(),
+                ))
+            }
+            (Some(a), Some(cond)) => {
+                let (b, n_ids) = cond.time_ids.dims2()?;
+                let time_embeds = timestep_embedding(
+                    &cond.time_ids.flatten_all()?,
+                    a.spec.time_embed_dim,
+                    self.config.flip_sin_to_cos,
+                    self.config.freq_shift,
+                )?
+                .reshape((b, n_ids * a.spec.time_embed_dim))?;
+                let add = Tensor::cat(&[&cond.text_embeds.to_dtype(DType::F32)?, &time_embeds], 1)?
+                    .to_dtype(sample.dtype())?;
+                let aug = a.linear_2.forward(&a.linear_1.forward(&add)?.silu()?)?;
+                (temb + aug)?
+            }
+        };
 
         let mut xs = self.conv_in.forward(&sample)?;
         let mut skips = vec![xs.clone()];

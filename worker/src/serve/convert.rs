@@ -5,7 +5,9 @@
 use super::jobs::{EncodedImage, Job, JobEvent, JobRequest, JobSnapshot, JobState, JobTimings};
 use super::models::ModelTable;
 use jhakaas_model_manager::image_io::decode_image;
-use jhakaas_model_manager::{GenerateParams, ImageFormat, InitImage, Progress, SchedulerKind};
+use jhakaas_model_manager::{
+    GenerateParams, ImageFormat, InitImage, Progress, SchedulerKind, SizeConditioning,
+};
 use jhakaas_proto::v1 as pb;
 use std::time::Instant;
 use tonic::Status;
@@ -100,12 +102,24 @@ pub fn job_request(
             ),
         ));
     }
-    let g = req.guidance_scale;
-    if !g.is_finite() || !(0.0..=50.0).contains(&g) {
-        return Err(invalid(
-            "guidance_scale",
-            format!("{g} is not a finite number in [0, 50]"),
-        ));
+    if let Some(g) = req.guidance_scale {
+        if !g.is_finite() || !(0.0..=50.0).contains(&g) {
+            return Err(invalid(
+                "guidance_scale",
+                format!("{g} is not a finite number in [0, 50]"),
+            ));
+        }
+    }
+    let size_conditioning = size_conditioning(req.size_conditioning.as_ref())?;
+    if size_conditioning.is_set() {
+        if let Some(family) = models.status(&model).family {
+            if family != "sdxl" {
+                return Err(invalid(
+                    "size_conditioning",
+                    format!("model `{model}` is {family}; size conditioning is an SDXL feature"),
+                ));
+            }
+        }
     }
     if req.num_images > limits.max_images {
         return Err(invalid(
@@ -170,15 +184,53 @@ pub fn job_request(
             width: non_zero(req.width),
             height: non_zero(req.height),
             steps: non_zero(req.steps),
-            guidance_scale: (g != 0.0).then_some(g as f64),
+            guidance_scale: req.guidance_scale.map(f64::from),
             scheduler,
             seed: req.seed,
             num_images: req.num_images.max(1) as usize,
             init_image,
             noise: None,
+            size_conditioning,
         },
         format,
         deadline,
+    })
+}
+
+/// Zero fields are unset; a size needs both sides or neither.
+fn size_conditioning(sc: Option<&pb::SizeConditioning>) -> Result<SizeConditioning, Status> {
+    let Some(sc) = sc else {
+        return Ok(SizeConditioning::default());
+    };
+    let size = |field: &str, w: u32, h: u32| -> Result<Option<(usize, usize)>, Status> {
+        match (w, h) {
+            (0, 0) => Ok(None),
+            (w, h) if w == 0 || h == 0 || w > MAX_SIDE || h > MAX_SIDE => Err(invalid(
+                field,
+                format!("{w}x{h}: give both sides, each in 1..={MAX_SIDE}"),
+            )),
+            (w, h) => Ok(Some((w as usize, h as usize))),
+        }
+    };
+    if sc.crop_top > MAX_SIDE || sc.crop_left > MAX_SIDE {
+        return Err(invalid(
+            "size_conditioning.crop_top",
+            format!("crop offsets must be at most {MAX_SIDE}"),
+        ));
+    }
+    Ok(SizeConditioning {
+        original_size: size(
+            "size_conditioning.original_width",
+            sc.original_width,
+            sc.original_height,
+        )?,
+        crop_top_left: (sc.crop_top != 0 || sc.crop_left != 0)
+            .then_some((sc.crop_top as usize, sc.crop_left as usize)),
+        target_size: size(
+            "size_conditioning.target_width",
+            sc.target_width,
+            sc.target_height,
+        )?,
     })
 }
 

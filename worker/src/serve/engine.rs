@@ -20,11 +20,12 @@ pub fn spawn(
     table: Arc<ModelTable>,
     device: jhakaas_model_manager::Device,
     max_loaded: usize,
+    memory_budget: Option<u64>,
     warm: Vec<String>,
     on_ready: Box<dyn FnOnce() + Send>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("jhakaas-engine".into()).spawn(move || {
-        let mut models = LoadedModels::new(table, device, max_loaded);
+        let mut models = LoadedModels::new(table, device, max_loaded, memory_budget);
         let mut ready = true;
         for name in &warm {
             if let Err(e) = warm_up(&mut models, name) {

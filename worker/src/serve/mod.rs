@@ -53,9 +53,18 @@ pub struct ServeArgs {
     /// Most jobs waiting in the queue; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "JHAKAAS_MAX_QUEUE", default_value_t = 32)]
     max_queue: usize,
+    /// A VAE to use instead of a model's own, as NAME=SOURCE (NAME from --model); e.g.
+    /// `sdxl=madebyollin/sdxl-vae-fp16-fix` decodes SDXL in f16 instead of f32.
+    #[arg(long = "model-vae", env = "JHAKAAS_MODEL_VAES", value_delimiter = ',')]
+    model_vaes: Vec<String>,
     /// Most models loaded at once (least recently used are evicted).
     #[arg(long, env = "JHAKAAS_MAX_LOADED_MODELS", default_value_t = 2)]
     max_loaded_models: usize,
+    /// Most bytes of model weights loaded at once (e.g. 20GiB); the least recently used models
+    /// are evicted to make room, and a model larger than the budget fails its jobs. Unset: no
+    /// byte limit.
+    #[arg(long, env = "JHAKAAS_MEMORY_BUDGET", value_parser = models::parse_bytes)]
+    memory_budget: Option<u64>,
     /// How long finished jobs stay retrievable (e.g. 10m).
     #[arg(long, env = "JHAKAAS_RESULT_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
     result_ttl: Duration,
@@ -99,7 +108,21 @@ fn model_specs(args: &ServeArgs) -> Result<(Vec<ModelSpec>, String)> {
         specs.push(ModelSpec {
             name: name.to_string(),
             source,
+            vae: None,
         });
+    }
+    for m in &args.model_vaes {
+        let (name, source) = m
+            .split_once('=')
+            .with_context(|| format!("invalid --model-vae `{m}`: expected NAME=SOURCE"))?;
+        let spec = specs.iter_mut().find(|s| s.name == name).with_context(|| {
+            format!("invalid --model-vae `{m}`: `{name}` is not a --model name")
+        })?;
+        if spec.vae.is_some() {
+            bail!("invalid --model-vae `{m}`: `{name}` already has a VAE override");
+        }
+        spec.vae =
+            Some(ModelSource::parse(source).with_context(|| format!("invalid --model-vae `{m}`"))?);
     }
     let default = match &args.default_model {
         Some(d) if specs.iter().any(|s| &s.name == d) => d.clone(),
@@ -113,16 +136,19 @@ fn model_specs(args: &ServeArgs) -> Result<(Vec<ModelSpec>, String)> {
 /// (offline, or a folder) stops start-up; any other gap is logged.
 fn startup_check(specs: &[ModelSpec], default_model: &str) -> Result<()> {
     let offline = jhakaas_model_manager::source::hub_offline();
-    for spec in specs {
-        let report = jhakaas_model_manager::fetch::check(&spec.source)?;
-        let downloadable = !offline && matches!(spec.source, ModelSource::Hub { .. });
+    let sources = specs.iter().flat_map(|spec| {
+        std::iter::once((spec, &spec.source)).chain(spec.vae.as_ref().map(|v| (spec, v)))
+    });
+    for (spec, source) in sources {
+        let report = jhakaas_model_manager::fetch::check(source)?;
+        let downloadable = !offline && matches!(source, ModelSource::Hub { .. });
         if report.is_complete() {
-            tracing::info!(model = %spec.name, source = %spec.source, "model files present and intact");
+            tracing::info!(model = %spec.name, source = %source, "model files present and intact");
         } else if spec.name == default_model && !downloadable {
             bail!(
                 "default model `{}` ({}) is incomplete: {}",
                 spec.name,
-                spec.source,
+                source,
                 report.problems()
             );
         } else if downloadable {
@@ -230,6 +256,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
 
     startup_check(&specs, &default_model)?;
     let table = Arc::new(ModelTable::new(specs, default_model.clone()));
+    table.describe_available();
     let store = Arc::new(JobStore::new(args.max_queue, args.result_ttl));
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -257,6 +284,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         table.clone(),
         device,
         args.max_loaded_models,
+        args.memory_budget,
         vec![default_model],
         Box::new(move || {
             rt.spawn(async move {

@@ -1,8 +1,10 @@
 //! The models this worker serves: every `--model NAME=SOURCE` is registered; loaded pipelines
-//! live on the engine thread, least-recently-used beyond `--max-loaded-models` are evicted.
+//! live on the engine thread, and the least recently used are evicted when another model needs
+//! room — beyond `--max-loaded-models`, or beyond `--memory-budget` bytes of weights.
 //! A shared status table lets `ListModels` answer without touching the engine.
 
-use jhakaas_model_manager::{ModelDefaults, ModelSource, StableDiffusionPipeline};
+use jhakaas_model_manager::pipeline::{describe, estimate_loaded_bytes};
+use jhakaas_model_manager::{LoadOptions, ModelDefaults, ModelSource, StableDiffusionPipeline};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -13,6 +15,17 @@ pub struct ModelSpec {
     pub name: String,
     /// Where its files are.
     pub source: ModelSource,
+    /// A VAE to use instead of the model's own (`--model-vae NAME=SOURCE`).
+    pub vae: Option<ModelSource>,
+}
+
+impl ModelSpec {
+    /// How the engine loads this model.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            vae: self.vae.clone(),
+        }
+    }
 }
 
 /// What `ListModels` reports for a model.
@@ -20,9 +33,9 @@ pub struct ModelSpec {
 pub struct ModelStatus {
     /// Loaded on the engine right now.
     pub loaded: bool,
-    /// `sd1`/`sd2`, known once loaded.
+    /// `sd1`/`sd2`/`sdxl`, known once its config files are on disk.
     pub family: Option<String>,
-    /// Defaults, known once loaded.
+    /// Defaults, known once its config files are on disk.
     pub defaults: Option<ModelDefaults>,
     /// Bytes of weights held while loaded.
     pub loaded_bytes: u64,
@@ -77,6 +90,28 @@ impl ModelTable {
             .unwrap_or_default()
     }
 
+    /// Fills in family and defaults from the config files of every model whose files are
+    /// already on disk (never downloads), so `ListModels` shows them before the first load.
+    pub fn describe_available(&self) {
+        for spec in &self.specs {
+            let complete = jhakaas_model_manager::fetch::check(&spec.source)
+                .map(|r| r.is_complete())
+                .unwrap_or(false);
+            if !complete {
+                continue;
+            }
+            match describe(&spec.source, &spec.load_options()) {
+                Ok(d) => self.update(&spec.name, |s| {
+                    s.family = Some(d.family.to_string());
+                    s.defaults = Some(d.defaults);
+                }),
+                Err(e) => {
+                    tracing::warn!(model = %spec.name, error = %e, "model config cannot be read")
+                }
+            }
+        }
+    }
+
     fn update(&self, name: &str, f: impl FnOnce(&mut ModelStatus)) {
         let mut all = self.status.lock().unwrap_or_else(|e| e.into_inner());
         f(all.entry(name.to_string()).or_default());
@@ -90,23 +125,41 @@ pub struct LoadedModels {
     table: Arc<ModelTable>,
     device: jhakaas_model_manager::Device,
     max_loaded: usize,
+    memory_budget: Option<u64>,
     /// Most recently used last.
     loaded: Vec<(String, Arc<StableDiffusionPipeline>)>,
 }
 
 impl LoadedModels {
-    /// An empty cache holding at most `max_loaded` pipelines on `device`.
+    /// An empty cache holding at most `max_loaded` pipelines, and at most `memory_budget`
+    /// bytes of weights when given, on `device`.
     pub fn new(
         table: Arc<ModelTable>,
         device: jhakaas_model_manager::Device,
         max_loaded: usize,
+        memory_budget: Option<u64>,
     ) -> Self {
         Self {
             table,
             device,
             max_loaded: max_loaded.max(1),
+            memory_budget,
             loaded: Vec::new(),
         }
+    }
+
+    /// Bytes of weights loaded right now.
+    pub fn loaded_bytes(&self) -> u64 {
+        self.loaded.iter().map(|(_, p)| p.weight_bytes()).sum()
+    }
+
+    fn evict_oldest(&mut self) {
+        let (evicted, p) = self.loaded.remove(0);
+        tracing::info!(model = %evicted, bytes = p.weight_bytes(), "evicting least recently used model");
+        self.table.update(&evicted, |s| {
+            s.loaded = false;
+            s.loaded_bytes = 0;
+        });
     }
 
     /// Whether `name` is loaded.
@@ -127,16 +180,29 @@ impl LoadedModels {
             .spec(name)
             .ok_or_else(|| format!("model `{name}` is not registered"))?
             .clone();
+        let options = spec.load_options();
+        if let Some(budget) = self.memory_budget {
+            let needed = estimate_loaded_bytes(&spec.source, &self.device, &options)
+                .map_err(|e| self.load_failed(name, e.to_string()))?;
+            if needed > budget {
+                return Err(self.load_failed(
+                    name,
+                    format!(
+                        "it needs {} of weights, more than the whole memory budget of {}",
+                        human_bytes(needed),
+                        human_bytes(budget)
+                    ),
+                ));
+            }
+            while !self.loaded.is_empty() && self.loaded_bytes() + needed > budget {
+                self.evict_oldest();
+            }
+        }
         while self.loaded.len() >= self.max_loaded {
-            let (evicted, _) = self.loaded.remove(0);
-            tracing::info!(model = %evicted, "evicting least recently used model");
-            self.table.update(&evicted, |s| {
-                s.loaded = false;
-                s.loaded_bytes = 0;
-            });
+            self.evict_oldest();
         }
         let started = std::time::Instant::now();
-        match StableDiffusionPipeline::load(&spec.source, &self.device) {
+        match StableDiffusionPipeline::load_with(&spec.source, &self.device, &options) {
             Ok(p) => {
                 let p = Arc::new(p);
                 tracing::info!(model = %name, source = %spec.source, elapsed = ?started.elapsed(), "model loaded");
@@ -150,12 +216,75 @@ impl LoadedModels {
                 self.loaded.push((name.to_string(), p.clone()));
                 Ok(p)
             }
-            Err(e) => {
-                let msg = format!("model `{name}` failed to load: {e}");
-                tracing::error!(model = %name, error = %e, "model failed to load");
-                self.table.update(name, |s| s.error = Some(msg.clone()));
-                Err(msg)
-            }
+            Err(e) => Err(self.load_failed(name, e.to_string())),
         }
+    }
+
+    fn load_failed(&self, name: &str, reason: String) -> String {
+        let msg = format!("model `{name}` failed to load: {reason}");
+        tracing::error!(model = %name, error = %reason, "model failed to load");
+        self.table.update(name, |s| s.error = Some(msg.clone()));
+        msg
+    }
+}
+
+/// `12.3 GiB`-style sizes for messages.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// Parses a byte size: a number with an optional unit (`24GiB`, `512MiB`, `20GB`, `1e9`).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size like 24GiB"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "ki" | "kib" => 1024.0,
+        "mi" | "mib" => 1024.0 * 1024.0,
+        "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "ti" | "tib" => 1024.0f64.powi(4),
+        other => return Err(format!("unknown unit `{other}` in `{text}`")),
+    };
+    let v = num * mult;
+    if !v.is_finite() || v < 1.0 {
+        return Err(format!("`{text}` is not a positive size"));
+    }
+    Ok(v as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!(parse_bytes("24GiB"), Ok(24 << 30));
+        assert_eq!(parse_bytes("512 MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("20GB"), Ok(20_000_000_000));
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5 parsecs").is_err());
+        assert!(parse_bytes("0").is_err());
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
     }
 }

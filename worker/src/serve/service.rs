@@ -237,6 +237,8 @@ impl pb::worker_server::Worker for WorkerService {
                     default_scheduler: d.map(|d| d.scheduler.to_string()).unwrap_or_default(),
                     loaded: s.loaded,
                     loaded_bytes: s.loaded_bytes,
+                    default_guidance_scale: d.map_or(0.0, |d| d.guidance_scale as f32),
+                    vae: spec.vae.as_ref().map(|v| v.to_string()).unwrap_or_default(),
                 }
             })
             .collect();

@@ -1,0 +1,405 @@
+//! Stable Diffusion pipelines — SD 1.x/2.x and SD-Turbo (`StableDiffusionPipeline`), SDXL and
+//! SDXL-Turbo (`StableDiffusionXLPipeline`): every component is loaded from the checkpoint's own
+//! config files, then txt2img / img2img run with classifier-free guidance exactly as diffusers'
+//! pipelines compute them.
+
+mod generate;
+mod resolve;
+
+use crate::config::{
+    read_json, ClipTextConfig, ModelIndex, PipelineKind, UNetConfig, UNetPlan, VaeConfig,
+};
+use crate::device::working_dtype;
+use crate::error::{Error, Result};
+use crate::params::*;
+use crate::scheduler::{self, SchedulerConfig};
+use crate::source::ModelSource;
+use crate::text::{PromptEmbeddings, TextConditioner};
+use crate::unet::UNet2DConditionModel;
+use crate::vae::AutoencoderKL;
+use crate::weights;
+use candle_core::{DType, Device, Tensor};
+
+/// diffusers' default number of steps.
+pub const DEFAULT_STEPS: usize = 50;
+/// diffusers' default guidance scale for SD 1.x/2.x.
+pub const DEFAULT_GUIDANCE: f64 = 7.5;
+/// diffusers' default guidance scale for SDXL.
+pub const DEFAULT_GUIDANCE_XL: f64 = 5.0;
+
+const SCHEDULER_FILE: &str = "scheduler/scheduler_config.json";
+
+/// Adversarially distilled checkpoints whose model cards prescribe 1–4 steps without guidance.
+/// diffusers' pipeline defaults (50 steps, CFG) would give them broken images.
+const TURBO_REPOS: &[&str] = &["stabilityai/sd-turbo", "stabilityai/sdxl-turbo"];
+/// Steps used by default for turbo checkpoints.
+pub const TURBO_STEPS: usize = 1;
+
+/// How to load a pipeline beyond its own files.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Use this VAE instead of the checkpoint's (e.g. the fp16-fix VAE for SDXL): a diffusers
+    /// `AutoencoderKL` folder/repository (config.json at its root) or a pipeline with `vae/`.
+    pub vae: Option<ModelSource>,
+}
+
+/// A loaded pipeline, ready to generate.
+pub struct StableDiffusionPipeline {
+    name: String,
+    kind: PipelineKind,
+    text: TextConditioner,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    scheduler_config: SchedulerConfig,
+    device: Device,
+    dtype: DType,
+    vae_dtype: DType,
+    defaults: ModelDefaults,
+    family: &'static str,
+    weight_bytes: u64,
+}
+
+impl std::fmt::Debug for StableDiffusionPipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StableDiffusionPipeline")
+            .field("name", &self.name)
+            .field("family", &self.family)
+            .field("device", &self.device)
+            .field("dtype", &self.dtype)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the VAE comes from: the checkpoint's `vae/`, or an override's root or `vae/`.
+fn vae_location(
+    source: &ModelSource,
+    options: &LoadOptions,
+) -> Result<(ModelSource, &'static str)> {
+    match &options.vae {
+        None => Ok((source.clone(), "vae")),
+        Some(v) => {
+            if v.optional_file("config.json")?.is_some() {
+                Ok((v.clone(), ""))
+            } else if v.optional_file("vae/config.json")?.is_some() {
+                Ok((v.clone(), "vae"))
+            } else {
+                Err(Error::MissingFile {
+                    source_name: v.to_string(),
+                    file: "config.json (an AutoencoderKL folder) or vae/config.json (a pipeline)"
+                        .into(),
+                })
+            }
+        }
+    }
+}
+
+impl StableDiffusionPipeline {
+    /// Loads every component of `source` onto `device` (f32 on CPU, f16 on CUDA).
+    pub fn load(source: &ModelSource, device: &Device) -> Result<Self> {
+        Self::load_with(source, device, &LoadOptions::default())
+    }
+
+    /// [`StableDiffusionPipeline::load`] with options (a VAE override).
+    pub fn load_with(source: &ModelSource, device: &Device, options: &LoadOptions) -> Result<Self> {
+        let dtype = working_dtype(device);
+        let Configs {
+            index,
+            kind,
+            unet: unet_cfg,
+            plan,
+            vae_source,
+            vae_folder,
+            vae: vae_cfg,
+            scheduler: scheduler_config,
+            description,
+        } = read_configs(source, options)?;
+        let (text, text_bytes) = TextConditioner::load(source, kind, &index, dtype, device)?;
+        if let Some(spec) = plan.added {
+            let pooled = text.pooled_dim().unwrap_or(0);
+            let expected = spec.text_embeds_dim(6);
+            if expected != Some(pooled) {
+                return Err(Error::unsupported(
+                    "unet/config.json",
+                    "projection_class_embeddings_input_dim",
+                    spec.in_dim.to_string(),
+                    format!(
+                        "expected {pooled} (text_encoder_2 projection_dim) + 6 × \
+                         addition_time_embed_dim {}",
+                        spec.time_embed_dim
+                    ),
+                ));
+            }
+        }
+        let w = weights::load(source, "unet", "diffusion_pytorch_model", dtype, device)?;
+        let unet_bytes = w.bytes;
+        let unet = weights::with_file(&w.file, UNet2DConditionModel::new(&unet_cfg, w.vb))?;
+        // diffusers decodes a `force_upcast` VAE in f32 on half-precision devices (SDXL's VAE
+        // overflows in f16); a fixed VAE (force_upcast false) runs in the working dtype.
+        let vae_dtype = if dtype != DType::F32 && vae_cfg.force_upcast {
+            DType::F32
+        } else {
+            dtype
+        };
+        let w = weights::load(
+            &vae_source,
+            vae_folder,
+            "diffusion_pytorch_model",
+            vae_dtype,
+            device,
+        )?;
+        let vae_bytes = w.bytes;
+        let vae = weights::with_file(&w.file, AutoencoderKL::new(&vae_cfg, w.vb))?;
+
+        let name = match &options.vae {
+            Some(v) => format!("{source} (vae: {v})"),
+            None => source.to_string(),
+        };
+        Ok(Self {
+            name,
+            kind,
+            text,
+            unet,
+            vae,
+            scheduler_config,
+            device: device.clone(),
+            dtype,
+            vae_dtype,
+            defaults: description.defaults,
+            family: description.family,
+            weight_bytes: text_bytes + unet_bytes + vae_bytes,
+        })
+    }
+
+    /// Values used for unset request fields.
+    pub fn defaults(&self) -> &ModelDefaults {
+        &self.defaults
+    }
+
+    /// Model family: `sd1`, `sd2` or `sdxl`.
+    pub fn family(&self) -> &'static str {
+        self.family
+    }
+
+    /// Whether this is an SDXL-family pipeline.
+    pub fn is_xl(&self) -> bool {
+        self.kind == PipelineKind::StableDiffusionXl
+    }
+
+    /// Bytes the loaded weights take on the device (in the dtypes they were loaded in).
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    /// The source this pipeline was loaded from.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Pixels per latent along each axis.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().scale_factor()
+    }
+
+    /// Dtype the VAE runs in (f32 for a `force_upcast` VAE on half-precision devices).
+    pub fn vae_dtype(&self) -> DType {
+        self.vae_dtype
+    }
+
+    /// Token ids of `text` for the first tokenizer, warning when the prompt is cut.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        self.text.encoders()[0].tokenize(text)
+    }
+
+    /// Cross-attention context for a batch of prompts `[B, 77, D]` (SDXL: both encoders'
+    /// penultimate states concatenated).
+    pub fn encode_text(&self, prompts: &[&str]) -> Result<Tensor> {
+        Ok(self.text.encode(prompts, &self.device)?.context)
+    }
+
+    /// Context and (SDXL) pooled embedding for a batch of prompts.
+    pub fn encode_prompts_full(&self, prompts: &[&str]) -> Result<PromptEmbeddings> {
+        self.text.encode(prompts, &self.device)
+    }
+
+    /// The text encoders, for component tests.
+    pub fn text_conditioner(&self) -> &TextConditioner {
+        &self.text
+    }
+
+    /// The UNet, for component tests and benchmarks.
+    pub fn unet(&self) -> &UNet2DConditionModel {
+        &self.unet
+    }
+
+    /// The VAE, for component tests and benchmarks.
+    pub fn vae(&self) -> &AutoencoderKL {
+        &self.vae
+    }
+
+    /// The device the pipeline runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+/// What a checkpoint is and the defaults it applies, known from its config files alone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelDescription {
+    /// `sd1`, `sd2` or `sdxl`.
+    pub family: &'static str,
+    /// Values used for unset request fields.
+    pub defaults: ModelDefaults,
+}
+
+/// Every config file of a pipeline, parsed and checked against each other.
+struct Configs {
+    index: ModelIndex,
+    kind: PipelineKind,
+    unet: UNetConfig,
+    plan: UNetPlan,
+    vae_source: ModelSource,
+    vae_folder: &'static str,
+    vae: VaeConfig,
+    scheduler: SchedulerConfig,
+    description: ModelDescription,
+}
+
+fn read_configs(source: &ModelSource, options: &LoadOptions) -> Result<Configs> {
+    let index: ModelIndex = read_json(&source.file("model_index.json")?, "model_index.json")?;
+    let kind = index.validate()?;
+    let unet: UNetConfig = read_json(&source.file("unet/config.json")?, "unet/config.json")?;
+    let plan = unet.plan()?;
+    match (kind, plan.added) {
+        (PipelineKind::StableDiffusionXl, None) => {
+            return Err(Error::unsupported(
+                "unet/config.json",
+                "addition_embed_type",
+                "null",
+                "an SDXL pipeline's UNet needs \"text_time\" conditioning",
+            ))
+        }
+        (PipelineKind::StableDiffusion, Some(_)) => {
+            return Err(Error::unsupported(
+                "unet/config.json",
+                "addition_embed_type",
+                "\"text_time\"",
+                "a StableDiffusionPipeline cannot feed text_time conditioning; \
+                 model_index.json should name StableDiffusionXLPipeline",
+            ))
+        }
+        _ => {}
+    }
+    let (vae_source, vae_folder) = vae_location(source, options)?;
+    let vae_cfg_file = if vae_folder.is_empty() {
+        "config.json".to_string()
+    } else {
+        format!("{vae_folder}/config.json")
+    };
+    let vae: VaeConfig = read_json(&vae_source.file(&vae_cfg_file)?, &vae_cfg_file)?;
+    vae.validate()?;
+    let sched_text =
+        std::fs::read_to_string(source.file(SCHEDULER_FILE)?).map_err(|e| Error::Config {
+            file: SCHEDULER_FILE.into(),
+            reason: e.to_string(),
+        })?;
+    let scheduler = SchedulerConfig::from_json_str(&sched_text, SCHEDULER_FILE)?;
+    let te: ClipTextConfig = read_json(
+        &source.file("text_encoder/config.json")?,
+        "text_encoder/config.json",
+    )?;
+    let family = match kind {
+        PipelineKind::StableDiffusionXl => "sdxl",
+        // SD 2.x text encoders (OpenCLIP ViT-H) use exact GELU, SD 1.x (OpenAI CLIP) quick GELU.
+        PipelineKind::StableDiffusion if te.hidden_act == "gelu" => "sd2",
+        PipelineKind::StableDiffusion => "sd1",
+    };
+    let size = unet.sample_size.unwrap_or(match kind {
+        PipelineKind::StableDiffusionXl => 128,
+        PipelineKind::StableDiffusion => 64,
+    }) * vae.scale_factor();
+    let turbo =
+        matches!(source, ModelSource::Hub { repo, .. } if TURBO_REPOS.contains(&repo.as_str()));
+    let defaults = ModelDefaults {
+        width: size,
+        height: size,
+        steps: if turbo { TURBO_STEPS } else { DEFAULT_STEPS },
+        guidance_scale: match kind {
+            _ if turbo => 0.0,
+            PipelineKind::StableDiffusionXl => DEFAULT_GUIDANCE_XL,
+            PipelineKind::StableDiffusion => DEFAULT_GUIDANCE,
+        },
+        scheduler: scheduler.native_kind().unwrap_or(scheduler::FALLBACK),
+    };
+    Ok(Configs {
+        index,
+        kind,
+        unet,
+        plan,
+        vae_source,
+        vae_folder,
+        vae,
+        scheduler,
+        description: ModelDescription { family, defaults },
+    })
+}
+
+/// Family and defaults of `source` from its config files, without loading any weights.
+pub fn describe(source: &ModelSource, options: &LoadOptions) -> Result<ModelDescription> {
+    Ok(read_configs(source, options)?.description)
+}
+
+/// Estimates the bytes `source` will take once loaded on `device`, from the weight files'
+/// headers alone (nothing is loaded). Used to make room in a memory-budgeted cache first.
+pub fn estimate_loaded_bytes(
+    source: &ModelSource,
+    device: &Device,
+    options: &LoadOptions,
+) -> Result<u64> {
+    let dtype = working_dtype(device);
+    let configs = read_configs(source, options)?;
+    let mut parts: Vec<(ModelSource, String, DType)> = vec![
+        (source.clone(), "text_encoder/model".into(), dtype),
+        (source.clone(), "unet/diffusion_pytorch_model".into(), dtype),
+    ];
+    if configs.kind == PipelineKind::StableDiffusionXl {
+        parts.push((source.clone(), "text_encoder_2/model".into(), dtype));
+    }
+    let vae_folder = configs.vae_folder;
+    let vae_dtype = if dtype != DType::F32 && configs.vae.force_upcast {
+        DType::F32
+    } else {
+        dtype
+    };
+    let vae_source = configs.vae_source;
+    let vae_stem = if vae_folder.is_empty() {
+        "diffusion_pytorch_model".to_string()
+    } else {
+        format!("{vae_folder}/diffusion_pytorch_model")
+    };
+    parts.push((vae_source, vae_stem, vae_dtype));
+    let mut total = 0;
+    for (src, stem, dt) in parts {
+        let path = src.first_of(&[
+            &format!("{stem}.safetensors"),
+            &format!("{stem}.fp16.safetensors"),
+        ])?;
+        total += weights::loaded_bytes(&path, dt).map_err(|reason| Error::Config {
+            file: format!("{stem}.safetensors"),
+            reason,
+        })?;
+    }
+    Ok(total)
+}
+
+/// A fresh seed when the request has none.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() >> 1
+}
