@@ -8,47 +8,16 @@
 //! real mistake (a wrong activation, head count, norm epsilon or skip order moves outputs by
 //! 1e-2 or more).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use jhakaas_model_manager::config::{read_json, UNetConfig, VaeConfig};
 use jhakaas_model_manager::tokenizer::ClipTokenizer;
 use jhakaas_model_manager::unet::UNet2DConditionModel;
 use jhakaas_model_manager::vae::AutoencoderKL;
 use jhakaas_model_manager::{ModelSource, StableDiffusionPipeline};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
-const TEXT_TOL: f32 = 2e-5;
-const UNET_TOL: f32 = 2e-5;
-const VAE_TOL: f32 = 5e-5;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn load(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
-    d.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn assert_close(what: &str, ours: &Tensor, theirs: &Tensor, tol: f32) {
-    let d = max_abs_diff(ours, theirs);
-    eprintln!("{what}: max |diff| = {d:.3e} (tolerance {tol:.0e})");
-    assert!(d <= tol, "{what}: max |diff| {d} > {tol}");
-}
+mod common;
+use common::*;
 
 fn pipeline(name: &str) -> StableDiffusionPipeline {
     let dir = fixtures().join("models").join(name);
