@@ -10,6 +10,8 @@ pub const ALIASES: &[(&str, &str)] = &[
     ("sd-1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
     ("sd-2.1", "stabilityai/stable-diffusion-2-1"),
     ("sd-turbo", "stabilityai/sd-turbo"),
+    ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0"),
+    ("sdxl-turbo", "stabilityai/sdxl-turbo"),
 ];
 
 /// A resolved model source.

@@ -22,6 +22,11 @@ impl TestServer {
     /// Starts `serve` with `args` (listen addresses and `--device cpu` are added) and waits
     /// until it prints its addresses.
     pub fn start(args: &[&str]) -> TestServer {
+        Self::start_with_env(args, &[])
+    }
+
+    /// [`TestServer::start`] with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &std::path::Path)]) -> TestServer {
         let dir = std::env::temp_dir().join(format!("jhakaas-tests-{}-logs", std::process::id()));
         std::fs::create_dir_all(&dir).expect("log dir");
         let log = dir.join(format!("serve-{}.log", unique()));
@@ -38,6 +43,7 @@ impl TestServer {
             .args(args)
             .env("HF_HUB_OFFLINE", "1")
             .env("JHAKAAS_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()

@@ -101,3 +101,23 @@ fn the_server_refuses_to_start_on_an_incomplete_default_model_offline() {
         "{stderr}"
     );
 }
+
+#[test]
+fn sdxl_needs_its_second_encoder_and_a_lone_vae_checks_as_one() {
+    let hub = scratch_dir("fetch-check-xl");
+    lay_out_hf_cache(&hub, "jhakaas/sdxl-tiny", "sdxl-tiny");
+    lay_out_hf_cache(&hub, "jhakaas/sdxl-vae", "sdxl-tiny/vae");
+    let ok = fetch_check(&hub, &["jhakaas/sdxl-tiny", "jhakaas/sdxl-vae"]);
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{stdout}");
+    assert_eq!(stdout.matches("ok jhakaas/").count(), 2, "{stdout}");
+
+    let snap = snapshot(&hub, "jhakaas/sdxl-tiny");
+    std::fs::remove_file(snap.join("text_encoder_2/model.safetensors")).unwrap();
+    std::fs::remove_file(snap.join("tokenizer_2/merges.txt")).unwrap();
+    let out = fetch_check(&hub, &["jhakaas/sdxl-tiny"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(text.contains("text_encoder_2/model.safetensors"), "{text}");
+    assert!(text.contains("tokenizer_2/vocab.json"), "{text}");
+}

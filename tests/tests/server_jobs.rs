@@ -548,7 +548,8 @@ async fn models_load_lazily_and_the_least_recently_used_is_evicted() {
         before,
         vec![
             ("sd1".into(), true, "sd1".into()),
-            ("sd2".into(), false, String::new())
+            // Family and defaults come from the config files, before any weights load.
+            ("sd2".into(), false, "sd2".into())
         ]
     );
 

@@ -229,3 +229,58 @@ fn copy_recursively(from: &Path, to: &Path) {
         std::fs::copy(from, to).unwrap();
     }
 }
+
+#[test]
+fn size_conditioning_is_refused_for_sd_and_malformed_sizes_are_named() {
+    assert_fails_with(
+        &generate(&["--original-size", "1024x1024"]),
+        &["invalid original_size", "SDXL"],
+    );
+    let xl = fixture("sdxl-tiny");
+    let xl = xl.to_str().unwrap();
+    assert_fails_with(
+        &generate(&["--model", xl, "--target-size", "1024"]),
+        &["invalid target_size", "WIDTHxHEIGHT"],
+    );
+    assert_fails_with(
+        &generate(&["--model", xl, "--crop-top-left", "a,b"]),
+        &["invalid crop_top_left", "TOP,LEFT"],
+    );
+    assert_fails_with(
+        &generate(&["--model", xl, "--original-size", "0x512"]),
+        &["invalid original_size"],
+    );
+}
+
+#[test]
+fn a_vae_override_without_a_config_names_what_is_missing() {
+    let empty = std::env::temp_dir().join(format!("jhakaas-empty-vae-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    assert_fails_with(
+        &generate(&["--vae", empty.to_str().unwrap()]),
+        &["config.json", &empty.display().to_string()],
+    );
+    assert_fails_with(&generate(&["--vae", "not a source"]), &["invalid vae"]);
+}
+
+#[test]
+fn sdxl_unets_without_text_time_conditioning_are_refused() {
+    let dir = std::env::temp_dir().join(format!("jhakaas-xl-no-add-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_recursively(&fixture("sdxl-tiny"), &dir);
+    let cfg_path = dir.join("unet/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["addition_embed_type"] = serde_json::Value::Null;
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    assert_fails_with(
+        &generate(&["--model", dir.to_str().unwrap()]),
+        &["unet/config.json", "addition_embed_type", "text_time"],
+    );
+    cfg["addition_embed_type"] = "image".into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    assert_fails_with(
+        &generate(&["--model", dir.to_str().unwrap()]),
+        &["addition_embed_type", "image"],
+    );
+}
