@@ -27,7 +27,7 @@ for d in "${divergences[@]}"; do
   echo "== $name"
   log=$(mktemp)
   (cd "$scratch" && cargo test -p jhakaas-model-manager --test parity_xl \
-      && cargo test -p jhakaas-tests --test generate_parity -- sdxl sd_turbo) >"$log" 2>&1 || true
+      ; cargo test -p jhakaas-tests --test generate_parity -- sdxl sd_turbo) >"$log" 2>&1 || true
   failed=$(grep -E "^test .* FAILED$|^error\[" "$log" | sed 's/^test /   FAILS: /; s/ \.\.\. FAILED$//' || true)
   if [ -z "$failed" ]; then echo "   NOT CAUGHT"; else echo "$failed"; fi
   grep -E "max \|diff\| [0-9.e+-]+ >|cases off diffusers" "$log" | head -4 | sed 's/^/      /' || true

@@ -100,7 +100,7 @@ def svg(cases: list[dict], path: Path, title: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="sd15", choices=["sd15", "sd21"])
+    ap.add_argument("--arch", default="sd15", choices=["sd15", "sd21", "sdxl"])
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--runs", type=int, default=2, help="timed jobs per process, after one warm-up")

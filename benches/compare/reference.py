@@ -3,6 +3,7 @@
 Prints one JSON line: cold start (process start to first image), then per timed run the
 end-to-end job, text encode, each UNet call and the VAE decode, plus peak RSS. The image of
 the last run is written for the parity check.
+Works for SD 1.x/2.x and SDXL pipelines (both text encoders count as text encode).
 Usage: python reference.py MODEL_DIR LATENTS PROMPT STEPS SIZE RUNS OUT_PNG START_EPOCH [DEVICE]
 DEVICE is cpu (float32) or cuda (float16), like jhakaas-worker's working precision.
 """
@@ -13,7 +14,7 @@ import time
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -23,7 +24,10 @@ device = sys.argv[9] if len(sys.argv) > 9 else "cpu"
 steps, size, runs = int(steps), int(size), int(runs)
 dtype = torch.float16 if device == "cuda" else torch.float32
 torch.set_grad_enabled(False)
-pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None).to(device)
+pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None).to(device)
+# Both sides run DDIM from the checkpoint's own scheduler config.
+pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+xl = hasattr(pipe, "text_encoder_2")
 pipe.set_progress_bar_config(disable=True)
 latents = load_file(latents_path)["latents"]
 stage = {}
@@ -49,6 +53,8 @@ def timed(module, name, method="forward"):
 
 
 timed(pipe.text_encoder, "text_encode")
+if xl:
+    timed(pipe.text_encoder_2, "text_encode")
 timed(pipe.unet, "unet_step")
 timed(pipe.vae, "vae_decode", "decode")
 

@@ -1,7 +1,7 @@
 """Replays every committed fixture case through a jhakaas-worker binary on a device and
 reports the difference to diffusers' image (the CPU/f32 reference) per case.
 
-Usage: python fixture_parity.py BINARY DEVICE
+Usage: python fixture_parity.py BINARY DEVICE [PIPELINE...]
 """
 import json
 import pathlib
@@ -14,7 +14,8 @@ from PIL import Image
 root = pathlib.Path(__file__).resolve().parents[2]
 binary, device = sys.argv[1], sys.argv[2]
 worst = (0.0, 0)
-for pipeline in ["sd1-tiny", "sd2-tiny"]:
+pipelines = sys.argv[3:] or ["sd1-tiny", "sd2-tiny", "sdxl-tiny", "sdxl-turbo-tiny", "sd-turbo-tiny"]
+for pipeline in pipelines:
     ref = root / "tests/fixtures/reference" / pipeline
     for case in json.loads((ref / "cases.json").read_text()):
         out = pathlib.Path(f"/tmp/gpu-{pipeline}-{case['name']}.png")
@@ -25,6 +26,12 @@ for pipeline in ["sd1-tiny", "sd2-tiny"]:
                 "--latents", str(ref / case["noise"]), "--device", device, "--seed", "0", "--output", str(out)]
         if case["negative_prompt"] is not None:
             args += ["--negative-prompt", case["negative_prompt"]]
+        if case.get("original_size"):
+            args += ["--original-size", "{1}x{0}".format(*case["original_size"])]
+        if case.get("crops_coords_top_left"):
+            args += ["--crop-top-left", "{0},{1}".format(*case["crops_coords_top_left"])]
+        if case.get("target_size"):
+            args += ["--target-size", "{1}x{0}".format(*case["target_size"])]
         if case["init_image"]:
             args += ["--init-image", str(ref / case["init_image"]), "--strength", str(case["strength"])]
         r = subprocess.run(args, capture_output=True, text=True)
