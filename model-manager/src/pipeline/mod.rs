@@ -242,6 +242,20 @@ impl StableDiffusionPipeline {
     }
 }
 
+/// Whether `source` is a known turbo checkpoint: by hub id, or a folder inside an HF cache
+/// entry of one (`…/models--stabilityai--sd-turbo/snapshots/<commit>`).
+fn is_turbo(source: &ModelSource) -> bool {
+    match source {
+        ModelSource::Hub { repo, .. } => TURBO_REPOS.contains(&repo.as_str()),
+        ModelSource::Local(path) => path.components().any(|c| {
+            let c = c.as_os_str().to_string_lossy();
+            TURBO_REPOS
+                .iter()
+                .any(|r| c == format!("models--{}", r.replace('/', "--")))
+        }),
+    }
+}
+
 /// What a checkpoint is and the defaults it applies, known from its config files alone.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelDescription {
@@ -317,8 +331,7 @@ fn read_configs(source: &ModelSource, options: &LoadOptions) -> Result<Configs> 
         PipelineKind::StableDiffusionXl => 128,
         PipelineKind::StableDiffusion => 64,
     }) * vae.scale_factor();
-    let turbo =
-        matches!(source, ModelSource::Hub { repo, .. } if TURBO_REPOS.contains(&repo.as_str()));
+    let turbo = is_turbo(source);
     let defaults = ModelDefaults {
         width: size,
         height: size,
@@ -402,4 +415,25 @@ fn random_seed() -> u64 {
             .unwrap_or(0),
     );
     h.finish() >> 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn turbo_checkpoints_are_known_by_hub_id_and_by_hf_cache_path() {
+        assert!(is_turbo(
+            &ModelSource::parse("stabilityai/sdxl-turbo").unwrap()
+        ));
+        assert!(is_turbo(&ModelSource::Local(
+            "/hf/hub/models--stabilityai--sd-turbo/snapshots/abc".into()
+        )));
+        assert!(!is_turbo(
+            &ModelSource::parse("stabilityai/stable-diffusion-2-1").unwrap()
+        ));
+        assert!(!is_turbo(&ModelSource::Local(
+            "/models/sd-turbo-copy".into()
+        )));
+    }
 }

@@ -93,11 +93,11 @@ impl ModelTable {
     /// Fills in family and defaults from the config files of every model whose files are
     /// already on disk (never downloads), so `ListModels` shows them before the first load.
     pub fn describe_available(&self) {
+        let on_disk = |source: &ModelSource| {
+            jhakaas_model_manager::fetch::check(source).is_ok_and(|r| r.is_complete())
+        };
         for spec in &self.specs {
-            let complete = jhakaas_model_manager::fetch::check(&spec.source)
-                .map(|r| r.is_complete())
-                .unwrap_or(false);
-            if !complete {
+            if !on_disk(&spec.source) || spec.vae.as_ref().is_some_and(|v| !on_disk(v)) {
                 continue;
             }
             match describe(&spec.source, &spec.load_options()) {
