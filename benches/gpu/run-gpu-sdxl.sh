@@ -11,18 +11,10 @@
 #      only by f16 rounding.
 # Results land in $OUT.
 set -uo pipefail
-OUT="${OUT:-/tmp/gpu-out}"
 cd "$(dirname "$0")/../.."
-mkdir -p "$OUT" .gpu/bin
-for f in .gpu/*.xz; do
-  python3 -c "import lzma,sys;open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$f" ".gpu/bin/$(basename "$f" .xz)"
-done
-chmod +x .gpu/bin/*
+# shellcheck source=benches/gpu/env.sh
+. benches/gpu/env.sh
 BIN="$PWD/.gpu/bin/jhakaas-worker"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/*.whl && export PYTHONPATH=/tmp/site
-NV="$(python3 -c 'import nvidia,os;print(list(nvidia.__path__)[0])')"
-LIBS="$(find "$NV" -name 'lib*.so*' -printf '%h\n' | sort -u | tr '\n' ':')"
-export LD_LIBRARY_PATH="${LIBS}/usr/local/nvidia/lib64:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch,diffusers,transformers;print('torch',torch.__version__,'diffusers',diffusers.__version__,'transformers',transformers.__version__)"

@@ -176,25 +176,7 @@ fn sdxl_vae_matches_diffusers_and_keeps_its_scaling_factor() {
                 .join(name)
                 .join("vae.safetensors"),
         );
-        assert_close(
-            &format!("{name} vae decode"),
-            &p.vae().decode(&r["decode_in"]).unwrap(),
-            &r["decode_out"],
-            VAE_TOL,
-        );
-        assert_close(
-            &format!("{name} vae decode non-square"),
-            &p.vae().decode(&r["decode_nonsquare_in"]).unwrap(),
-            &r["decode_nonsquare_out"],
-            VAE_TOL,
-        );
-        let dist = p.vae().encode(&r["encode_in"]).unwrap();
-        assert_close(
-            &format!("{name} vae encode mean"),
-            &dist.mean,
-            &r["encode_mean"],
-            VAE_TOL,
-        );
+        check_vae(name, p.vae(), &r);
     }
 }
 

@@ -36,3 +36,37 @@ pub fn assert_close(what: &str, ours: &Tensor, theirs: &Tensor, tol: f32) {
     eprintln!("{what}: max |diff| = {d:.3e} (tolerance {tol:.0e})");
     assert!(d <= tol, "{what}: max |diff| {d} > {tol}");
 }
+
+/// Checks a VAE against a reference file with decode_in/out, decode_nonsquare_in/out,
+/// encode_in/mean/logvar.
+pub fn check_vae(
+    name: &str,
+    vae: &jhakaas_model_manager::vae::AutoencoderKL,
+    r: &HashMap<String, Tensor>,
+) {
+    assert_close(
+        &format!("{name} vae decode"),
+        &vae.decode(&r["decode_in"]).unwrap(),
+        &r["decode_out"],
+        VAE_TOL,
+    );
+    assert_close(
+        &format!("{name} vae decode non-square"),
+        &vae.decode(&r["decode_nonsquare_in"]).unwrap(),
+        &r["decode_nonsquare_out"],
+        VAE_TOL,
+    );
+    let dist = vae.encode(&r["encode_in"]).unwrap();
+    assert_close(
+        &format!("{name} vae encode mean"),
+        &dist.mean,
+        &r["encode_mean"],
+        VAE_TOL,
+    );
+    assert_close(
+        &format!("{name} vae encode logvar"),
+        &dist.logvar,
+        &r["encode_logvar"],
+        VAE_TOL,
+    );
+}
