@@ -23,7 +23,7 @@ BIN="$PWD/.gpu/bin/jhakaas-worker"
 cat "$OUT/env.txt"
 
 echo "== fixture cases on the GPU (f16) vs diffusers (CPU f32)"
-python3 benches/gpu/fixture_parity.py "$BIN" cuda > "$OUT/fixture-parity.txt" 2>&1
+python3 benches/gpu/fixture_parity.py "$BIN" cuda ${FIXTURE_PIPELINES:-sdxl-tiny sdxl-turbo-tiny sd-turbo-tiny} > "$OUT/fixture-parity.txt" 2>&1
 grep -E "FAILED|worst" "$OUT/fixture-parity.txt"; grep -E "^sdxl|^sd-turbo" "$OUT/fixture-parity.txt" | sort -t' ' -k5 -n | tail -n 3
 
 echo "== SDXL architecture, random weights, 1024x1024, 20 DDIM steps, CFG 7.5, fp16"
