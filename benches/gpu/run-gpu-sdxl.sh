@@ -2,7 +2,7 @@
 # SDXL on a lent GPU machine, in one call (binaries from build-cuda-binary.sh and the diffusers
 # wheels carried in .gpu/):
 #   1. the SDXL-family and turbo fixture cases replayed on the GPU in f16 vs diffusers' CPU f32
-#      images (SD 1.x/2.x cases too, as a regression check);
+#      images (FIXTURE_PIPELINES="sd1-tiny …" adds the SD 1.x/2.x ones);
 #   2. an SDXL base 1.0-architecture pipeline with random weights (make_model.py --arch sdxl,
 #      initialised on the GPU): diffusers fp16 vs ours fp16 on the same files and latents,
 #      1024x1024, 20 DDIM steps, CFG 7.5 — timings per stage, cold start, RSS, gRPC, parity;
