@@ -92,12 +92,13 @@ def main() -> None:
     ap.add_argument("--arch", default="sd15", choices=["sd15", "sd21", "sdxl"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--fp16", action="store_true", help="store fp16 weights (always on a GPU)")
     a = ap.parse_args()
     shutil.rmtree(a.out, ignore_errors=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         pipe = build(a.arch, a.tokenizer)
-    if device == "cuda":
+    if device == "cuda" or a.fp16:
         pipe.to(torch.float16)  # what a published checkpoint's fp16 files hold
     pipe.save_pretrained(a.out, safe_serialization=True)
     print(f"wrote {a.arch} to {a.out}")
