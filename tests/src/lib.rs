@@ -13,9 +13,10 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
-/// Path of the `jhakaas-worker` binary of this build. `cargo test --workspace` builds it next
-/// to the test executables (the worker package has integration tests); when a test is run on
-/// its own the binary is built first with the same cargo and profile.
+/// Path of the `jhakaas-worker` binary of this build, (re)built once per test process with the
+/// same cargo and profile: a binary left over from an older build must never be what the
+/// tests exercise (`cargo test -p jhakaas-tests` alone does not rebuild it). Set
+/// `JHAKAAS_WORKER_BIN` to test a given binary instead.
 pub fn worker_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -28,16 +29,26 @@ pub fn worker_binary() -> PathBuf {
             .and_then(Path::parent)
             .expect("target/<profile>/deps");
         let bin = profile_dir.join(format!("jhakaas-worker{}", std::env::consts::EXE_SUFFIX));
-        if !bin.is_file() {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "-p", "jhakaas-worker", "--bin", "jhakaas-worker"]);
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().expect("running cargo build");
-            assert!(status.success(), "building jhakaas-worker failed");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "jhakaas-worker",
+            "--bin",
+            "jhakaas-worker",
+        ]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
         }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "building jhakaas-worker failed");
+        assert!(
+            bin.is_file(),
+            "cargo build did not produce {}",
+            bin.display()
+        );
         bin
     })
     .clone()
