@@ -29,7 +29,8 @@ async fn a_python_grpcio_client_can_use_every_part_of_the_api() {
     assert!(status.success(), "protoc failed");
 
     let model = fixture_model("tiny", "sd1-tiny");
-    let server = TestServer::start(&["--model", &model]);
+    let xl = fixture_model("xl", "sdxl-tiny");
+    let server = TestServer::start(&["--model", &model, "--model", &xl]);
     server.wait_ready().await;
     let out = Command::new(&python)
         .arg(root.join("tests/python/worker_client.py"))
