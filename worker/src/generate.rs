@@ -39,10 +39,11 @@ pub struct GenerateArgs {
     /// Height in pixels, a multiple of 8 (default: the model's).
     #[arg(long)]
     height: Option<usize>,
-    /// Denoising steps (default 50).
+    /// Denoising steps (default: the model's; 50, or 1 for the turbo checkpoints).
     #[arg(long)]
     steps: Option<usize>,
-    /// Classifier-free guidance scale; ≤ 1 skips the unconditional pass (default 7.5).
+    /// Classifier-free guidance scale; ≤ 1 skips the unconditional pass (default: the model's;
+    /// 7.5 for SD, 5.0 for SDXL, 0 for the turbo checkpoints).
     #[arg(long)]
     guidance_scale: Option<f64>,
     /// ddim, euler, euler-a, dpmpp-2m or dpmpp-2m-karras (default: the checkpoint's own).
