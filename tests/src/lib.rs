@@ -13,10 +13,11 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
-/// Path of the `jhakaas-worker` binary of this build, (re)built once per test process with the
-/// same cargo and profile: a binary left over from an older build must never be what the
-/// tests exercise (`cargo test -p jhakaas-tests` alone does not rebuild it). Set
-/// `JHAKAAS_WORKER_BIN` to test a given binary instead.
+/// Path of the `jhakaas-worker` binary of this build. `cargo test --workspace` builds it next
+/// to the test executables; when it is missing, or older than any source it is built from
+/// (`cargo test -p jhakaas-tests` alone does not rebuild it), it is built first with the same
+/// cargo and profile, so the tests never exercise a stale binary. `JHAKAAS_WORKER_BIN` names
+/// another binary to test instead.
 pub fn worker_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -29,29 +30,55 @@ pub fn worker_binary() -> PathBuf {
             .and_then(Path::parent)
             .expect("target/<profile>/deps");
         let bin = profile_dir.join(format!("jhakaas-worker{}", std::env::consts::EXE_SUFFIX));
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "jhakaas-worker",
-            "--bin",
-            "jhakaas-worker",
-        ]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
+        let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+        if built.is_none_or(|t| t < newest_worker_source()) {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "-p", "jhakaas-worker", "--bin", "jhakaas-worker"]);
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("running cargo build");
+            assert!(status.success(), "building jhakaas-worker failed");
         }
-        let status = cmd.status().expect("running cargo build");
-        assert!(status.success(), "building jhakaas-worker failed");
-        assert!(
-            bin.is_file(),
-            "cargo build did not produce {}",
-            bin.display()
-        );
         bin
     })
     .clone()
+}
+
+/// Modification time of the newest file the worker binary is built from.
+fn newest_worker_source() -> std::time::SystemTime {
+    fn walk(dir: &Path, newest: &mut std::time::SystemTime) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, newest);
+            } else if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
+                *newest = (*newest).max(t);
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    for crate_dir in ["worker", "model-manager", "proto"] {
+        for part in ["src", "Cargo.toml", "build.rs", "jhakaas"] {
+            let p = root.join(crate_dir).join(part);
+            if p.is_dir() {
+                walk(&p, &mut newest);
+            } else if let Ok(t) = std::fs::metadata(&p).and_then(|m| m.modified()) {
+                newest = newest.max(t);
+            }
+        }
+    }
+    for f in ["Cargo.toml", "Cargo.lock"] {
+        if let Ok(t) = std::fs::metadata(root.join(f)).and_then(|m| m.modified()) {
+            newest = newest.max(t);
+        }
+    }
+    newest
 }
 
 /// Runs the worker binary with `args`, returning its output.

@@ -388,14 +388,14 @@ async fn every_bad_field_is_invalid_argument_naming_it() {
         (
             "guidance_scale",
             pb::GenerateRequest {
-                guidance_scale: Some(f32::NAN),
+                guidance_scale: f32::NAN,
                 ..ok.clone()
             },
         ),
         (
             "guidance_scale",
             pb::GenerateRequest {
-                guidance_scale: Some(-1.0),
+                guidance_scale: -1.0,
                 ..ok.clone()
             },
         ),

@@ -190,10 +190,10 @@ async fn turbo_checkpoints_default_to_one_step_without_guidance() {
         }
     }
     assert_eq!(steps, vec![(1, 1)]);
-    // An explicit guidance of 0 is honoured for any model, not read as "unset".
-    let mut zero = request("turbo", "a lighthouse", 2);
-    zero.guidance_scale = Some(0.0);
-    generate(&mut client, zero).await.expect("guidance 0 runs");
+    // Guidance 1 turns CFG off on any model (0 is "the model's default").
+    let mut one = request("turbo", "a lighthouse", 2);
+    one.guidance_scale = 1.0;
+    generate(&mut client, one).await.expect("guidance 1 runs");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -102,13 +102,12 @@ pub fn job_request(
             ),
         ));
     }
-    if let Some(g) = req.guidance_scale {
-        if !g.is_finite() || !(0.0..=50.0).contains(&g) {
-            return Err(invalid(
-                "guidance_scale",
-                format!("{g} is not a finite number in [0, 50]"),
-            ));
-        }
+    let g = req.guidance_scale;
+    if !g.is_finite() || !(0.0..=50.0).contains(&g) {
+        return Err(invalid(
+            "guidance_scale",
+            format!("{g} is not a finite number in [0, 50]"),
+        ));
     }
     let size_conditioning = size_conditioning(req.size_conditioning.as_ref())?;
     if size_conditioning.is_set() {
@@ -184,7 +183,7 @@ pub fn job_request(
             width: non_zero(req.width),
             height: non_zero(req.height),
             steps: non_zero(req.steps),
-            guidance_scale: req.guidance_scale.map(f64::from),
+            guidance_scale: (g != 0.0).then_some(g as f64),
             scheduler,
             seed: req.seed,
             num_images: req.num_images.max(1) as usize,
