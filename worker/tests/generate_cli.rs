@@ -284,3 +284,19 @@ fn sdxl_unets_without_text_time_conditioning_are_refused() {
         &["addition_embed_type", "image"],
     );
 }
+
+#[test]
+fn a_unet_attending_to_another_width_than_the_text_encoders_is_named() {
+    let dir = std::env::temp_dir().join(format!("jhakaas-xl-width-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_recursively(&fixture("sdxl-tiny"), &dir);
+    let cfg_path = dir.join("unet/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["cross_attention_dim"] = 48.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    assert_fails_with(
+        &generate(&["--model", dir.to_str().unwrap()]),
+        &["unet/config.json", "cross_attention_dim", "48", "64-wide"],
+    );
+}

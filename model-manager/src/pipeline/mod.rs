@@ -114,6 +114,27 @@ impl StableDiffusionPipeline {
             description,
         } = read_configs(source, options)?;
         let (text, text_bytes) = TextConditioner::load(source, kind, &index, dtype, device)?;
+        let context_dim: usize = text
+            .encoders()
+            .iter()
+            .map(|e| e.model().hidden_size())
+            .sum();
+        let attended: Vec<usize> = plan
+            .down
+            .iter()
+            .chain(&plan.up)
+            .filter(|b| b.kind == crate::config::BlockKind::CrossAttn)
+            .map(|b| b.cross_attention_dim)
+            .chain(plan.mid.map(|(_, _, dim)| dim))
+            .collect();
+        if let Some(bad) = attended.iter().find(|&&d| d != context_dim) {
+            return Err(Error::unsupported(
+                "unet/config.json",
+                "cross_attention_dim",
+                bad.to_string(),
+                format!("the text encoders produce {context_dim}-wide states"),
+            ));
+        }
         if let Some(spec) = plan.added {
             let pooled = text.pooled_dim().unwrap_or(0);
             let expected = spec.text_embeds_dim(6);
