@@ -86,13 +86,18 @@ async fn start_hub() -> (Hub, String) {
     files.insert("README.md".into(), b"# model card".to_vec());
     files.insert("v1-5-pruned.ckpt".into(), vec![0u8; 4096]);
     files.insert("unet/diffusion_pytorch_model.bin".into(), vec![0u8; 4096]);
+    serve_repo("jhakaas/mock", files).await
+}
+
+/// Serves `files` as hub repository `repo` on a loopback port.
+async fn serve_repo(repo: &str, files: BTreeMap<String, Vec<u8>>) -> (Hub, String) {
     let hub = Hub {
         files: Arc::new(files),
         requested: Arc::default(),
     };
     let app = axum::Router::new()
-        .route("/api/models/jhakaas/mock/revision/main", get(listing))
-        .route("/jhakaas/mock/resolve/main/{*path}", get(resolve))
+        .route(&format!("/api/models/{repo}/revision/main"), get(listing))
+        .route(&format!("/{repo}/resolve/main/{{*path}}"), get(resolve))
         .with_state(hub.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
@@ -235,5 +240,90 @@ async fn generate_on_an_uncached_hub_id_downloads_lazily() {
     assert!(
         !requested.iter().any(|f| f.ends_with(".ckpt")),
         "{requested:?}"
+    );
+}
+
+/// `fetch sdxl-turbo` resolves the alias, takes both text encoders and both tokenizers in the
+/// fp16 variant where the repository has one, and the model then runs offline with the turbo
+/// defaults (one step, no guidance).
+#[tokio::test(flavor = "multi_thread")]
+async fn fetch_an_sdxl_alias_takes_both_encoders_in_fp16_and_runs_with_turbo_defaults() {
+    let mut files = BTreeMap::new();
+    collect(&fixtures().join("models/sdxl-turbo-tiny"), "", &mut files);
+    // Like the real repository: fp16 variants next to the full-precision weights.
+    let weights: Vec<String> = files
+        .keys()
+        .filter(|k| k.ends_with(".safetensors"))
+        .cloned()
+        .collect();
+    for w in weights {
+        let data = files[&w].clone();
+        files.insert(w.replace(".safetensors", ".fp16.safetensors"), data);
+    }
+    files.insert("sd_xl_turbo_1.0.safetensors".into(), vec![0u8; 4096]);
+    let (hub, endpoint) = serve_repo("stabilityai/sdxl-turbo", files).await;
+    let cache = scratch_dir("fetch-sdxl-turbo");
+    let run = |args: Vec<String>, offline: bool| {
+        let (cache, endpoint) = (cache.clone(), endpoint.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = std::process::Command::new(worker_binary());
+            cmd.args(args).env("HF_HUB_CACHE", &cache);
+            if offline {
+                cmd.env("HF_HUB_OFFLINE", "1");
+            } else {
+                cmd.env("HF_ENDPOINT", &endpoint)
+                    .env_remove("HF_HUB_OFFLINE");
+            }
+            cmd.output().unwrap()
+        })
+    };
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let out = run(args(&["fetch", "--no-progress", "sdxl-turbo"]), false)
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let requested = hub.requested.lock().unwrap().clone();
+    for needed in [
+        "text_encoder/model.fp16.safetensors",
+        "text_encoder_2/model.fp16.safetensors",
+        "text_encoder_2/config.json",
+        "tokenizer_2/vocab.json",
+        "tokenizer_2/merges.txt",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+    ] {
+        assert!(
+            requested.iter().any(|f| f == needed),
+            "{needed} not fetched: {requested:?}"
+        );
+    }
+    assert!(
+        !requested
+            .iter()
+            .any(|f| f.starts_with("sd_xl") || f == "unet/diffusion_pytorch_model.safetensors"),
+        "{requested:?}"
+    );
+    let png = cache.join("turbo.png");
+    let mut generate = args(&["generate", "--model", "sdxl-turbo", "--prompt", "a cat"]);
+    generate.extend(args(&[
+        "--device",
+        "cpu",
+        "--output",
+        png.to_str().unwrap(),
+    ]));
+    let out = run(generate, true).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // The turbo defaults: one step of the checkpoint's Euler ancestral, no guidance, 64 px
+    // (sample_size 8 x 8).
+    assert!(stderr.contains("(1 steps, euler-a)"), "{stderr}");
+    let text = String::from_utf8_lossy(&std::fs::read(&png).unwrap()).into_owned();
+    assert!(
+        text.contains("CFG scale: 0,") && text.contains("Size: 64x64"),
+        "{text:.300}"
     );
 }
