@@ -165,6 +165,79 @@ pub struct ModelDefaults {
     pub scheduler: SchedulerKind,
 }
 
+/// Values that replace a model's own defaults; `None` keeps the model's.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct DefaultsOverride {
+    /// `(width, height)`.
+    pub size: Option<(usize, usize)>,
+    /// Steps.
+    pub steps: Option<usize>,
+    /// Guidance scale.
+    pub guidance_scale: Option<f64>,
+    /// Scheduler.
+    pub scheduler: Option<SchedulerKind>,
+}
+
+impl DefaultsOverride {
+    /// Parses `steps=1,guidance=0,scheduler=euler-a,size=512x512` (any subset, any order).
+    pub fn parse(text: &str) -> crate::Result<Self> {
+        let mut o = DefaultsOverride::default();
+        for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (key, value) = item.split_once('=').ok_or_else(|| {
+                crate::Error::invalid(
+                    "model_defaults",
+                    format!("`{item}` is not KEY=VALUE (keys: size, steps, guidance, scheduler)"),
+                )
+            })?;
+            let bad =
+                |why: &str| crate::Error::invalid("model_defaults", format!("`{item}`: {why}"));
+            match key.trim() {
+                "size" => o.size = Some(parse_size("model_defaults", value)?),
+                "steps" => {
+                    o.steps = Some(
+                        value
+                            .trim()
+                            .parse()
+                            .ok()
+                            .filter(|&s: &usize| s > 0)
+                            .ok_or_else(|| bad("steps must be a positive whole number"))?,
+                    )
+                }
+                "guidance" => {
+                    o.guidance_scale = Some(
+                        value
+                            .trim()
+                            .parse()
+                            .ok()
+                            .filter(|g: &f64| g.is_finite() && (0.0..=100.0).contains(g))
+                            .ok_or_else(|| bad("guidance must be a number in [0, 100]"))?,
+                    )
+                }
+                "scheduler" => o.scheduler = Some(value.trim().parse()?),
+                other => return Err(bad(&format!("unknown key `{other}`"))),
+            }
+        }
+        Ok(o)
+    }
+
+    /// Replaces the fields this override sets.
+    pub fn apply(&self, d: &mut ModelDefaults) {
+        if let Some((w, h)) = self.size {
+            d.width = w;
+            d.height = h;
+        }
+        if let Some(s) = self.steps {
+            d.steps = s;
+        }
+        if let Some(g) = self.guidance_scale {
+            d.guidance_scale = g;
+        }
+        if let Some(k) = self.scheduler {
+            d.scheduler = k;
+        }
+    }
+}
+
 /// The request after defaults were applied: what actually ran.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResolvedParams {
@@ -251,4 +324,46 @@ fn parse_pair(
     let a = a.trim().parse().map_err(|_| bad())?;
     let b = b.trim().parse().map_err(|_| bad())?;
     Ok((a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_overrides_parse_and_apply_and_name_bad_items() {
+        let o =
+            DefaultsOverride::parse("steps=1, guidance=0,scheduler=euler-a,size=768x512").unwrap();
+        let mut d = ModelDefaults {
+            width: 512,
+            height: 512,
+            steps: 50,
+            guidance_scale: 7.5,
+            scheduler: SchedulerKind::Ddim,
+        };
+        o.apply(&mut d);
+        assert_eq!(
+            (d.width, d.height, d.steps, d.guidance_scale),
+            (768, 512, 1, 0.0)
+        );
+        assert_eq!(d.scheduler, SchedulerKind::EulerAncestral);
+        assert_eq!(
+            DefaultsOverride::parse("").unwrap(),
+            DefaultsOverride::default()
+        );
+        for bad in [
+            "steps=0",
+            "guidance=-1",
+            "size=512",
+            "colour=red",
+            "steps",
+            "scheduler=pndm",
+        ] {
+            let e = DefaultsOverride::parse(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("model_defaults") || e.contains("scheduler"),
+                "{bad}: {e}"
+            );
+        }
+    }
 }

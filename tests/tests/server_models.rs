@@ -197,6 +197,45 @@ async fn turbo_checkpoints_default_to_one_step_without_guidance() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn operators_can_give_a_plain_folder_turbo_defaults() {
+    // A turbo checkpoint copied to a plain folder is not known to be turbo; the operator says so.
+    let turbo = fixture_model("turbo", "sd-turbo-tiny");
+    let server = TestServer::start(&[
+        "--model",
+        &turbo,
+        "--model-defaults",
+        "turbo=steps=1,guidance=0,scheduler=euler-a,size=64x96",
+    ]);
+    server.wait_ready().await;
+    let mut client = server.client().await;
+    let t = models(&mut client).await.remove(0);
+    assert_eq!((t.default_steps, t.default_guidance_scale), (1, 0.0));
+    assert_eq!((t.default_width, t.default_height), (64, 96));
+    assert_eq!(t.default_scheduler, "euler-a");
+    let done = generate(&mut client, request("turbo", "a lighthouse", 0))
+        .await
+        .unwrap();
+    assert_eq!(decode(&done).dimensions(), (64, 96));
+
+    // A bad override stops start-up with the flag named.
+    let out = run_worker([
+        "serve",
+        "--model",
+        turbo.as_str(),
+        "--model-defaults",
+        "turbo=steps=0",
+        "--device",
+        "cpu",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--model-defaults") && err.contains("steps"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_vae_override_is_used_and_listed() {
     // The checkpoint's own VAE given as a standalone AutoencoderKL folder must give identical
     // pixels; ListModels names the override.

@@ -96,6 +96,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             .map(ModelSource::parse)
             .transpose()
             .map_err(|e| anyhow::anyhow!("invalid vae: {e}"))?,
+        ..Default::default()
     };
 
     let t0 = Instant::now();

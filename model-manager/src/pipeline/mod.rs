@@ -11,6 +11,7 @@ use crate::config::{
 };
 use crate::device::working_dtype;
 use crate::error::{Error, Result};
+pub use crate::params::DefaultsOverride;
 use crate::params::*;
 use crate::scheduler::{self, SchedulerConfig};
 use crate::source::ModelSource;
@@ -41,6 +42,8 @@ pub struct LoadOptions {
     /// Use this VAE instead of the checkpoint's (e.g. the fp16-fix VAE for SDXL): a diffusers
     /// `AutoencoderKL` folder/repository (config.json at its root) or a pipeline with `vae/`.
     pub vae: Option<ModelSource>,
+    /// Operator overrides of the model's defaults (e.g. a turbo checkpoint in a plain folder).
+    pub defaults: DefaultsOverride,
 }
 
 /// A loaded pipeline, ready to generate.
@@ -353,7 +356,7 @@ fn read_configs(source: &ModelSource, options: &LoadOptions) -> Result<Configs> 
         PipelineKind::StableDiffusion => 64,
     }) * vae.scale_factor();
     let turbo = is_turbo(source);
-    let defaults = ModelDefaults {
+    let mut defaults = ModelDefaults {
         width: size,
         height: size,
         steps: if turbo { TURBO_STEPS } else { DEFAULT_STEPS },
@@ -364,6 +367,7 @@ fn read_configs(source: &ModelSource, options: &LoadOptions) -> Result<Configs> 
         },
         scheduler: scheduler.native_kind().unwrap_or(scheduler::FALLBACK),
     };
+    options.defaults.apply(&mut defaults);
     Ok(Configs {
         index,
         kind,

@@ -57,6 +57,16 @@ pub struct ServeArgs {
     /// `sdxl=madebyollin/sdxl-vae-fp16-fix` decodes SDXL in f16 instead of f32.
     #[arg(long = "model-vae", env = "JHAKAAS_MODEL_VAES", value_delimiter = ',')]
     model_vaes: Vec<String>,
+    /// Defaults for a model's unset request fields, replacing its own, as
+    /// NAME=KEY=VALUE,… with keys size (WxH), steps, guidance, scheduler; e.g.
+    /// `turbo=steps=1,guidance=0` for a turbo checkpoint copied to a plain folder. Repeat the
+    /// flag per model; in the variable, separate models with `;`.
+    #[arg(
+        long = "model-defaults",
+        env = "JHAKAAS_MODEL_DEFAULTS",
+        value_delimiter = ';'
+    )]
+    model_defaults: Vec<String>,
     /// Most models loaded at once (least recently used are evicted).
     #[arg(long, env = "JHAKAAS_MAX_LOADED_MODELS", default_value_t = 2)]
     max_loaded_models: usize,
@@ -109,6 +119,7 @@ fn model_specs(args: &ServeArgs) -> Result<(Vec<ModelSpec>, String)> {
             name: name.to_string(),
             source,
             vae: None,
+            defaults: Default::default(),
         });
     }
     for m in &args.model_vaes {
@@ -123,6 +134,16 @@ fn model_specs(args: &ServeArgs) -> Result<(Vec<ModelSpec>, String)> {
         }
         spec.vae =
             Some(ModelSource::parse(source).with_context(|| format!("invalid --model-vae `{m}`"))?);
+    }
+    for m in args.model_defaults.iter().filter(|m| !m.trim().is_empty()) {
+        let (name, spec) = m.split_once('=').with_context(|| {
+            format!("invalid --model-defaults `{m}`: expected NAME=KEY=VALUE,…")
+        })?;
+        let target = specs.iter_mut().find(|s| s.name == name).with_context(|| {
+            format!("invalid --model-defaults `{m}`: `{name}` is not a --model name")
+        })?;
+        target.defaults = jhakaas_model_manager::pipeline::DefaultsOverride::parse(spec)
+            .with_context(|| format!("invalid --model-defaults `{m}`"))?;
     }
     let default = match &args.default_model {
         Some(d) if specs.iter().any(|s| &s.name == d) => d.clone(),

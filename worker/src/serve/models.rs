@@ -3,7 +3,7 @@
 //! room — beyond `--max-loaded-models`, or beyond `--memory-budget` bytes of weights.
 //! A shared status table lets `ListModels` answer without touching the engine.
 
-use jhakaas_model_manager::pipeline::{describe, estimate_loaded_bytes};
+use jhakaas_model_manager::pipeline::{describe, estimate_loaded_bytes, DefaultsOverride};
 use jhakaas_model_manager::{LoadOptions, ModelDefaults, ModelSource, StableDiffusionPipeline};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,6 +17,8 @@ pub struct ModelSpec {
     pub source: ModelSource,
     /// A VAE to use instead of the model's own (`--model-vae NAME=SOURCE`).
     pub vae: Option<ModelSource>,
+    /// Operator overrides of the model's defaults (`--model-defaults NAME=…`).
+    pub defaults: DefaultsOverride,
 }
 
 impl ModelSpec {
@@ -24,6 +26,7 @@ impl ModelSpec {
     pub fn load_options(&self) -> LoadOptions {
         LoadOptions {
             vae: self.vae.clone(),
+            defaults: self.defaults,
         }
     }
 }
