@@ -6,9 +6,9 @@
 //! transformers 5 writes them without the prefix.
 
 use crate::config::ClipTextConfig;
-use crate::layers::{attention, linear};
+use crate::layers::{attention, linear, AttentionPrecision, Linear};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
 #[derive(Debug, Clone, Copy)]
 enum Activation {
@@ -58,9 +58,14 @@ impl EncoderLayer {
         let q = self.q_proj.forward(&h)?;
         let k = self.k_proj.forward(&h)?;
         let v = self.v_proj.forward(&h)?;
-        let h = self
-            .out_proj
-            .forward(&attention(&q, &k, &v, heads, Some(mask))?)?;
+        let h = self.out_proj.forward(&attention(
+            &q,
+            &k,
+            &v,
+            heads,
+            Some(mask),
+            AttentionPrecision::F32,
+        )?)?;
         let xs = (xs + h)?;
         let h = self.layer_norm2.forward(&xs)?;
         let h = self.fc2.forward(&act.apply(&self.fc1.forward(&h)?)?)?;

@@ -12,6 +12,7 @@ pub mod device;
 pub mod error;
 pub mod fetch;
 pub mod image_io;
+pub mod kernels;
 pub mod layers;
 pub mod noise;
 pub mod params;

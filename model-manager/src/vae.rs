@@ -2,10 +2,11 @@
 
 use crate::config::VaeConfig;
 use crate::layers::{
-    attention, conv2d, group_norm, linear, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D,
+    attention, conv2d, group_norm, linear, AttentionPrecision, Conv2d, Downsample2D, GroupNorm,
+    Linear, ResnetBlock2D, ResnetConfig, Upsample2D,
 };
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// Single-head self-attention over the mid-block feature map. Accepts both the current
 /// (`to_q`/`to_k`/`to_v`/`to_out.0`) and the legacy (`query`/`key`/`value`/`proj_attn`) key names.
@@ -43,7 +44,8 @@ impl VaeAttention {
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
-        let out = self.to_out.forward(&attention(&q, &k, &v, 1, None)?)?;
+        let out = attention(&q, &k, &v, 1, None, AttentionPrecision::Native)?;
+        let out = self.to_out.forward(&out)?;
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         out + xs
     }
@@ -158,7 +160,7 @@ impl Encoder {
             }
         }
         let xs = self.mid.forward(&xs)?;
-        self.conv_out.forward(&self.norm_out.forward(&xs)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&xs)?)
     }
 }
 
@@ -211,7 +213,7 @@ impl Decoder {
                 xs = u.forward(&xs, None)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&xs)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&xs)?)
     }
 }
 

@@ -4,10 +4,11 @@ mod transformer;
 
 use crate::config::{AddedConditioningSpec, BlockKind, UNetBlockSpec, UNetConfig, UNetPlan};
 use crate::layers::{
-    conv2d, group_norm, timestep_embedding, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D,
+    self, conv2d, group_norm, timestep_embedding, Conv2d, Downsample2D, GroupNorm, Linear,
+    ResnetBlock2D, ResnetConfig, Upsample2D,
 };
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use transformer::{Transformer2D, Transformer2DConfig};
 
 /// Shared numerics of every block of one UNet.
@@ -18,6 +19,7 @@ struct BlockCommon {
     eps: f64,
     resnet_scale: f64,
     linear_projection: bool,
+    upcast_attention: bool,
 }
 
 impl BlockCommon {
@@ -56,6 +58,7 @@ impl BlockCommon {
                 context_dim,
                 groups: self.groups,
                 use_linear_projection: self.linear_projection,
+                upcast_attention: self.upcast_attention,
             },
             vb,
         )
@@ -200,27 +203,35 @@ impl UNet2DConditionModel {
             eps: config.norm_eps,
             resnet_scale: config.resnet_out_scale_factor,
             linear_projection: config.use_linear_projection,
+            upcast_attention: config.upcast_attention,
         };
         let conv_in = conv2d(config.in_channels, first, 3, 1, 1, vb.pp("conv_in"))?;
-        let time_linear_1 =
-            candle_nn::linear(first, plan.time_embed_dim, vb.pp("time_embedding.linear_1"))?;
-        let time_linear_2 = candle_nn::linear(
+        let time_linear_1 = layers::linear(
+            first,
+            plan.time_embed_dim,
+            true,
+            vb.pp("time_embedding.linear_1"),
+        )?;
+        let time_linear_2 = layers::linear(
             plan.time_embed_dim,
             plan.time_embed_dim,
+            true,
             vb.pp("time_embedding.linear_2"),
         )?;
 
         let add_embedding = match plan.added {
             Some(spec) => Some(AddedEmbedding {
                 spec,
-                linear_1: candle_nn::linear(
+                linear_1: layers::linear(
                     spec.in_dim,
                     plan.time_embed_dim,
+                    true,
                     vb.pp("add_embedding.linear_1"),
                 )?,
-                linear_2: candle_nn::linear(
+                linear_2: layers::linear(
                     plan.time_embed_dim,
                     plan.time_embed_dim,
+                    true,
                     vb.pp("add_embedding.linear_2"),
                 )?,
             }),
@@ -416,7 +427,7 @@ impl UNet2DConditionModel {
             };
             xs = block.forward(&xs, &temb, context, &mut skips, upsample_size)?;
         }
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }

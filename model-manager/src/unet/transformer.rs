@@ -1,9 +1,12 @@
 //! diffusers `Transformer2DModel` (continuous input) and its `BasicTransformerBlock`,
 //! as used inside the cross-attention blocks of an SD UNet.
 
-use crate::layers::{attention, conv2d, group_norm, linear};
-use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use crate::layers::{
+    attention, conv2d, geglu, group_norm, linear, AttentionPrecision, Conv2d, ConvAddend,
+    GroupNorm, Linear,
+};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{LayerNorm, VarBuilder};
 
 /// diffusers `Attention` as configured by `BasicTransformerBlock` (no q/k/v bias).
 #[derive(Debug)]
@@ -13,6 +16,7 @@ struct CrossAttention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
+    precision: AttentionPrecision,
 }
 
 impl CrossAttention {
@@ -21,6 +25,7 @@ impl CrossAttention {
         context_dim: usize,
         heads: usize,
         head_dim: usize,
+        precision: AttentionPrecision,
         vb: VarBuilder,
     ) -> Result<Self> {
         let inner = heads * head_dim;
@@ -30,16 +35,18 @@ impl CrossAttention {
             to_v: linear(context_dim, inner, false, vb.pp("to_v"))?,
             to_out: linear(inner, query_dim, true, vb.pp("to_out.0"))?,
             heads,
+            precision,
         })
     }
 
-    fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+    /// Attention of `xs` over `context` (itself when `None`), plus `residual`.
+    fn forward(&self, xs: &Tensor, context: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
         let context = context.unwrap_or(xs);
         let q = self.to_q.forward(xs)?;
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
-        self.to_out
-            .forward(&attention(&q, &k, &v, self.heads, None)?)
+        let out = attention(&q, &k, &v, self.heads, None, self.precision)?;
+        self.to_out.forward_residual(&out, Some(residual))
     }
 }
 
@@ -60,11 +67,10 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj_in.forward(xs)?;
-        let halves = h.chunk(2, D::Minus1)?;
-        let h = (&halves[0] * halves[1].gelu_erf()?)?;
-        self.proj_out.forward(&h)
+    /// The feed-forward of `xs`, plus `residual`.
+    fn forward(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let h = geglu(&self.proj_in.forward(xs)?)?;
+        self.proj_out.forward_residual(&h, Some(residual))
     }
 }
 
@@ -85,25 +91,32 @@ impl BasicTransformerBlock {
         heads: usize,
         head_dim: usize,
         context_dim: usize,
+        precision: AttentionPrecision,
         vb: VarBuilder,
     ) -> Result<Self> {
         Ok(Self {
             norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
-            attn1: CrossAttention::new(dim, dim, heads, head_dim, vb.pp("attn1"))?,
+            attn1: CrossAttention::new(dim, dim, heads, head_dim, precision, vb.pp("attn1"))?,
             norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
-            attn2: CrossAttention::new(dim, context_dim, heads, head_dim, vb.pp("attn2"))?,
+            attn2: CrossAttention::new(
+                dim,
+                context_dim,
+                heads,
+                head_dim,
+                precision,
+                vb.pp("attn2"),
+            )?,
             norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(dim, vb.pp("ff"))?,
         })
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self
+        let xs = self.attn1.forward(&self.norm1.forward(xs)?, None, xs)?;
+        let xs = self
             .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context))?
-            + xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+            .forward(&self.norm2.forward(&xs)?, Some(context), &xs)?;
+        self.ff.forward(&self.norm3.forward(&xs)?, &xs)
     }
 }
 
@@ -137,6 +150,8 @@ pub struct Transformer2DConfig {
     pub groups: usize,
     /// Linear instead of 1×1 conv projections.
     pub use_linear_projection: bool,
+    /// Attention scores in f32 whatever the working dtype (`upcast_attention`).
+    pub upcast_attention: bool,
 }
 
 impl Transformer2D {
@@ -159,6 +174,11 @@ impl Transformer2D {
                     cfg.heads,
                     head_dim,
                     cfg.context_dim,
+                    if cfg.upcast_attention {
+                        AttentionPrecision::F32
+                    } else {
+                        AttentionPrecision::Native
+                    },
                     vb.pp(format!("transformer_blocks.{i}")),
                 )
             })
@@ -193,10 +213,12 @@ impl Transformer2D {
                 .permute((0, 3, 1, 2))?
                 .contiguous()
         };
-        let xs = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&to_map(xs, inner)?)?,
-            Projection::Linear(lin) => to_map(lin.forward(&xs)?, c)?,
-        };
-        xs + residual
+        match &self.proj_out {
+            Projection::Conv(conv) => conv.forward_add(
+                &to_map(xs, inner)?,
+                Some(ConvAddend::Full(residual.clone())),
+            ),
+            Projection::Linear(lin) => to_map(lin.forward(&xs)?, c)? + residual,
+        }
     }
 }

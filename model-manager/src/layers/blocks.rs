@@ -1,76 +1,10 @@
-//! Building blocks shared by the UNet, the VAE and the text encoder, written to match
-//! diffusers' modules operation for operation (exact erf GELU, f32 softmax, diffusers'
-//! padding rules), with `VarBuilder` paths that mirror the checkpoint keys.
+//! Blocks shared by the UNet and the VAE (resnets, down/upsamplers, the timestep embedding),
+//! written to match diffusers' modules operation for operation, with `VarBuilder` paths that
+//! mirror the checkpoint keys.
 
+use super::{conv2d, group_norm, Conv2d, ConvAddend, GroupNorm, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
-
-/// A linear layer, with or without bias.
-pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    if bias {
-        candle_nn::linear(in_dim, out_dim, vb)
-    } else {
-        candle_nn::linear_no_bias(in_dim, out_dim, vb)
-    }
-}
-
-/// A 2D convolution with a square kernel.
-pub fn conv2d(
-    in_c: usize,
-    out_c: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-    vb: VarBuilder,
-) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        stride,
-        padding,
-        ..Default::default()
-    };
-    candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)
-}
-
-/// A GroupNorm with affine parameters.
-pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
-    candle_nn::group_norm(groups, channels, eps, vb)
-}
-
-/// Multi-head scaled dot-product attention over `[B, L, H·D]` projections.
-///
-/// Scores and softmax run in f32 whatever the input dtype (diffusers' `upcast_attention` and
-/// `upcast_softmax`), then the result is cast back.
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    mask: Option<&Tensor>,
-) -> Result<Tensor> {
-    let (b, lq, inner) = q.dims3()?;
-    let lk = k.dim(1)?;
-    let d = inner / heads;
-    let dtype = q.dtype();
-    let split = |t: &Tensor, l: usize| -> Result<Tensor> {
-        t.reshape((b, l, heads, d))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .to_dtype(DType::F32)
-    };
-    let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
-    let scale = 1.0 / (d as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
-        None => scores,
-    };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    probs
-        .matmul(&v)?
-        .transpose(1, 2)?
-        .reshape((b, lq, inner))?
-        .to_dtype(dtype)
-}
+use candle_nn::VarBuilder;
 
 /// diffusers `ResnetBlock2D` (`time_embedding_norm = "default"`, SiLU).
 #[derive(Debug)]
@@ -116,7 +50,7 @@ impl ResnetBlock2D {
             norm2: group_norm(cfg.groups, o, cfg.eps, vb.pp("norm2"))?,
             conv2: conv2d(o, o, 3, 1, 1, vb.pp("conv2"))?,
             time_emb_proj: match cfg.temb_channels {
-                Some(t) => Some(candle_nn::linear(t, o, vb.pp("time_emb_proj"))?),
+                Some(t) => Some(super::linear(t, o, true, vb.pp("time_emb_proj"))?),
                 None => None,
             },
             conv_shortcut,
@@ -124,26 +58,25 @@ impl ResnetBlock2D {
         })
     }
 
-    /// Runs the block; `temb` is the (un-activated) time embedding `[B, T]`.
+    /// Runs the block; `temb` is the (un-activated) time embedding `[B, T]`. The time
+    /// embedding and the residual are added inside the convolutions (fused on the CPU).
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
-        let h = match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(t)) => {
-                let t = proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-                h.broadcast_add(&t)?
-            }
-            _ => h,
+        let time = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(t)) => Some(ConvAddend::PerChannel(proj.forward(&t.silu()?)?)),
+            _ => None,
         };
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self
+            .conv1
+            .forward_add(&self.norm1.forward_silu(xs)?, time)?;
+        let h = self.norm2.forward_silu(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),
         };
-        let out = (shortcut + h)?;
         if self.output_scale_factor == 1.0 {
-            Ok(out)
+            self.conv2.forward_add(&h, Some(ConvAddend::Full(shortcut)))
         } else {
-            out / self.output_scale_factor
+            (shortcut + self.conv2.forward(&h)?)? / self.output_scale_factor
         }
     }
 }

@@ -1,0 +1,61 @@
+//! Shared plumbing of the CPU kernels: f32 views of candle storage, output buffers written
+//! before they are read, and pointers for rayon tasks that write disjoint parts of one buffer.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result, Tensor};
+
+/// A raw pointer that may cross into rayon tasks writing disjoint parts of one buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct SendPtr(pub *mut f32);
+// SAFETY: users only write disjoint elements from different tasks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `SendPtr`, not its field).
+    pub fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// A `Vec<f32>` of `len` elements whose contents the caller overwrites before reading.
+pub fn uninit_vec(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: f32 has no invalid bit patterns; every caller writes each element before it is
+    // read (documented at each use).
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        v.set_len(len)
+    };
+    v
+}
+
+/// Runs `f` on the contiguous f32 values of a side tensor (bias, addend) without copying them.
+pub fn with_values<R>(
+    t: &Tensor,
+    what: &str,
+    elems: usize,
+    f: impl FnOnce(&[f32]) -> R,
+) -> Result<R> {
+    if t.elem_count() != elems {
+        candle_core::bail!("{what} has {} values, expected {elems}", t.elem_count());
+    }
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(s) => Ok(f(cpu_f32(s, layout, what)?)),
+        _ => candle_core::bail!("{what} must be on the CPU"),
+    }
+}
+
+pub fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    if !l.is_contiguous() {
+        candle_core::bail!("{what} must be contiguous");
+    }
+    match s {
+        CpuStorage::F32(v) => Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()]),
+        other => candle_core::bail!(
+            "{what}: the CPU kernel runs in f32, got {:?}",
+            other.dtype()
+        ),
+    }
+}

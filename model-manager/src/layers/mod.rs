@@ -1,0 +1,299 @@
+//! The doors to the math shared by the UNet, the VAE and the text encoders — [`attention`],
+//! [`GroupNorm`], [`Conv2d`], [`Linear`] and [`geglu`] — and the blocks built from them
+//! ([`blocks`]). Each door runs one of our kernels ([`crate::kernels`]) where one applies and
+//! keeps the plain candle math next to it as the reference the kernels are tested against
+//! (exact erf GELU, f32 softmax, diffusers' padding rules).
+
+mod blocks;
+
+pub use crate::kernels::conv2d::Addend as ConvAddend;
+use crate::kernels::{self, attention::FusedAttention, conv2d::FusedConv2d, Path};
+pub use blocks::{timestep_embedding, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+/// A linear layer `x · Wᵀ + b` over the last dimension.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+/// A linear layer, with or without bias.
+pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    let inner = if bias {
+        candle_nn::linear(in_dim, out_dim, vb)?
+    } else {
+        candle_nn::linear_no_bias(in_dim, out_dim, vb)?
+    };
+    Ok(Linear { inner })
+}
+
+impl Linear {
+    /// `x · Wᵀ + b + residual`, the add fused into the gemm on the CPU.
+    pub fn forward_residual(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        match kernels::path(x.device(), x.dtype()) {
+            Path::Cpu => x.contiguous()?.apply_op2_no_bwd(
+                self.inner.weight(),
+                &kernels::linear::FusedLinear {
+                    bias: self.inner.bias().cloned(),
+                    residual: residual.map(Tensor::contiguous).transpose()?,
+                },
+            ),
+            _ => self.forward_reference(x, residual),
+        }
+    }
+
+    /// The reference: candle-nn's `Linear`, then the residual add.
+    pub fn forward_reference(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let y = self.inner.forward(x)?;
+        match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_residual(x, None)
+    }
+}
+
+/// A 2D convolution with a square kernel (no dilation, no groups).
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    inner: candle_nn::Conv2d,
+}
+
+/// A 2D convolution with a square kernel.
+pub fn conv2d(
+    in_c: usize,
+    out_c: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        stride,
+        padding,
+        ..Default::default()
+    };
+    Ok(Conv2d {
+        inner: candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?,
+    })
+}
+
+impl Conv2d {
+    /// `conv(x) + b + addend`, the adds fused into the convolution on the CPU.
+    pub fn forward_add(&self, x: &Tensor, addend: Option<ConvAddend>) -> Result<Tensor> {
+        match kernels::path(x.device(), x.dtype()) {
+            Path::Cpu => {
+                let addend = match addend {
+                    Some(ConvAddend::Full(t)) => Some(ConvAddend::Full(t.contiguous()?)),
+                    Some(ConvAddend::PerChannel(t)) => {
+                        Some(ConvAddend::PerChannel(t.contiguous()?))
+                    }
+                    None => None,
+                };
+                let cfg = self.inner.config();
+                x.contiguous()?.apply_op2_no_bwd(
+                    self.inner.weight(),
+                    &FusedConv2d {
+                        stride: cfg.stride,
+                        padding: cfg.padding,
+                        bias: self.inner.bias().cloned(),
+                        addend,
+                    },
+                )
+            }
+            _ => self.forward_reference(x, addend),
+        }
+    }
+
+    /// The reference: candle's `conv2d` and bias (candle-nn's `Conv2d`), then the add.
+    pub fn forward_reference(&self, x: &Tensor, addend: Option<ConvAddend>) -> Result<Tensor> {
+        let y = self.inner.forward(x)?;
+        match addend {
+            None => Ok(y),
+            Some(ConvAddend::Full(t)) => y + t,
+            Some(ConvAddend::PerChannel(t)) => {
+                let (b, o) = t.dims2()?;
+                y.broadcast_add(&t.reshape((b, o, 1, 1))?)
+            }
+        }
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_add(x, None)
+    }
+}
+
+/// GroupNorm with affine parameters, optionally followed by SiLU in the same kernel.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+/// A GroupNorm with affine parameters (`weight`, `bias`).
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    let weight = vb.get(channels, "weight")?;
+    let bias = vb.get(channels, "bias")?;
+    Ok(GroupNorm {
+        inner: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?,
+        weight,
+        bias,
+        groups,
+        eps,
+    })
+}
+
+impl GroupNorm {
+    /// `silu(groupnorm(x))`.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, true)
+    }
+
+    fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        match kernels::path(x.device(), x.dtype()) {
+            Path::Cpu | Path::Cuda => x.contiguous()?.apply_op3_no_bwd(
+                &self.weight,
+                &self.bias,
+                &kernels::group_norm::FusedGroupNorm {
+                    groups: self.groups,
+                    eps: self.eps,
+                    silu,
+                },
+            ),
+            Path::Reference => self.forward_reference(x, silu),
+        }
+    }
+
+    /// The reference: candle-nn's `GroupNorm`, then `silu`.
+    pub fn forward_reference(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let y = self.inner.forward(x)?;
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, false)
+    }
+}
+
+/// The precision attention scores and softmax run in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionPrecision {
+    /// Always f32 (diffusers' `upcast_attention`; the CLIP text encoders).
+    F32,
+    /// The input dtype, with f32 accumulation in the matmuls and the softmax (what PyTorch's
+    /// fused SDPA does in f16).
+    Native,
+}
+
+/// Head widths the CUDA flash kernel is built for (SD 1.x: 40/80/160, SD 2.x/SDXL: 64).
+pub const CUDA_FLASH_HEAD_DIMS: &[usize] = &[40, 64, 80, 128, 160];
+
+/// Multi-head scaled dot-product attention over `[B, L, H·D]` projections, with an optional
+/// additive mask (which always takes the reference path).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    precision: AttentionPrecision,
+) -> Result<Tensor> {
+    let d = q.dim(2)? / heads.max(1);
+    let path = kernels::path(q.device(), q.dtype());
+    let fused = mask.is_none()
+        && match path {
+            Path::Cpu => true,
+            Path::Cuda => {
+                precision == AttentionPrecision::Native
+                    && q.dtype() != DType::F32
+                    && CUDA_FLASH_HEAD_DIMS.contains(&d)
+            }
+            Path::Reference => false,
+        };
+    if fused {
+        let op = FusedAttention {
+            heads,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        return q
+            .contiguous()?
+            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
+    }
+    attention_reference(q, k, v, heads, mask, precision)
+}
+
+/// The reference attention: per-head matmuls and a softmax over materialised scores. With
+/// [`AttentionPrecision::F32`] (or f32 inputs) q, k and v are cast to f32 and the result back;
+/// with `Native` the query is scaled first so half-precision scores stay in range.
+pub fn attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    precision: AttentionPrecision,
+) -> Result<Tensor> {
+    let (b, lq, inner) = q.dims3()?;
+    let lk = k.dim(1)?;
+    let d = inner / heads;
+    let dtype = q.dtype();
+    let upcast = precision == AttentionPrecision::F32 || dtype == DType::F32;
+    let split = |t: &Tensor, l: usize| -> Result<Tensor> {
+        let t = t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()?;
+        if upcast {
+            t.to_dtype(DType::F32)
+        } else {
+            Ok(t)
+        }
+    };
+    let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
+    let scale = 1.0 / (d as f64).sqrt();
+    let scores = if upcast {
+        (q.matmul(&k.t()?)? * scale)?
+    } else {
+        (q * scale)?.matmul(&k.t()?)?
+    };
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, lq, inner))?
+        .to_dtype(dtype)
+}
+
+/// GEGLU: the first half of the last dimension times the exact GELU of the second half.
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    match kernels::path(h.device(), h.dtype()) {
+        Path::Cpu | Path::Cuda => h
+            .contiguous()?
+            .apply_op1_no_bwd(&kernels::geglu::FusedGeglu),
+        Path::Reference => geglu_reference(h),
+    }
+}
+
+/// The reference GEGLU: chunk, `gelu_erf`, multiply.
+pub fn geglu_reference(h: &Tensor) -> Result<Tensor> {
+    let halves = h.chunk(2, candle_core::D::Minus1)?;
+    &halves[0] * halves[1].gelu_erf()?
+}
