@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
+use jhakaas_model_manager::kernels::conv2d::FusedConv2d;
 use jhakaas_model_manager::kernels::{set_kernels, KernelChoice};
 use jhakaas_model_manager::layers::{
     self, attention, attention_reference, geglu, geglu_reference, AttentionPrecision, ConvAddend,
@@ -119,6 +120,8 @@ const CONV_CASES: &[ConvCase] = &[
     (4, 320, 3, 1, 1, 32, 32, 2),
     (320, 4, 3, 1, 1, 8, 8, 1),
     (64, 64, 3, 1, 1, 96, 96, 1),
+    (320, 320, 3, 1, 1, 16, 16, 2),
+    (128, 64, 3, 1, 1, 33, 31, 1),
 ];
 
 #[test]
@@ -144,6 +147,20 @@ fn cpu_conv2d_matches_candle_with_fused_bias_and_addends() {
             &reference,
             2e-6,
         );
+        // The im2col path also where the door picks Winograd.
+        let direct = x
+            .apply_op2_no_bwd(
+                conv.weight(),
+                &FusedConv2d {
+                    stride: s,
+                    padding: p,
+                    bias: conv.bias().cloned(),
+                    addend: None,
+                    winograd: false,
+                },
+            )
+            .unwrap();
+        check("  im2col", &direct, &reference, 2e-6);
         let (_, _, ho, wo) = reference.dims4().unwrap();
         let per_channel = randn(seed + 3, &[b, o]);
         let ours = conv

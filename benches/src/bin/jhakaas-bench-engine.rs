@@ -1,6 +1,6 @@
 //! `jhakaas-bench-engine`: the in-process side of the diffusers comparison. Loads a model,
 //! replays the given initial noise, and prints one JSON line with the same fields as
-//! `benches/compare/reference.py`: cold start (process start → first image), per-run job,
+//! `benches/compare/reference.py`: cold start (process start → first image), model load, per-run job,
 //! text encode, UNet step (denoise ÷ steps) and VAE decode times, and peak RSS.
 //!
 //! Usage: jhakaas-bench-engine MODEL_DIR LATENTS PROMPT STEPS SIZE RUNS OUT_PNG START_EPOCH [DEVICE]
@@ -44,8 +44,10 @@ fn main() -> Result<()> {
         .unwrap_or("cpu")
         .parse::<DeviceChoice>()?
         .open()?;
+    let load_started = Instant::now();
     let pipeline =
         StableDiffusionPipeline::load(&ModelSource::Local(a[1].clone().into()), &device)?;
+    let load_s = load_started.elapsed().as_secs_f64();
     let params = GenerateParams {
         prompt: a[3].clone(),
         width: Some(size),
@@ -79,7 +81,8 @@ fn main() -> Result<()> {
     }
     std::fs::write(&a[7], png)?;
     println!(
-        r#"{{"cold_start_s": {cold_start}, "runs": [{}], "peak_rss_mb": {}}}"#,
+        r#"{{"cold_start_s": {cold_start}, "load_s": {load_s}, "isa": "{:?}", "runs": [{}], "peak_rss_mb": {}}}"#,
+        jhakaas_model_manager::kernels::simd::isa(),
         results.join(", "),
         peak_rss_mb()
     );

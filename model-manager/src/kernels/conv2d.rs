@@ -7,6 +7,7 @@
 
 use super::cpu::{cpu_f32, uninit_vec, with_values, SendPtr};
 use super::cpu_gemm::{gemm, parallelism, Mat, MatMut};
+use super::winograd;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -34,6 +35,8 @@ pub struct FusedConv2d {
     pub bias: Option<Tensor>,
     /// Optional term added to the output.
     pub addend: Option<Addend>,
+    /// Use Winograd F(2×2, 3×3) for 3×3 stride-1 convolutions where it pays.
+    pub winograd: bool,
 }
 
 /// Shapes of one convolution.
@@ -127,8 +130,21 @@ impl CustomOp2 for FusedConv2d {
         }
         // SAFETY: `out` holds B·O·N initialised values; `x` and `w` match the geometry.
         unsafe {
+            let wino = winograd::Shape {
+                b: g.b,
+                c: g.c,
+                h: g.h,
+                w: g.w,
+                o: g.o,
+                ho: g.ho,
+                wo: g.wo,
+                pad: g.pad,
+            };
             if g.k == 1 && g.stride == 1 && g.pad == 0 {
                 pointwise(x, w, &mut out, g)
+            } else if g.k == 3 && g.stride == 1 && self.winograd && winograd::worth_it(&wino) {
+                let u = winograd::transform_filters(w, g.o * g.c);
+                winograd::conv3x3(x, &u, &mut out, wino)
             } else {
                 im2col_gemm(x, w, &mut out, g)
             }

@@ -1,14 +1,14 @@
-//! A linear layer on the CPU: `x · Wᵀ + bias (+ residual)` as one gemm on the weight in its
-//! stored `[out, in]` layout, accumulating into an output that starts as the bias (and the
-//! residual, fused). The reference is candle-nn's `Linear` plus the add
-//! ([`crate::layers::Linear`]).
+//! A linear layer on the CPU: `x · Wᵀ + bias (+ residual)` as one gemm on the weight held
+//! transposed (`[in, out]`, which the gemm reads without repacking), accumulating into an output
+//! that starts as the bias (and the residual, fused). The reference is the candle matmul plus
+//! the adds ([`crate::layers::Linear`]).
 
 use super::cpu::{cpu_f32, uninit_vec, with_values};
 use super::cpu_gemm::{gemm, parallelism, Mat, MatMut};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// `x · Wᵀ + bias + residual` over the last dimension of `x`.
+/// `x · Wᵀ + bias + residual` over the last dimension of `x`; the op's second input is `Wᵀ`.
 #[derive(Debug, Clone)]
 pub struct FusedLinear {
     /// `[out]`, optional.
@@ -29,7 +29,7 @@ impl CustomOp2 for FusedLinear {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (out_dim, in_dim) = wl.shape().dims2()?;
+        let (in_dim, out_dim) = wl.shape().dims2()?;
         let dims = xl.shape().dims();
         if dims.last() != Some(&in_dim) {
             candle_core::bail!("linear: input {:?} does not end in {in_dim}", xl.shape());
@@ -90,8 +90,8 @@ impl CustomOp2 for FusedLinear {
                 },
                 Mat {
                     ptr: w.as_ptr(),
-                    rs: 1,
-                    cs: in_dim as isize,
+                    rs: out_dim as isize,
+                    cs: 1,
                 },
                 1.0,
                 parallelism(),

@@ -8,6 +8,9 @@
 //! kernel that has been checked on its device against its reference, `fused` also the CUDA
 //! kernels that have not been (yet), `reference` only the plain candle math.
 
+// Kernels index several buffers with one loop counter; iterator chains would hide the math.
+#![allow(clippy::needless_range_loop)]
+
 pub mod attention;
 pub mod conv2d;
 mod cpu;
@@ -17,7 +20,9 @@ mod cuda;
 pub mod geglu;
 pub mod group_norm;
 pub mod linear;
+pub mod profile;
 pub mod simd;
+mod winograd;
 
 use candle_core::{DType, Device};
 use std::sync::atomic::{AtomicU8, Ordering};

@@ -46,17 +46,18 @@ macro_rules! dispatched {
                 unsafe fn avx512($($arg: $ty),*) { body($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
-                match isa() {
+                match $crate::kernels::simd::isa() {
                     // SAFETY: `isa()` detected these features on this CPU.
-                    Isa::Avx512 => return unsafe { avx512($($arg),*) },
-                    Isa::Avx2 => return unsafe { avx2($($arg),*) },
-                    Isa::Baseline => {}
+                    $crate::kernels::simd::Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    $crate::kernels::simd::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::kernels::simd::Isa::Baseline => {}
                 }
             }
             body($($arg),*)
         }
     };
 }
+pub(crate) use dispatched;
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;

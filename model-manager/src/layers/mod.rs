@@ -7,35 +7,43 @@
 mod blocks;
 
 pub use crate::kernels::conv2d::Addend as ConvAddend;
+use crate::kernels::profile::{timed, Op};
 use crate::kernels::{self, attention::FusedAttention, conv2d::FusedConv2d, Path};
 pub use blocks::{timestep_embedding, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-/// A linear layer `x · Wᵀ + b` over the last dimension.
+/// A linear layer `x · Wᵀ + b` over the last dimension. The weight is held transposed,
+/// `[in, out]`, so the CPU gemm reads it without repacking it on every call.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: candle_nn::Linear,
+    weight_t: Tensor,
+    bias: Option<Tensor>,
 }
 
-/// A linear layer, with or without bias.
+/// A linear layer, with or without bias (checkpoint keys `weight` `[out, in]`, `bias`).
 pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    let inner = if bias {
-        candle_nn::linear(in_dim, out_dim, vb)?
+    let weight_t = vb.get((out_dim, in_dim), "weight")?.t()?.contiguous()?;
+    let bias = if bias {
+        Some(vb.get(out_dim, "bias")?)
     } else {
-        candle_nn::linear_no_bias(in_dim, out_dim, vb)?
+        None
     };
-    Ok(Linear { inner })
+    Ok(Linear { weight_t, bias })
 }
 
 impl Linear {
     /// `x · Wᵀ + b + residual`, the add fused into the gemm on the CPU.
     pub fn forward_residual(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        timed(Op::Linear, x.device(), || self.forward_fused(x, residual))
+    }
+
+    fn forward_fused(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         match kernels::path(x.device(), x.dtype()) {
             Path::Cpu => x.contiguous()?.apply_op2_no_bwd(
-                self.inner.weight(),
+                &self.weight_t,
                 &kernels::linear::FusedLinear {
-                    bias: self.inner.bias().cloned(),
+                    bias: self.bias.clone(),
                     residual: residual.map(Tensor::contiguous).transpose()?,
                 },
             ),
@@ -43,9 +51,13 @@ impl Linear {
         }
     }
 
-    /// The reference: candle-nn's `Linear`, then the residual add.
+    /// The reference: `x · Wᵀ` as a candle matmul, then the bias and the residual.
     pub fn forward_reference(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        let y = self.inner.forward(x)?;
+        let y = x.broadcast_matmul(&self.weight_t)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
         match residual {
             Some(r) => y + r,
             None => Ok(y),
@@ -85,8 +97,22 @@ pub fn conv2d(
 }
 
 impl Conv2d {
+    /// The weight `[O, C, k, k]`.
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    /// The bias `[O]`, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+
     /// `conv(x) + b + addend`, the adds fused into the convolution on the CPU.
     pub fn forward_add(&self, x: &Tensor, addend: Option<ConvAddend>) -> Result<Tensor> {
+        timed(Op::Conv, x.device(), || self.forward_fused(x, addend))
+    }
+
+    fn forward_fused(&self, x: &Tensor, addend: Option<ConvAddend>) -> Result<Tensor> {
         match kernels::path(x.device(), x.dtype()) {
             Path::Cpu => {
                 let addend = match addend {
@@ -104,6 +130,7 @@ impl Conv2d {
                         padding: cfg.padding,
                         bias: self.inner.bias().cloned(),
                         addend,
+                        winograd: true,
                     },
                 )
             }
@@ -161,6 +188,10 @@ impl GroupNorm {
     }
 
     fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        timed(Op::Norm, x.device(), || self.run_fused(x, silu))
+    }
+
+    fn run_fused(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         match kernels::path(x.device(), x.dtype()) {
             Path::Cpu | Path::Cuda => x.contiguous()?.apply_op3_no_bwd(
                 &self.weight,
@@ -208,6 +239,19 @@ pub const CUDA_FLASH_HEAD_DIMS: &[usize] = &[40, 64, 80, 128, 160];
 /// Multi-head scaled dot-product attention over `[B, L, H·D]` projections, with an optional
 /// additive mask (which always takes the reference path).
 pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    precision: AttentionPrecision,
+) -> Result<Tensor> {
+    timed(Op::Attention, q.device(), || {
+        attention_fused(q, k, v, heads, mask, precision)
+    })
+}
+
+fn attention_fused(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -284,12 +328,14 @@ pub fn attention_reference(
 
 /// GEGLU: the first half of the last dimension times the exact GELU of the second half.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
-    match kernels::path(h.device(), h.dtype()) {
-        Path::Cpu | Path::Cuda => h
-            .contiguous()?
-            .apply_op1_no_bwd(&kernels::geglu::FusedGeglu),
-        Path::Reference => geglu_reference(h),
-    }
+    timed(Op::Geglu, h.device(), || {
+        match kernels::path(h.device(), h.dtype()) {
+            Path::Cpu | Path::Cuda => h
+                .contiguous()?
+                .apply_op1_no_bwd(&kernels::geglu::FusedGeglu),
+            Path::Reference => geglu_reference(h),
+        }
+    })
 }
 
 /// The reference GEGLU: chunk, `gelu_erf`, multiply.
