@@ -1,7 +1,8 @@
 // Flash attention forward for Stable Diffusion's attention layers, half precision in, half
 // precision out, f32 accumulation (tensor cores through WMMA) and an online softmax in f32: the
-// Lq x Lk score matrix is never stored. q: [B, Lq, H*D], k and v: [B, Lk, H*D], out like q, all
-// contiguous. One block handles BR query rows of one (batch, head); each warp owns 16 rows and
+// Lq x Lk score matrix is never stored. q: [B, Lq, H*D], k and v: [B, Lk, H*D] with contiguous
+// rows (batch and row strides given, so they can be views into one fused projection); out is a
+// contiguous [B, Lq, H*D]. One block handles BR query rows of one (batch, head); each warp owns 16 rows and
 // walks the keys in blocks of BC, keeping its running output in shared memory (f32).
 // Reference: crate::layers::attention_reference (the plain candle math).
 #include <cuda_fp16.h>
@@ -26,8 +27,9 @@ template <typename T> __device__ __forceinline__ T zero() { return from_float<T>
 // DP: head width padded to a multiple of 16; BR: query rows per block (16 per warp).
 template <typename T, int DP, int BR>
 __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k,
-                                const T* __restrict__ v, T* __restrict__ out, int lq, int lk,
-                                int heads, int d, float scale_log2) {
+                                const T* __restrict__ v, T* __restrict__ out, long long qb_stride,
+                                int q_rs, long long kb_stride, int k_rs, long long vb_stride,
+                                int v_rs, int lq, int lk, int heads, int d, float scale_log2) {
 #if __CUDA_ARCH__ >= 800
   constexpr int WARPS = BR / 16;
   constexpr int DT = DP / 16;  // 16-wide tiles along the head width
@@ -41,15 +43,15 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
   const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
   const int row0 = blockIdx.x * BR;
   const int inner = heads * d;
-  const T* qb = q + ((size_t)b * lq) * inner + h * d;
-  const T* kb = k + ((size_t)b * lk) * inner + h * d;
-  const T* vb = v + ((size_t)b * lk) * inner + h * d;
+  const T* qb = q + b * qb_stride + h * d;
+  const T* kb = k + b * kb_stride + h * d;
+  const T* vb = v + b * vb_stride + h * d;
 
   // Stage this block's queries (zero-padded) and keep each warp's as fragments.
   T* q_s = reinterpret_cast<T*>(o_s);
   for (int i = threadIdx.x; i < BR * DP; i += blockDim.x) {
     int r = i / DP, c = i % DP;
-    q_s[i] = (row0 + r < lq && c < d) ? qb[(size_t)(row0 + r) * inner + c] : zero<T>();
+    q_s[i] = (row0 + r < lq && c < d) ? qb[(size_t)(row0 + r) * q_rs + c] : zero<T>();
   }
   __syncthreads();
   wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> q_frag[DT];
@@ -70,8 +72,8 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
     for (int i = threadIdx.x; i < BC * DP; i += blockDim.x) {
       int r = i / DP, c = i % DP;
       bool ok = j0 + r < lk && c < d;
-      k_s[i] = ok ? kb[(size_t)(j0 + r) * inner + c] : zero<T>();
-      v_s[i] = ok ? vb[(size_t)(j0 + r) * inner + c] : zero<T>();
+      k_s[i] = ok ? kb[(size_t)(j0 + r) * k_rs + c] : zero<T>();
+      v_s[i] = ok ? vb[(size_t)(j0 + r) * v_rs + c] : zero<T>();
     }
     __syncthreads();
 
@@ -146,11 +148,12 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
 
 }  // namespace
 
-#define FLASH(NAME, T, DP, BR)                                                               \
-  extern "C" __global__ void __launch_bounds__(BR * 2)                                       \
-      NAME(const T* q, const T* k, const T* v, T* out, int lq, int lk, int heads, int d,     \
-           float scale_log2) {                                                               \
-    flash_attention<T, DP, BR>(q, k, v, out, lq, lk, heads, d, scale_log2);                  \
+#define FLASH(NAME, T, DP, BR)                                                                 \
+  extern "C" __global__ void __launch_bounds__(BR * 2)                                         \
+      NAME(const T* q, const T* k, const T* v, T* out, long long qb, int qr, long long kb,      \
+           int kr, long long vb, int vr, int lq, int lk, int heads, int d, float scale_log2) {  \
+    flash_attention<T, DP, BR>(q, k, v, out, qb, qr, kb, kr, vb, vr, lq, lk, heads, d,         \
+                               scale_log2);                                                    \
   }
 
 // Padded head widths: 48 (SD 1.x's 40), 64 (SD 2.x, SDXL), 80, 128, 160. 64 query rows per

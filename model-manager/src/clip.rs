@@ -7,7 +7,7 @@
 
 use crate::config::ClipTextConfig;
 use crate::layers::{attention, linear, AttentionPrecision, Linear};
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
 #[derive(Debug, Clone, Copy)]
@@ -28,9 +28,8 @@ impl Activation {
 #[derive(Debug)]
 struct EncoderLayer {
     layer_norm1: LayerNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// `q_proj`, `k_proj` and `v_proj` as one gemm.
+    qkv_proj: Linear,
     out_proj: Linear,
     layer_norm2: LayerNorm,
     fc1: Linear,
@@ -43,9 +42,11 @@ impl EncoderLayer {
         let attn = vb.pp("self_attn");
         Ok(Self {
             layer_norm1: candle_nn::layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
-            q_proj: linear(d, d, true, attn.pp("q_proj"))?,
-            k_proj: linear(d, d, true, attn.pp("k_proj"))?,
-            v_proj: linear(d, d, true, attn.pp("v_proj"))?,
+            qkv_proj: Linear::concat(&[
+                linear(d, d, true, attn.pp("q_proj"))?,
+                linear(d, d, true, attn.pp("k_proj"))?,
+                linear(d, d, true, attn.pp("v_proj"))?,
+            ])?,
             out_proj: linear(d, d, true, attn.pp("out_proj"))?,
             layer_norm2: candle_nn::layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
             fc1: linear(d, cfg.intermediate_size, true, vb.pp("mlp.fc1"))?,
@@ -53,23 +54,21 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, heads: usize, mask: &Tensor, act: Activation) -> Result<Tensor> {
+    /// One pre-norm layer with causal self-attention and the MLP, each with its residual.
+    fn forward(&self, xs: &Tensor, heads: usize, act: Activation) -> Result<Tensor> {
         let h = self.layer_norm1.forward(xs)?;
-        let q = self.q_proj.forward(&h)?;
-        let k = self.k_proj.forward(&h)?;
-        let v = self.v_proj.forward(&h)?;
-        let h = self.out_proj.forward(&attention(
-            &q,
-            &k,
-            &v,
-            heads,
-            Some(mask),
-            AttentionPrecision::F32,
-        )?)?;
-        let xs = (xs + h)?;
+        let qkv = self.qkv_proj.forward(&h)?;
+        let d = qkv.dim(2)? / 3;
+        let (q, k, v) = (
+            qkv.narrow(2, 0, d)?,
+            qkv.narrow(2, d, d)?,
+            qkv.narrow(2, 2 * d, d)?,
+        );
+        let attn = attention(&q, &k, &v, heads, true, AttentionPrecision::F32)?;
+        let xs = self.out_proj.forward_residual(&attn, Some(xs))?;
         let h = self.layer_norm2.forward(&xs)?;
-        let h = self.fc2.forward(&act.apply(&self.fc1.forward(&h)?)?)?;
-        xs + h
+        let h = act.apply(&self.fc1.forward(&h)?)?;
+        self.fc2.forward_residual(&h, Some(&xs))
     }
 }
 
@@ -204,7 +203,7 @@ impl ClipTextModel {
         Ok(self.encode(input_ids, HiddenLayer::Last)?.hidden)
     }
 
-    /// Encodes token ids `[B, L]` (u32) with a causal mask, returning the requested hidden
+    /// Encodes token ids `[B, L]` (u32) with causal attention, returning the requested hidden
     /// state and, with a projection, the pooled and projected `text_embeds`.
     pub fn encode(&self, input_ids: &Tensor, layer: HiddenLayer) -> Result<ClipOutput> {
         let (_, len) = input_ids.dims2()?;
@@ -212,7 +211,6 @@ impl ClipTextModel {
         let positions = Tensor::arange(0u32, len as u32, device)?;
         let xs = self.token_embedding.forward(input_ids)?;
         let xs = xs.broadcast_add(&self.position_embedding.forward(&positions)?)?;
-        let mask = causal_mask(len, device)?;
         let mut xs = xs;
         let mut penultimate = None;
         let n = self.layers.len();
@@ -224,7 +222,7 @@ impl ClipTextModel {
                     break;
                 }
             }
-            xs = l.forward(&xs, self.heads, &mask, self.activation)?;
+            xs = l.forward(&xs, self.heads, self.activation)?;
         }
         let needs_final = layer == HiddenLayer::Last || self.text_projection.is_some();
         let last = if needs_final {
@@ -277,12 +275,4 @@ impl ClipTextModel {
             })
             .collect())
     }
-}
-
-/// `[L, L]` additive mask: 0 on and below the diagonal, the most negative f32 above.
-fn causal_mask(len: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..len)
-        .flat_map(|i| (0..len).map(move |j| if j > i { f32::MIN } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(mask, (len, len), device)?.to_dtype(DType::F32)
 }

@@ -13,9 +13,8 @@ use candle_nn::VarBuilder;
 #[derive(Debug)]
 struct VaeAttention {
     group_norm: GroupNorm,
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
+    /// `to_q`, `to_k` and `to_v` as one gemm.
+    qkv: Linear,
     to_out: Linear,
 }
 
@@ -26,9 +25,11 @@ impl VaeAttention {
         let lin = |n: &str| linear(channels, channels, true, vb.pp(n));
         Ok(Self {
             group_norm: group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
-            to_q: lin(name("to_q", "query"))?,
-            to_k: lin(name("to_k", "key"))?,
-            to_v: lin(name("to_v", "value"))?,
+            qkv: Linear::concat(&[
+                lin(name("to_q", "query"))?,
+                lin(name("to_k", "key"))?,
+                lin(name("to_v", "value"))?,
+            ])?,
             to_out: lin(name("to_out.0", "proj_attn"))?,
         })
     }
@@ -41,10 +42,13 @@ impl VaeAttention {
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = self.to_q.forward(&tokens)?;
-        let k = self.to_k.forward(&tokens)?;
-        let v = self.to_v.forward(&tokens)?;
-        let out = attention(&q, &k, &v, 1, None, AttentionPrecision::Native)?;
+        let qkv = self.qkv.forward(&tokens)?;
+        let (q, k, v) = (
+            qkv.narrow(2, 0, c)?,
+            qkv.narrow(2, c, c)?,
+            qkv.narrow(2, 2 * c, c)?,
+        );
+        let out = attention(&q, &k, &v, 1, false, AttentionPrecision::Native)?;
         let out = self.to_out.forward(&out)?;
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         out + xs

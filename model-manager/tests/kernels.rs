@@ -82,8 +82,8 @@ fn attention_inputs(b: usize, lq: usize, lk: usize, h: usize, d: usize) -> [Tens
 fn cpu_attention_matches_the_reference() {
     for &(b, lq, lk, h, d) in ATTENTION_CASES {
         let [q, k, v] = attention_inputs(b, lq, lk, h, d);
-        let ours = attention(&q, &k, &v, h, None, AttentionPrecision::Native).unwrap();
-        let reference = attention_reference(&q, &k, &v, h, None, AttentionPrecision::F32).unwrap();
+        let ours = attention(&q, &k, &v, h, false, AttentionPrecision::Native).unwrap();
+        let reference = attention_reference(&q, &k, &v, h, false, AttentionPrecision::F32).unwrap();
         check(
             &format!("cpu attention b{b} lq{lq} lk{lk} h{h} d{d}"),
             &ours,
@@ -94,20 +94,34 @@ fn cpu_attention_matches_the_reference() {
 }
 
 #[test]
-fn cpu_attention_takes_the_reference_path_with_a_mask() {
-    let [q, k, v] = attention_inputs(1, 77, 77, 4, 16);
-    let mask = Tensor::from_vec(
-        (0..77 * 77)
-            .map(|i| if i % 77 > i / 77 { f32::MIN } else { 0.0 })
-            .collect::<Vec<_>>(),
-        (77, 77),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let ours = attention(&q, &k, &v, 4, Some(&mask), AttentionPrecision::F32).unwrap();
-    let reference =
-        attention_reference(&q, &k, &v, 4, Some(&mask), AttentionPrecision::F32).unwrap();
-    check("masked attention", &ours, &reference, 0.0);
+fn cpu_attention_takes_views_into_one_fused_projection() {
+    let (b, l, h, d) = (2, 150, 4, 24);
+    let qkv = randn(90, &[b, l, 3 * h * d]);
+    let w = h * d;
+    let (q, k, v) = (
+        qkv.narrow(2, 0, w).unwrap(),
+        qkv.narrow(2, w, w).unwrap(),
+        qkv.narrow(2, 2 * w, w).unwrap(),
+    );
+    let ours = attention(&q, &k, &v, h, false, AttentionPrecision::Native).unwrap();
+    let reference = attention_reference(&q, &k, &v, h, false, AttentionPrecision::F32).unwrap();
+    check("strided q/k/v", &ours, &reference, 2e-6);
+}
+
+#[test]
+fn cpu_causal_attention_matches_the_masked_reference() {
+    // CLIP's shape (77 tokens, 64-wide heads) and block-crossing lengths.
+    for &(b, l, h, d) in &[(2, 77, 12, 64), (1, 300, 2, 40), (1, 1, 1, 16)] {
+        let [q, k, v] = attention_inputs(b, l, l, h, d);
+        let ours = attention(&q, &k, &v, h, true, AttentionPrecision::F32).unwrap();
+        let reference = attention_reference(&q, &k, &v, h, true, AttentionPrecision::F32).unwrap();
+        check(
+            &format!("causal attention b{b} l{l} h{h} d{d}"),
+            &ours,
+            &reference,
+            2e-6,
+        );
+    }
 }
 
 /// (in, out, kernel, stride, padding, height, width, batch)
@@ -310,10 +324,10 @@ fn cuda_flash_attention_matches_the_f32_reference() {
         {
             let inputs = attention_inputs(b, lq, lk, h, d).map(|t| t.to_dtype(dtype).unwrap());
             let [q, k, v] = inputs.clone().map(|t| t.to_device(&dev).unwrap());
-            let ours = attention(&q, &k, &v, h, None, AttentionPrecision::Native).unwrap();
+            let ours = attention(&q, &k, &v, h, false, AttentionPrecision::Native).unwrap();
             let [q, k, v] = inputs.map(|t| t.to_dtype(DType::F32).unwrap());
             let reference =
-                attention_reference(&q, &k, &v, h, None, AttentionPrecision::F32).unwrap();
+                attention_reference(&q, &k, &v, h, false, AttentionPrecision::F32).unwrap();
             check(
                 &format!("cuda {dtype:?} attention b{b} lq{lq} lk{lk} h{h} d{d}"),
                 &ours,

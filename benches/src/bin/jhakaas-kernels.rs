@@ -3,7 +3,8 @@
 //! math), one JSON line per case; `benches/kernels/torch_kernels.py` times PyTorch on the same
 //! shapes and `compare_kernels.py` joins both into a table.
 //!
-//! Usage: jhakaas-kernels [CASES_JSON] [REPEATS]
+//! Usage: jhakaas-kernels [CASES_JSON] [REPEATS] [ours] (`ours`: skip the references, for
+//! profiling our kernels alone)
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
@@ -14,6 +15,9 @@ use std::time::Instant;
 
 /// Median wall time of `f` over `repeats` runs after one warm-up, in milliseconds.
 fn time_ms(repeats: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
+    if repeats == 0 {
+        return Ok(f64::NAN);
+    }
     f()?;
     let mut t: Vec<f64> = (0..repeats)
         .map(|_| {
@@ -36,7 +40,12 @@ fn vb(t: Vec<(&str, Tensor)>) -> VarBuilder<'static> {
 
 fn report(kind: &str, case: &[usize], ours: f64, reference: f64) {
     println!(
-        r#"{{"kind": "{kind}", "case": {case:?}, "ours_ms": {ours:.3}, "reference_ms": {reference:.3}}}"#
+        r#"{{"kind": "{kind}", "case": {case:?}, "ours_ms": {ours:.3}, "reference_ms": {}}}"#,
+        if reference.is_nan() {
+            "null".to_string()
+        } else {
+            format!("{reference:.3}")
+        }
     );
 }
 
@@ -47,6 +56,11 @@ fn main() -> Result<()> {
         .map(String::as_str)
         .unwrap_or("benches/kernels/cases.json");
     let repeats: usize = args.get(2).map(|r| r.parse()).transpose()?.unwrap_or(5);
+    let reference_repeats = if args.get(3).map(String::as_str) == Some("ours") {
+        0
+    } else {
+        repeats
+    };
     let cases: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).with_context(|| path.to_string())?)?;
     let list = |k: &str| -> Vec<Vec<usize>> {
@@ -82,7 +96,7 @@ fn main() -> Result<()> {
         )?;
         let x = randn(&[b, i, h, w])?;
         let ours = time_ms(repeats, || Ok(conv.forward(&x)?))?;
-        let reference = time_ms(repeats, || Ok(conv.forward_reference(&x, None)?))?;
+        let reference = time_ms(reference_repeats, || Ok(conv.forward_reference(&x, None)?))?;
         report("conv", &c, ours, reference);
     }
     for c in list("linear") {
@@ -97,7 +111,7 @@ fn main() -> Result<()> {
         )?;
         let x = randn(&[rows, i])?;
         let ours = time_ms(repeats, || Ok(lin.forward(&x)?))?;
-        let reference = time_ms(repeats, || Ok(lin.forward_reference(&x, None)?))?;
+        let reference = time_ms(reference_repeats, || Ok(lin.forward_reference(&x, None)?))?;
         report("linear", &c, ours, reference);
     }
     for c in list("attention") {
@@ -110,15 +124,15 @@ fn main() -> Result<()> {
             randn(&[b, lk, h * d])?,
         );
         let ours = time_ms(repeats, || {
-            Ok(attention(&q, &k, &v, h, None, AttentionPrecision::Native)?)
+            Ok(attention(&q, &k, &v, h, false, AttentionPrecision::Native)?)
         })?;
-        let reference = time_ms(repeats, || {
+        let reference = time_ms(reference_repeats, || {
             Ok(attention_reference(
                 &q,
                 &k,
                 &v,
                 h,
-                None,
+                false,
                 AttentionPrecision::F32,
             )?)
         })?;
@@ -136,7 +150,7 @@ fn main() -> Result<()> {
         )?;
         let x = randn(&[b, ch, h, w])?;
         let ours = time_ms(repeats, || Ok(norm.forward_silu(&x)?))?;
-        let reference = time_ms(repeats, || Ok(norm.forward_reference(&x, true)?))?;
+        let reference = time_ms(reference_repeats, || Ok(norm.forward_reference(&x, true)?))?;
         report("group_norm_silu", &c, ours, reference);
     }
     Ok(())

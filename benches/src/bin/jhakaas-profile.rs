@@ -1,4 +1,5 @@
-//! `jhakaas-profile`: where one UNet step (CFG batch 2) and one VAE decode spend their time, by
+//! `jhakaas-profile`: where one UNet step (CFG batch 2), one VAE decode and the text encoding
+//! of a CFG pair spend their time, by
 //! kind of layer (attention, conv, linear, norm, GEGLU; the rest is element-wise work and
 //! copies), plus the host's enqueue time (the forward call returning before the device is done)
 //! and the same UNet at an 8×8 latent, where launch overhead dominates. One JSON object.
@@ -97,6 +98,10 @@ fn main() -> Result<()> {
     let vae = || -> Result<Tensor> { Ok(p.vae().decode(&z)?) };
     let (vae_s, vae_enqueue_s) = timings(&device, vae)?;
     let vae_split = split(&device, vae_s, vae)?;
+    let prompts = ["", "a photograph of an astronaut riding a horse"];
+    let text = || -> Result<Tensor> { Ok(p.encode_text(&prompts)?) };
+    let (text_s, _) = timings(&device, text)?;
+    let text_split = split(&device, text_s, text)?;
     let dtype = format!("{dtype:?}").to_lowercase();
     let kernels = format!("{:?}", jhakaas_model_manager::kernels::kernels()).to_lowercase();
     let isa = format!("{:?}", jhakaas_model_manager::kernels::simd::isa());
@@ -105,7 +110,7 @@ fn main() -> Result<()> {
         .map(|o| format!("{o:?}").to_lowercase())
         .collect();
     println!(
-        r#"{{"size": {size}, "device": "{}", "dtype": "{dtype}", "kernels": "{kernels}", "cpu_isa": "{isa}", "ops": {ops:?}, "unet_step": {{"total_s": {unet_s:.4}, "host_enqueue_s": {unet_enqueue_s:.4}, "by_op": {unet_split}}}, "unet_step_8x8_latent": {{"total_s": {small_s:.4}, "host_enqueue_s": {small_enqueue_s:.4}}}, "vae_decode": {{"total_s": {vae_s:.4}, "host_enqueue_s": {vae_enqueue_s:.4}, "by_op": {vae_split}}}}}"#,
+        r#"{{"size": {size}, "device": "{}", "dtype": "{dtype}", "kernels": "{kernels}", "cpu_isa": "{isa}", "ops": {ops:?}, "unet_step": {{"total_s": {unet_s:.4}, "host_enqueue_s": {unet_enqueue_s:.4}, "by_op": {unet_split}}}, "unet_step_8x8_latent": {{"total_s": {small_s:.4}, "host_enqueue_s": {small_enqueue_s:.4}}}, "vae_decode": {{"total_s": {vae_s:.4}, "host_enqueue_s": {vae_enqueue_s:.4}, "by_op": {vae_split}}}, "text_encode_cfg": {{"total_s": {text_s:.4}, "by_op": {text_split}}}}}"#,
         jhakaas_model_manager::device::describe(&device),
     );
     Ok(())

@@ -15,6 +15,10 @@ use rayon::prelude::*;
 /// stay out of the way of the activations.
 const TILE_ELEMS: usize = 4 << 20;
 
+/// Below this many output pixels over the batch, the batch is folded into one gemm, so the
+/// weights stream through once per call instead of once per image.
+const FOLD_COLUMNS: usize = 2048;
+
 /// What the output starts from before the convolution is accumulated into it.
 #[derive(Debug, Clone)]
 pub enum Addend {
@@ -140,7 +144,9 @@ impl CustomOp2 for FusedConv2d {
                 wo: g.wo,
                 pad: g.pad,
             };
-            if g.k == 1 && g.stride == 1 && g.pad == 0 {
+            if g.b > 1 && g.b * g.n() <= FOLD_COLUMNS && g.kdim() * g.b * g.n() <= TILE_ELEMS {
+                batch_folded(x, w, &mut out, g)
+            } else if g.k == 1 && g.stride == 1 && g.pad == 0 {
                 pointwise(x, w, &mut out, g)
             } else if g.k == 3 && g.stride == 1 && self.winograd && winograd::worth_it(&wino) {
                 let u = winograd::transform_filters(w, g.o * g.c);
@@ -167,6 +173,60 @@ fn init_output(out: &mut [f32], g: Geometry, bias: Option<&[f32]>, addend: Optio
                     *d = s + b0;
                 }
             }
+        }
+    });
+}
+
+/// Small outputs: one im2col matrix `[C·k·k, B·N]` for the whole batch, one gemm into
+/// `[O, B·N]`, then added into the NCHW output.
+unsafe fn batch_folded(x: &[f32], w: &[f32], out: &mut [f32], g: Geometry) {
+    let (n, kdim, cols) = (g.n(), g.kdim(), g.b * g.n());
+    let plane = g.c * g.h * g.w;
+    // Every column block is written by `fill_tile` (one per image) before the gemm reads it.
+    let mut col = uninit_vec(kdim * cols);
+    for b in 0..g.b {
+        fill_tile(
+            &x[b * plane..(b + 1) * plane],
+            &mut col,
+            g,
+            0,
+            g.ho,
+            cols,
+            b * n,
+        );
+    }
+    // Written by the gemm (no accumulation) before it is read.
+    let mut prod = uninit_vec(g.o * cols);
+    gemm(
+        g.o,
+        cols,
+        kdim,
+        MatMut {
+            ptr: prod.as_mut_ptr(),
+            rs: cols as isize,
+            cs: 1,
+        },
+        false,
+        Mat {
+            ptr: w.as_ptr(),
+            rs: kdim as isize,
+            cs: 1,
+        },
+        Mat {
+            ptr: col.as_ptr(),
+            rs: cols as isize,
+            cs: 1,
+        },
+        1.0,
+        parallelism(),
+    );
+    out.par_chunks_mut(n).enumerate().for_each(|(row, dst)| {
+        let (b, o) = (row / g.o, row % g.o);
+        for (d, p) in dst
+            .iter_mut()
+            .zip(&prod[o * cols + b * n..o * cols + (b + 1) * n])
+        {
+            *d += p;
         }
     });
 }
@@ -214,7 +274,7 @@ unsafe fn im2col_gemm(x: &[f32], w: &[f32], out: &mut [f32], g: Geometry) {
         while oy0 < g.ho {
             let rows = rows_per_tile.min(g.ho - oy0);
             let tile_n = rows * g.wo;
-            fill_tile(xb, &mut col[..kdim * tile_n], g, oy0, rows);
+            fill_tile(xb, &mut col[..kdim * tile_n], g, oy0, rows, tile_n, 0);
             gemm(
                 g.o,
                 tile_n,
@@ -244,8 +304,17 @@ unsafe fn im2col_gemm(x: &[f32], w: &[f32], out: &mut [f32], g: Geometry) {
 }
 
 /// im2col for output rows `oy0..oy0+rows`: row `(c, ki, kj)` of the tile holds, for each
-/// output pixel, the input value under kernel tap `(ki, kj)` (0 in the padding).
-fn fill_tile(xb: &[f32], col: &mut [f32], g: Geometry, oy0: usize, rows: usize) {
+/// output pixel, the input value under kernel tap `(ki, kj)` (0 in the padding). Tile rows are
+/// `stride` long; this image's pixels start at column `offset`.
+fn fill_tile(
+    xb: &[f32],
+    col: &mut [f32],
+    g: Geometry,
+    oy0: usize,
+    rows: usize,
+    stride: usize,
+    offset: usize,
+) {
     let tile_n = rows * g.wo;
     let (k, s, p) = (g.k, g.stride, g.pad as isize);
     let ptr = SendPtr(col.as_mut_ptr());
@@ -256,8 +325,9 @@ fn fill_tile(xb: &[f32], col: &mut [f32], g: Geometry, oy0: usize, rows: usize) 
             let (c, ki, kj) = (kk / (k * k), (kk / k) % k, kk % k);
             let plane = &xb[c * g.h * g.w..(c + 1) * g.h * g.w];
             // SAFETY: tile row `kk` belongs to this task alone.
-            let dst_row =
-                unsafe { std::slice::from_raw_parts_mut(ptr.get().add(kk * tile_n), tile_n) };
+            let dst_row = unsafe {
+                std::slice::from_raw_parts_mut(ptr.get().add(kk * stride + offset), tile_n)
+            };
             for r in 0..rows {
                 let iy = ((oy0 + r) * s) as isize + ki as isize - p;
                 let dst = &mut dst_row[r * g.wo..(r + 1) * g.wo];

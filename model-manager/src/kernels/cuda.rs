@@ -34,15 +34,12 @@ fn flash_variant(d: usize) -> Option<(usize, usize)> {
     }
 }
 
-/// Flash attention for f16/bf16 `[B, L, H·D]` inputs.
-#[allow(clippy::too_many_arguments)]
+/// Flash attention for f16/bf16 `[B, L, H·D]` inputs with contiguous rows (strides in `dims`).
 pub(crate) fn attention(
     qs: &CudaStorage,
-    ql: &Layout,
     ks: &CudaStorage,
-    kl: &Layout,
     vs: &CudaStorage,
-    vl: &Layout,
+    shape: &Shape,
     dims: AttentionDims,
     scale: f32,
 ) -> Result<(CudaStorage, Shape)> {
@@ -50,20 +47,17 @@ pub(crate) fn attention(
     let Some((dp, br)) = flash_variant(dims.d) else {
         candle_core::bail!("flash attention: head width {} is not built", dims.d);
     };
+    #[allow(clippy::too_many_arguments)]
     fn run<T: DeviceRepr + CudaDType>(
         dev: &CudaDevice,
         q: &CudaSlice<T>,
-        ql: &Layout,
         k: &CudaSlice<T>,
-        kl: &Layout,
         v: &CudaSlice<T>,
-        vl: &Layout,
         name: &str,
         dims: AttentionDims,
         br: usize,
         scale: f32,
     ) -> Result<CudaStorage> {
-        let (q, k, v) = (view(q, ql, "q")?, view(k, kl, "k")?, view(v, vl, "v")?);
         let elems = dims.b * dims.lq * dims.heads * dims.d;
         // SAFETY: every element is written by the kernel (each block writes its rows).
         let out = unsafe { dev.alloc::<T>(elems)? };
@@ -73,32 +67,54 @@ pub(crate) fn attention(
             block_dim: (2 * br as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (lq, lk, heads, d) = (
-            dims.lq as i32,
-            dims.lk as i32,
-            dims.heads as i32,
-            dims.d as i32,
+        let (q, k, v) = (
+            q.slice(dims.q.2..),
+            k.slice(dims.k.2..),
+            v.slice(dims.v.2..),
+        );
+        let i = |x: usize| x as i32;
+        let (lq, lk, heads, d) = (i(dims.lq), i(dims.lk), i(dims.heads), i(dims.d));
+        let (qb, qr, kb, kr, vb, vr) = (
+            dims.q.0 as i64,
+            i(dims.q.1),
+            dims.k.0 as i64,
+            i(dims.k.1),
+            dims.v.0 as i64,
+            i(dims.v.1),
         );
         let scale_log2 = scale * std::f32::consts::LOG2_E;
         let mut b = func.builder();
         b.arg(&q).arg(&k).arg(&v).arg(&out);
+        b.arg(&qb).arg(&qr).arg(&kb).arg(&kr).arg(&vb).arg(&vr);
         b.arg(&lq).arg(&lk).arg(&heads).arg(&d).arg(&scale_log2);
         // SAFETY: the arguments match the kernel's signature; sizes were checked by the op.
         unsafe { b.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
     let out = match (&qs.slice, &ks.slice, &vs.slice) {
-        (CudaStorageSlice::F16(q), CudaStorageSlice::F16(k), CudaStorageSlice::F16(v)) => {
-            let name = format!("flash_attn_f16_d{dp}");
-            run(&dev, q, ql, k, kl, v, vl, &name, dims, br, scale)?
-        }
-        (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
-            let name = format!("flash_attn_bf16_d{dp}");
-            run(&dev, q, ql, k, kl, v, vl, &name, dims, br, scale)?
-        }
+        (CudaStorageSlice::F16(q), CudaStorageSlice::F16(k), CudaStorageSlice::F16(v)) => run(
+            &dev,
+            q,
+            k,
+            v,
+            &format!("flash_attn_f16_d{dp}"),
+            dims,
+            br,
+            scale,
+        )?,
+        (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => run(
+            &dev,
+            q,
+            k,
+            v,
+            &format!("flash_attn_bf16_d{dp}"),
+            dims,
+            br,
+            scale,
+        )?,
         _ => candle_core::bail!("flash attention takes f16 or bf16 q, k and v of one dtype"),
     };
-    Ok((out, ql.shape().clone()))
+    Ok((out, shape.clone()))
 }
 
 /// GroupNorm (+ SiLU): statistics over `chunks` blocks per group, then the apply pass.

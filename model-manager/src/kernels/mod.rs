@@ -20,6 +20,7 @@ mod cuda;
 pub mod geglu;
 pub mod group_norm;
 pub mod linear;
+mod microkernel;
 pub mod profile;
 pub mod simd;
 mod winograd;

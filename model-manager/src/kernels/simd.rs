@@ -64,12 +64,15 @@ const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 
 /// `e^x` (Cephes `expf`): inputs are clamped to about ±88, so very negative inputs give a
-/// tiny positive number instead of 0.
+/// tiny positive number instead of 0; NaN stays NaN.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.336_55, 88.722_83);
-    let n = (x * LOG2E + 0.5).floor();
-    let r = x - n * LN2_HI - n * LN2_LO;
+    // `max`/`min` (not `clamp`) turn NaN into a finite number, so the conversion below is
+    // defined; the NaN comes back at the end.
+    #[allow(clippy::manual_clamp)] // clamp keeps NaN, which must not reach the conversion
+    let xc = x.max(-87.336_55).min(88.722_83);
+    let n = (xc * LOG2E + 0.5).floor();
+    let r = xc - n * LN2_HI - n * LN2_LO;
     let r2 = r * r;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_2e-3;
@@ -78,14 +81,20 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let y = p * r2 + r + 1.0;
-    // 2^n through the exponent bits; n is within [-126, 128] after the clamp.
-    let bits = ((n as i32 + 127).clamp(1, 254) as u32) << 23;
-    let scale = f32::from_bits(bits);
+    // 2^n through the exponent bits (`as i32` saturates, which keeps the loop scalar).
+    // SAFETY: n is a finite integer within [-126, 128] (xc is finite and clamped).
+    let ni: i32 = unsafe { n.to_int_unchecked() };
+    let scale = f32::from_bits(((ni + 127).clamp(1, 254) as u32) << 23);
     // n = 128 only at the very top of the range: split the scale so it does not overflow.
-    if n > 127.0 {
+    let y = if n > 127.0 {
         y * 2.0 * f32::from_bits(127 << 23)
     } else {
         y * scale
+    };
+    if x.is_nan() {
+        x
+    } else {
+        y
     }
 }
 
@@ -248,6 +257,7 @@ mod tests {
         assert!(worst < 2.5e-7, "worst relative error {worst}");
         assert!(exp(-1e30) < 1e-37 && exp(-1e30) >= 0.0);
         assert!(exp(1e30).is_finite());
+        assert!(exp(f32::NAN).is_nan());
     }
 
     #[test]

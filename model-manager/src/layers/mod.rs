@@ -33,6 +33,37 @@ pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Resu
 }
 
 impl Linear {
+    /// One linear layer computing `parts` side by side (their outputs concatenated along the
+    /// last dimension), e.g. attention's q, k and v projections of one input as one gemm.
+    pub fn concat(parts: &[Linear]) -> Result<Linear> {
+        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight_t).collect();
+        let weight_t = Tensor::cat(&weights, 1)?;
+        let bias = if parts.iter().all(|p| p.bias.is_some()) {
+            let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+            Some(Tensor::cat(&biases, 0)?)
+        } else if parts.iter().all(|p| p.bias.is_none()) {
+            None
+        } else {
+            // Mixed: zeros where a part has none.
+            let biases = parts
+                .iter()
+                .map(|p| match &p.bias {
+                    Some(b) => Ok(b.clone()),
+                    None => {
+                        Tensor::zeros(p.weight_t.dim(1)?, p.weight_t.dtype(), p.weight_t.device())
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&biases, 0)?)
+        };
+        Ok(Linear { weight_t, bias })
+    }
+
+    /// Width of the output.
+    pub fn out_dim(&self) -> Result<usize> {
+        self.weight_t.dim(1)
+    }
+
     /// `x · Wᵀ + b + residual`, the add fused into the gemm on the CPU.
     pub fn forward_residual(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         timed(Op::Linear, x.device(), || self.forward_fused(x, residual))
@@ -236,18 +267,18 @@ pub enum AttentionPrecision {
 /// Head widths the CUDA flash kernel is built for (SD 1.x: 40/80/160, SD 2.x/SDXL: 64).
 pub const CUDA_FLASH_HEAD_DIMS: &[usize] = &[40, 64, 80, 128, 160];
 
-/// Multi-head scaled dot-product attention over `[B, L, H·D]` projections, with an optional
-/// additive mask (which always takes the reference path).
+/// Multi-head scaled dot-product attention over `[B, L, H·D]` projections (whose rows may be
+/// views into one fused projection), optionally causal (query `i` sees keys `0..=i`).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
-    mask: Option<&Tensor>,
+    causal: bool,
     precision: AttentionPrecision,
 ) -> Result<Tensor> {
     timed(Op::Attention, q.device(), || {
-        attention_fused(q, k, v, heads, mask, precision)
+        attention_fused(q, k, v, heads, causal, precision)
     })
 }
 
@@ -256,42 +287,56 @@ fn attention_fused(
     k: &Tensor,
     v: &Tensor,
     heads: usize,
-    mask: Option<&Tensor>,
+    causal: bool,
     precision: AttentionPrecision,
 ) -> Result<Tensor> {
     let d = q.dim(2)? / heads.max(1);
-    let path = kernels::path(q.device(), q.dtype());
-    let fused = mask.is_none()
-        && match path {
-            Path::Cpu => true,
-            Path::Cuda => {
-                precision == AttentionPrecision::Native
-                    && q.dtype() != DType::F32
-                    && CUDA_FLASH_HEAD_DIMS.contains(&d)
-            }
-            Path::Reference => false,
-        };
-    if fused {
-        let op = FusedAttention {
-            heads,
-            scale: 1.0 / (d as f32).sqrt(),
-        };
-        return q
-            .contiguous()?
-            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
+    let op = FusedAttention {
+        heads,
+        scale: 1.0 / (d as f32).sqrt(),
+        causal,
+    };
+    // The kernels take rows anywhere (views into a fused projection) as long as each row is
+    // contiguous.
+    let rows = |t: &Tensor| -> Result<Tensor> {
+        if t.stride().last() == Some(&1) {
+            Ok(t.clone())
+        } else {
+            t.contiguous()
+        }
+    };
+    match kernels::path(q.device(), q.dtype()) {
+        Path::Cpu => rows(q)?.apply_op3_no_bwd(&rows(k)?, &rows(v)?, &op),
+        Path::Cuda
+            if !causal
+                && precision == AttentionPrecision::Native
+                && q.dtype() != DType::F32
+                && CUDA_FLASH_HEAD_DIMS.contains(&d) =>
+        {
+            rows(q)?.apply_op3_no_bwd(&rows(k)?, &rows(v)?, &op)
+        }
+        _ => attention_reference(q, k, v, heads, causal, precision),
     }
-    attention_reference(q, k, v, heads, mask, precision)
 }
 
-/// The reference attention: per-head matmuls and a softmax over materialised scores. With
-/// [`AttentionPrecision::F32`] (or f32 inputs) q, k and v are cast to f32 and the result back;
-/// with `Native` the query is scaled first so half-precision scores stay in range.
+/// `[L, L]` additive causal mask: 0 on and below the diagonal, the most negative f32 above.
+fn causal_mask(len: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..len * len)
+        .map(|i| if i % len > i / len { f32::MIN } else { 0.0 })
+        .collect();
+    Tensor::from_vec(mask, (len, len), device)
+}
+
+/// The reference attention: per-head matmuls and a softmax over materialised scores (with an
+/// additive causal mask when asked). With [`AttentionPrecision::F32`] (or f32 inputs) q, k and
+/// v are cast to f32 and the result back; with `Native` the query is scaled first so
+/// half-precision scores stay in range.
 pub fn attention_reference(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
-    mask: Option<&Tensor>,
+    causal: bool,
     precision: AttentionPrecision,
 ) -> Result<Tensor> {
     let (b, lq, inner) = q.dims3()?;
@@ -314,9 +359,11 @@ pub fn attention_reference(
     } else {
         (q * scale)?.matmul(&k.t()?)?
     };
-    let scores = match mask {
-        Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
-        None => scores,
+    let scores = if causal {
+        let mask = causal_mask(lq, scores.device())?.to_dtype(scores.dtype())?;
+        scores.broadcast_add(&mask)?
+    } else {
+        scores
     };
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     probs

@@ -8,44 +8,76 @@ use crate::layers::{
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
-/// diffusers `Attention` as configured by `BasicTransformerBlock` (no q/k/v bias).
+/// diffusers `Attention` as configured by `BasicTransformerBlock` (no q/k/v bias). Projections
+/// of the same input run as one gemm: q, k and v for self-attention, k and v of the context for
+/// cross-attention.
 #[derive(Debug)]
 struct CrossAttention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
+    projections: Projections,
     to_out: Linear,
     heads: usize,
     precision: AttentionPrecision,
 }
 
+#[derive(Debug)]
+enum Projections {
+    /// `to_q`, `to_k`, `to_v` of the hidden states.
+    SelfAttention(Linear),
+    /// `to_q` of the hidden states, `to_k` and `to_v` of the context.
+    Cross { q: Linear, kv: Linear },
+}
+
 impl CrossAttention {
     fn new(
         query_dim: usize,
-        context_dim: usize,
+        context_dim: Option<usize>,
         heads: usize,
         head_dim: usize,
         precision: AttentionPrecision,
         vb: VarBuilder,
     ) -> Result<Self> {
         let inner = heads * head_dim;
+        let kv_dim = context_dim.unwrap_or(query_dim);
+        let to_q = linear(query_dim, inner, false, vb.pp("to_q"))?;
+        let to_k = linear(kv_dim, inner, false, vb.pp("to_k"))?;
+        let to_v = linear(kv_dim, inner, false, vb.pp("to_v"))?;
+        let projections = match context_dim {
+            None => Projections::SelfAttention(Linear::concat(&[to_q, to_k, to_v])?),
+            Some(_) => Projections::Cross {
+                q: to_q,
+                kv: Linear::concat(&[to_k, to_v])?,
+            },
+        };
         Ok(Self {
-            to_q: linear(query_dim, inner, false, vb.pp("to_q"))?,
-            to_k: linear(context_dim, inner, false, vb.pp("to_k"))?,
-            to_v: linear(context_dim, inner, false, vb.pp("to_v"))?,
+            projections,
             to_out: linear(inner, query_dim, true, vb.pp("to_out.0"))?,
             heads,
             precision,
         })
     }
 
-    /// Attention of `xs` over `context` (itself when `None`), plus `residual`.
+    /// Attention of `xs` over itself or over `context`, plus `residual`.
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
-        let context = context.unwrap_or(xs);
-        let q = self.to_q.forward(xs)?;
-        let k = self.to_k.forward(context)?;
-        let v = self.to_v.forward(context)?;
-        let out = attention(&q, &k, &v, self.heads, None, self.precision)?;
+        let (q, k, v) = match (&self.projections, context) {
+            (Projections::SelfAttention(qkv), _) => {
+                let qkv = qkv.forward(xs)?;
+                let d = qkv.dim(2)? / 3;
+                (
+                    qkv.narrow(2, 0, d)?,
+                    qkv.narrow(2, d, d)?,
+                    qkv.narrow(2, 2 * d, d)?,
+                )
+            }
+            (Projections::Cross { q, kv }, Some(context)) => {
+                let kv = kv.forward(context)?;
+                let d = kv.dim(2)? / 2;
+                (q.forward(xs)?, kv.narrow(2, 0, d)?, kv.narrow(2, d, d)?)
+            }
+            (Projections::Cross { .. }, None) => {
+                candle_core::bail!("cross-attention needs a context")
+            }
+        };
+        let out = attention(&q, &k, &v, self.heads, false, self.precision)?;
         self.to_out.forward_residual(&out, Some(residual))
     }
 }
@@ -96,11 +128,11 @@ impl BasicTransformerBlock {
     ) -> Result<Self> {
         Ok(Self {
             norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
-            attn1: CrossAttention::new(dim, dim, heads, head_dim, precision, vb.pp("attn1"))?,
+            attn1: CrossAttention::new(dim, None, heads, head_dim, precision, vb.pp("attn1"))?,
             norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
             attn2: CrossAttention::new(
                 dim,
-                context_dim,
+                Some(context_dim),
                 heads,
                 head_dim,
                 precision,
