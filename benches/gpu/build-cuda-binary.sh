@@ -5,7 +5,8 @@
 #     CUDA version of the target machine's driver (13.0 for driver 580: newer PTX is refused);
 #   * a stub libcuda.so.1 exporting the driver API symbols cudarc declares, for the linker
 #     only (the real one comes from the driver at run time).
-# Usage: benches/gpu/build-cuda-binary.sh [FEATURES] [COMPUTE_CAP]  -> .gpu/jhakaas-worker.xz
+# Usage: benches/gpu/build-cuda-binary.sh [FEATURES] [COMPUTE_CAP]  -> .gpu/*.xz (the worker, the
+# benchmark binaries and the kernel test binary)
 set -euo pipefail
 features="${1:-cuda}"
 cap="${2:-90}"
@@ -34,10 +35,21 @@ PATH="$cu/bin:$PATH" CUDA_ROOT="$cu" CUDA_PATH="$cu" CUDA_COMPUTE_CAP="$cap" \
 PATH="$cu/bin:$PATH" CUDA_ROOT="$cu" CUDA_PATH="$cu" CUDA_COMPUTE_CAP="$cap" \
   CARGO_TARGET_DIR="$work/target" RUSTFLAGS="-L $work/link" \
   cargo build --release --locked -p jhakaas-benches --bin jhakaas-bench-engine --bin jhakaas-load \
-  --features "jhakaas-model-manager/$features"
+  --bin jhakaas-profile --features "jhakaas-model-manager/$features"
+# The kernel tests (CUDA kernels vs their references), run there by run-gpu-kernels.sh.
+tests="$(PATH="$cu/bin:$PATH" CUDA_ROOT="$cu" CUDA_PATH="$cu" CUDA_COMPUTE_CAP="$cap" \
+  CARGO_TARGET_DIR="$work/target" RUSTFLAGS="-L $work/link" \
+  cargo test --release --locked -p jhakaas-model-manager --test kernels --features "$features" --no-run \
+  --message-format=json | python3 -c "import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get('reason') == 'compiler-artifact' and m.get('executable') and m['target']['name'] == 'kernels':
+        print(m['executable'])")"
 mkdir -p .gpu
 xz -T0 -6 -c "$work/target/release/jhakaas-worker" > .gpu/jhakaas-worker.xz
 xz -T0 -6 -c "$work/target/release/jhakaas-bench-engine" > .gpu/jhakaas-bench-engine.xz
 xz -T0 -6 -c "$work/target/release/jhakaas-load" > .gpu/jhakaas-load.xz
+xz -T0 -6 -c "$work/target/release/jhakaas-profile" > .gpu/jhakaas-profile.xz
+xz -T0 -6 -c "$tests" > .gpu/kernels-test.xz
 readelf -d "$work/target/release/jhakaas-worker" | grep NEEDED
 ls -la "$work/target/release/jhakaas-worker" .gpu/jhakaas-worker.xz

@@ -1,10 +1,14 @@
-//! Memory-mapping one component's safetensors weights, and knowing how many bytes they take
-//! once loaded in the working dtype (what the model cache budgets with).
+//! A component's safetensors weights: read tensor by tensor straight from the file into the
+//! buffers the model keeps (no memory map, so the loaded weights are the only copy in memory),
+//! and the bytes they take once loaded in the working dtype (what the model cache budgets with).
 
 use crate::error::{Error, Result};
 use crate::source::ModelSource;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// A component's weights, ready to build a model from.
@@ -26,7 +30,7 @@ fn in_folder(folder: &str, name: &str) -> String {
     }
 }
 
-/// Memory-maps `folder/stem.safetensors` (or its `.fp16` variant) of `source`.
+/// Opens `folder/stem.safetensors` (or its `.fp16` variant) of `source`.
 pub fn load(
     source: &ModelSource,
     folder: &str,
@@ -41,10 +45,9 @@ pub fn load(
         file: plain.clone(),
         reason,
     };
-    let bytes = loaded_bytes(&path, dtype).map_err(config_error)?;
-    // SAFETY: the file is memory-mapped read-only; checkpoints are not modified while loaded.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], dtype, device) }
-        .map_err(|e| config_error(e.to_string()))?;
+    let tensors = SafetensorsFile::open(&path).map_err(config_error)?;
+    let bytes = tensors.loaded_bytes(dtype);
+    let vb = VarBuilder::from_backend(Box::new(tensors), dtype, device.clone());
     Ok(LoadedWeights {
         vb,
         file: plain,
@@ -66,36 +69,177 @@ pub fn with_file<T>(file: &str, r: Result<T>) -> Result<T> {
 /// Bytes of the floating-point tensors of a safetensors file once converted to `dtype`, read
 /// from its header alone.
 pub fn loaded_bytes(path: &Path, dtype: DType) -> std::result::Result<u64, String> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut n = [0u8; 8];
-    f.read_exact(&mut n)
-        .map_err(|_| "shorter than a safetensors header".to_string())?;
-    let header_len = u64::from_le_bytes(n);
-    if header_len > 100 << 20 {
-        return Err(format!("implausible header length {header_len}"));
-    }
-    let mut header = vec![0u8; header_len as usize];
-    f.read_exact(&mut header).map_err(|e| e.to_string())?;
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&header).map_err(|e| format!("header is not JSON: {e}"))?;
-    let mut total = 0u64;
-    for (name, t) in header.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
-        let is_float = matches!(
-            t.get("dtype").and_then(|d| d.as_str()),
-            Some("F16" | "BF16" | "F32" | "F64")
-        );
-        if !is_float {
-            continue;
+    Ok(SafetensorsFile::open(path)?.loaded_bytes(dtype))
+}
+
+/// Where one tensor's bytes are.
+#[derive(Debug, Clone)]
+struct Entry {
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: u64,
+    end: u64,
+}
+
+/// An open safetensors file and its parsed header: tensors are read on request.
+struct SafetensorsFile {
+    file: std::fs::File,
+    entries: HashMap<String, Entry>,
+}
+
+/// The safetensors dtypes candle holds (others are skipped; a model asking for one fails).
+fn dtype_of(name: &str) -> Option<DType> {
+    Some(match name {
+        "F32" => DType::F32,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        "F64" => DType::F64,
+        "I64" => DType::I64,
+        "I32" => DType::I32,
+        "I16" => DType::I16,
+        "U32" => DType::U32,
+        "U8" => DType::U8,
+        _ => return None,
+    })
+}
+
+impl SafetensorsFile {
+    /// Reads and checks the header: every tensor's bytes lie inside the file and match its
+    /// shape and dtype.
+    fn open(path: &Path) -> std::result::Result<Self, String> {
+        let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+        let file_len = file.metadata().map_err(|e| e.to_string())?.len();
+        let mut n = [0u8; 8];
+        file.read_exact_at(&mut n, 0)
+            .map_err(|_| "shorter than a safetensors header".to_string())?;
+        let header_len = u64::from_le_bytes(n);
+        if header_len > 100 << 20 || 8 + header_len > file_len {
+            return Err(format!("implausible header length {header_len}"));
         }
-        let elements: u64 = t
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .ok_or_else(|| format!("tensor `{name}` has no shape"))?
-            .iter()
-            .map(|d| d.as_u64().unwrap_or(0))
-            .product();
-        total += elements * dtype.size_in_bytes() as u64;
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact_at(&mut header, 8)
+            .map_err(|e| e.to_string())?;
+        let header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| format!("header is not JSON: {e}"))?;
+        let data_start = 8 + header_len;
+        let mut entries = HashMap::new();
+        for (name, t) in header.iter().filter(|(k, _)| k.as_str() != "__metadata__") {
+            let bad = |what: &str| format!("tensor `{name}`: {what}");
+            let dtype_name = t
+                .get("dtype")
+                .and_then(|d| d.as_str())
+                .ok_or_else(|| bad("no dtype"))?;
+            let Some(dtype) = dtype_of(dtype_name) else {
+                continue;
+            };
+            let shape: Vec<usize> = t
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .ok_or_else(|| bad("no shape"))?
+                .iter()
+                .map(|d| {
+                    d.as_u64()
+                        .map(|d| d as usize)
+                        .ok_or_else(|| bad("bad shape"))
+                })
+                .collect::<std::result::Result<_, _>>()?;
+            let offsets = t
+                .get("data_offsets")
+                .and_then(|o| o.as_array())
+                .filter(|o| o.len() == 2)
+                .ok_or_else(|| bad("no data_offsets"))?;
+            let (Some(a), Some(b)) = (offsets[0].as_u64(), offsets[1].as_u64()) else {
+                return Err(bad("bad data_offsets"));
+            };
+            let elems: u64 = shape.iter().map(|&d| d as u64).product();
+            if b < a || b - a != elems * dtype.size_in_bytes() as u64 {
+                return Err(bad("data_offsets do not match its shape and dtype"));
+            }
+            if data_start + b > file_len {
+                return Err(bad(
+                    "data lies past the end of the file (truncated download?)",
+                ));
+            }
+            entries.insert(
+                name.clone(),
+                Entry {
+                    dtype,
+                    shape,
+                    start: data_start + a,
+                    end: data_start + b,
+                },
+            );
+        }
+        Ok(Self { file, entries })
     }
-    Ok(total)
+
+    /// Bytes the floating-point tensors take once converted to `dtype`.
+    fn loaded_bytes(&self, dtype: DType) -> u64 {
+        self.entries
+            .values()
+            .filter(|e| e.dtype.is_float())
+            .map(|e| {
+                e.shape.iter().map(|&d| d as u64).product::<u64>() * dtype.size_in_bytes() as u64
+            })
+            .sum()
+    }
+
+    /// Reads tensor `name` into a fresh buffer and converts it to `dtype` on `device`.
+    fn read(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            })?;
+        let len = (e.end - e.start) as usize;
+        if e.dtype == DType::F32 && device.is_cpu() {
+            // Straight into the f32 buffer the tensor keeps.
+            let mut v = vec![0f32; len / 4];
+            // SAFETY: the u8 view covers exactly the f32 buffer; any bytes are valid f32s.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), len) };
+            self.read_at(bytes, e.start, name)?;
+            return Tensor::from_vec(v, e.shape.as_slice(), device)?.to_dtype(dtype);
+        }
+        let mut bytes = vec![0u8; len];
+        self.read_at(&mut bytes, e.start, name)?;
+        Tensor::from_raw_buffer(&bytes, e.dtype, &e.shape, device)?.to_dtype(dtype)
+    }
+
+    fn read_at(&self, buf: &mut [u8], at: u64, name: &str) -> candle_core::Result<()> {
+        self.file
+            .read_exact_at(buf, at)
+            .map_err(|err| candle_core::Error::Msg(format!("reading tensor `{name}`: {err}")))
+    }
+}
+
+impl SimpleBackend for SafetensorsFile {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.read(name, dtype, dev)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.read(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
 }

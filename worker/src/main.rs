@@ -21,6 +21,11 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "JHAKAAS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Which implementation of the layer math runs: `auto` (our CPU kernels; on CUDA the
+    /// kernels checked on a GPU), `fused` (every fused kernel, the CUDA ones included) or
+    /// `reference` (plain candle math, for A/B runs and as an escape hatch).
+    #[arg(long, global = true, env = "JHAKAAS_KERNELS", default_value = "auto", value_parser = ["auto", "fused", "reference"])]
+    kernels: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,8 +41,18 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // Tensors of one denoising step reuse the memory the previous step freed (measured on the
+    // CPU: model load 6.9 -> 2.3 s, a 256² 4-step job 7.2 -> 6.5 s).
+    jhakaas_model_manager::kernels::retain_freed_memory();
     let cli = Cli::parse();
     init_logging(&cli.log_format);
+    match cli.kernels.parse() {
+        Ok(k) => jhakaas_model_manager::kernels::set_kernels(k),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),

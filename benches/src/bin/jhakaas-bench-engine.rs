@@ -4,6 +4,8 @@
 //! text encode, UNet step (denoise ÷ steps) and VAE decode times, and peak RSS.
 //!
 //! Usage: jhakaas-bench-engine MODEL_DIR LATENTS PROMPT STEPS SIZE RUNS OUT_PNG START_EPOCH [DEVICE]
+//! (`JHAKAAS_KERNELS=auto|fused|reference` picks the kernels, as the worker's `--kernels`;
+//! `JHAKAAS_NO_RETAIN=1` keeps glibc's default of unmapping freed blocks, for A/B runs)
 
 use anyhow::{Context, Result};
 use jhakaas_model_manager::image_io::encode_image;
@@ -38,6 +40,12 @@ fn main() -> Result<()> {
     );
     let (steps, size, runs): (usize, usize, usize) = (a[4].parse()?, a[5].parse()?, a[6].parse()?);
     let start: f64 = a[8].parse()?;
+    if std::env::var_os("JHAKAAS_NO_RETAIN").is_none() {
+        jhakaas_model_manager::kernels::retain_freed_memory();
+    }
+    if let Ok(k) = std::env::var("JHAKAAS_KERNELS") {
+        jhakaas_model_manager::kernels::set_kernels(k.parse()?);
+    }
     let device = a
         .get(9)
         .map(String::as_str)

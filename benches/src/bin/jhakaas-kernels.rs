@@ -50,6 +50,8 @@ fn report(kind: &str, case: &[usize], ours: f64, reference: f64) {
 }
 
 fn main() -> Result<()> {
+    // As the worker does.
+    jhakaas_model_manager::kernels::retain_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let path = args
         .get(1)

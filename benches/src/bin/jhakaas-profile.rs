@@ -57,6 +57,8 @@ fn split(device: &Device, total: f64, mut f: impl FnMut() -> Result<Tensor>) -> 
 }
 
 fn main() -> Result<()> {
+    // As the worker does.
+    jhakaas_model_manager::kernels::retain_freed_memory();
     let a: Vec<String> = std::env::args().collect();
     anyhow::ensure!(
         a.len() >= 3,

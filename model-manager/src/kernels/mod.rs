@@ -19,6 +19,7 @@ mod cpu_gemm;
 mod cuda;
 pub mod geglu;
 pub mod group_norm;
+pub mod layout;
 pub mod linear;
 mod microkernel;
 pub mod profile;
@@ -26,6 +27,7 @@ pub mod simd;
 mod winograd;
 
 use candle_core::{DType, Device};
+pub use cpu::retain_freed_memory;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Which implementation of the layer math runs.

@@ -23,7 +23,7 @@ pub struct Linear {
 
 /// A linear layer, with or without bias (checkpoint keys `weight` `[out, in]`, `bias`).
 pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    let weight_t = vb.get((out_dim, in_dim), "weight")?.t()?.contiguous()?;
+    let weight_t = kernels::layout::transpose(&vb.get((out_dim, in_dim), "weight")?)?;
     let bias = if bias {
         Some(vb.get(out_dim, "bias")?)
     } else {
@@ -37,7 +37,7 @@ impl Linear {
     /// last dimension), e.g. attention's q, k and v projections of one input as one gemm.
     pub fn concat(parts: &[Linear]) -> Result<Linear> {
         let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight_t).collect();
-        let weight_t = Tensor::cat(&weights, 1)?;
+        let weight_t = kernels::layout::concat_columns(&weights)?;
         let bias = if parts.iter().all(|p| p.bias.is_some()) {
             let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
             Some(Tensor::cat(&biases, 0)?)

@@ -13,6 +13,28 @@ use std::ops::ControlFlow;
 use std::time::Instant;
 
 impl StableDiffusionPipeline {
+    /// Runs one step of a tiny real generation through every stage (text encoders, the UNet
+    /// at every resolution level, with classifier-free guidance when the model defaults to it,
+    /// the VAE decode) so first-use costs are paid before serving: kernel loading and
+    /// compilation on a GPU, first-touch allocations. The image is the smallest the UNet
+    /// accepts, `vae scale × 2^(down blocks − 1)` pixels square.
+    pub fn warm_up(&self) -> Result<std::time::Duration> {
+        let started = Instant::now();
+        let levels = self.unet.config().block_out_channels.len().max(1);
+        let side = self.vae_scale_factor() << (levels - 1);
+        let params = GenerateParams {
+            prompt: "warm-up".into(),
+            width: Some(side),
+            height: Some(side),
+            steps: Some(1),
+            seed: Some(0),
+            scheduler: Some(scheduler::SchedulerKind::Ddim),
+            ..Default::default()
+        };
+        self.generate(&params, &mut |_| ControlFlow::Continue(()))?;
+        Ok(started.elapsed())
+    }
+
     /// Runs one request. `on_progress` is called after every denoising step; returning
     /// `ControlFlow::Break` cancels the run before the next step ([`Error::Cancelled`]).
     pub fn generate(
@@ -63,7 +85,10 @@ impl StableDiffusionPipeline {
                 let start = rp.steps - init_steps;
                 let image = image_to_tensor(&init.image, rp.width, rp.height, dev)?
                     .to_dtype(self.vae_dtype)?;
-                let dist = self.vae.encode(&image)?;
+                let dist = {
+                    let _tf32 = crate::device::allow_tf32(dev);
+                    self.vae.encode(&image)?
+                };
                 // diffusers draws one posterior sample per init image (replay files may hold
                 // one for the whole batch); our own noise draws one per image from its seed.
                 let enc_noise = match p.noise.as_ref().and_then(|r| r.encoder_noise.as_ref()) {
@@ -158,7 +183,10 @@ impl StableDiffusionPipeline {
         // 4. Decode.
         let t2 = Instant::now();
         let z = (latents / self.vae.config().scaling_factor)?.to_dtype(self.vae_dtype)?;
-        let decoded = self.vae.decode(&z)?;
+        let decoded = {
+            let _tf32 = crate::device::allow_tf32(dev);
+            self.vae.decode(&z)?
+        };
         let images = tensor_to_images(&decoded)?
             .into_iter()
             .enumerate()

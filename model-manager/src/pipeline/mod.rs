@@ -157,13 +157,7 @@ impl StableDiffusionPipeline {
         let w = weights::load(source, "unet", "diffusion_pytorch_model", dtype, device)?;
         let unet_bytes = w.bytes;
         let unet = weights::with_file(&w.file, UNet2DConditionModel::new(&unet_cfg, w.vb))?;
-        // diffusers decodes a `force_upcast` VAE in f32 on half-precision devices (SDXL's VAE
-        // overflows in f16); a fixed VAE (force_upcast false) runs in the working dtype.
-        let vae_dtype = if dtype != DType::F32 && vae_cfg.force_upcast {
-            DType::F32
-        } else {
-            dtype
-        };
+        let vae_dtype = vae_dtype(kind, &vae_cfg, dtype);
         let w = weights::load(
             &vae_source,
             vae_folder,
@@ -224,7 +218,7 @@ impl StableDiffusionPipeline {
         self.vae.config().scale_factor()
     }
 
-    /// Dtype the VAE runs in (f32 for a `force_upcast` VAE on half-precision devices).
+    /// Dtype the VAE runs in (see [`vae_dtype`]).
     pub fn vae_dtype(&self) -> DType {
         self.vae_dtype
     }
@@ -403,11 +397,7 @@ pub fn estimate_loaded_bytes(
         parts.push((source.clone(), "text_encoder_2/model".into(), dtype));
     }
     let vae_folder = configs.vae_folder;
-    let vae_dtype = if dtype != DType::F32 && configs.vae.force_upcast {
-        DType::F32
-    } else {
-        dtype
-    };
+    let vae_dtype = vae_dtype(configs.kind, &configs.vae, dtype);
     let vae_source = configs.vae_source;
     let vae_stem = if vae_folder.is_empty() {
         "diffusion_pytorch_model".to_string()
@@ -427,6 +417,17 @@ pub fn estimate_loaded_bytes(
         })?;
     }
     Ok(total)
+}
+
+/// The dtype a pipeline's VAE runs in, as diffusers' pipelines choose it: the SDXL pipeline
+/// decodes a `force_upcast` VAE in f32 on half-precision devices (SDXL's VAE overflows in f16;
+/// a fixed VAE with `force_upcast: false` runs in the working dtype), while the SD 1.x/2.x
+/// pipeline decodes in the working dtype whatever the VAE config says.
+pub fn vae_dtype(kind: PipelineKind, vae: &VaeConfig, working: DType) -> DType {
+    match kind {
+        PipelineKind::StableDiffusionXl if working != DType::F32 && vae.force_upcast => DType::F32,
+        _ => working,
+    }
 }
 
 /// A fresh seed when the request has none.

@@ -5,7 +5,7 @@
 use super::jobs::{EncodedImage, Job, JobEvent, JobStore, JobTimings};
 use super::models::{LoadedModels, ModelTable};
 use jhakaas_model_manager::image_io::{encode_image, parameters_text};
-use jhakaas_model_manager::{Error, GenerateParams, SchedulerKind};
+use jhakaas_model_manager::Error;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,21 +44,13 @@ pub fn spawn(
     })
 }
 
-/// Loads `name` and runs one tiny real generation through every stage.
+/// Loads `name` and runs the engine's warm-up (one step of the smallest image, every stage).
 fn warm_up(models: &mut LoadedModels, name: &str) -> Result<(), String> {
     let started = Instant::now();
     let pipeline = models.get(name)?;
-    let params = GenerateParams {
-        prompt: "warm-up".into(),
-        steps: Some(1),
-        seed: Some(0),
-        scheduler: Some(SchedulerKind::Ddim),
-        ..Default::default()
-    };
-    pipeline
-        .generate(&params, &mut |_| ControlFlow::Continue(()))
-        .map_err(|e| e.to_string())?;
-    tracing::info!(model = %name, elapsed = ?started.elapsed(), "model warmed up");
+    let loaded = started.elapsed();
+    let generation = pipeline.warm_up().map_err(|e| e.to_string())?;
+    tracing::info!(model = %name, ?loaded, ?generation, "model warmed up");
     Ok(())
 }
 
