@@ -6,24 +6,9 @@
 //! transformers 5 writes them without the prefix.
 
 use crate::config::ClipTextConfig;
-use crate::layers::{attention, linear, AttentionPrecision, Linear};
+use crate::layers::{attention, linear, Activation, AttentionPrecision, Linear};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
-
-#[derive(Debug, Clone, Copy)]
-enum Activation {
-    QuickGelu,
-    Gelu,
-}
-
-impl Activation {
-    fn apply(self, xs: &Tensor) -> Result<Tensor> {
-        match self {
-            Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
-            Activation::Gelu => xs.gelu_erf(),
-        }
-    }
-}
 
 #[derive(Debug)]
 struct EncoderLayer {

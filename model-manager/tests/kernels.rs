@@ -7,7 +7,8 @@ use candle_nn::VarBuilder;
 use jhakaas_model_manager::kernels::conv2d::FusedConv2d;
 use jhakaas_model_manager::kernels::{set_kernels, KernelChoice};
 use jhakaas_model_manager::layers::{
-    self, attention, attention_reference, geglu, geglu_reference, AttentionPrecision, ConvAddend,
+    self, attention, attention_reference, geglu, geglu_reference, Activation, AttentionPrecision,
+    ConvAddend,
 };
 use std::collections::HashMap;
 
@@ -282,6 +283,19 @@ fn cpu_group_norm_and_silu_match_candle_nn() {
             "  + silu",
             &norm.forward_silu(&x).unwrap(),
             &norm.forward_reference(&x, true).unwrap(),
+            2e-6,
+        );
+    }
+}
+
+#[test]
+fn cpu_text_encoder_activations_match_candle() {
+    let x = randn(710, &[2, 77, 3072]).affine(3.0, 0.0).unwrap();
+    for act in [Activation::QuickGelu, Activation::Gelu] {
+        check(
+            &format!("{act:?}"),
+            &act.apply(&x).unwrap(),
+            &act.apply_reference(&x).unwrap(),
             2e-6,
         );
     }

@@ -138,9 +138,14 @@ impl CustomOp3 for FusedAttention {
     }
 }
 
-/// Width `n` rounded up to whole 16-lane vectors.
+/// Width `n` rounded up to whole 16-lane vectors (scores: keys).
 fn padded(n: usize) -> usize {
     n.div_ceil(16) * 16
+}
+
+/// Head width rounded up to whole 8-lane vectors (values and the running output).
+fn padded_head(d: usize) -> usize {
+    d.div_ceil(8) * 8
 }
 
 /// Row stride of the transposed keys: `lk` padded, plus one vector so that rows are not a
@@ -155,7 +160,7 @@ fn pack_keys_values(k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f32>) {
     let Dims {
         b, lk, heads, d, ..
     } = dims;
-    let (lkp, dp) = (key_stride(lk), padded(d));
+    let (lkp, dp) = (key_stride(lk), padded_head(d));
     let mut kt = vec![0f32; b * heads * d * lkp];
     let mut vp = vec![0f32; b * heads * lk * dp];
     kt.par_chunks_mut(d * lkp)
@@ -207,7 +212,7 @@ pub(crate) fn attention_cpu(
             let rows = BLOCK_Q.min(lq - i0);
             let head = Head {
                 kt: &kt[bh * d * key_stride(lk)..(bh + 1) * d * key_stride(lk)],
-                vp: &vp[bh * lk * padded(d)..(bh + 1) * lk * padded(d)],
+                vp: &vp[bh * lk * padded_head(d)..(bh + 1) * lk * padded_head(d)],
                 lk,
                 d,
             };
@@ -252,7 +257,7 @@ impl Scratch {
             d,
             q: vec![0.0; BLOCK_Q.next_multiple_of(R) * d],
             scores: vec![0.0; BLOCK_Q.next_multiple_of(R) * BLOCK_K],
-            acc: vec![0.0; BLOCK_Q.next_multiple_of(R) * padded(d)],
+            acc: vec![0.0; BLOCK_Q.next_multiple_of(R) * padded_head(d)],
             max: vec![0.0; BLOCK_Q],
             sum: vec![0.0; BLOCK_Q],
         }
@@ -287,7 +292,7 @@ impl Scratch {
 
     /// Online softmax over the key blocks for `rows` query rows (global index `i0 + r`).
     fn run(&mut self, head: &Head, rows: usize, i0: usize, causal: bool) {
-        let (d, dp, lkp) = (head.d, padded(head.d), key_stride(head.lk));
+        let (d, dp, lkp) = (head.d, padded_head(head.d), key_stride(head.lk));
         let rows_r = rows.next_multiple_of(R);
         self.max[..rows].fill(f32::NEG_INFINITY);
         self.sum[..rows].fill(0.0);
@@ -366,7 +371,7 @@ impl Scratch {
     /// # Safety
     /// `dst` points at this task's output block: `rows` rows of `d` values, `inner` apart.
     unsafe fn store(&self, dst: *mut f32, inner: usize, rows: usize) {
-        let (d, dp) = (self.d, padded(self.d));
+        let (d, dp) = (self.d, padded_head(self.d));
         for r in 0..rows {
             let inv = 1.0 / self.sum[r];
             let out = std::slice::from_raw_parts_mut(dst.add(r * inner), d);

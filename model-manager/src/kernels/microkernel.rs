@@ -3,7 +3,7 @@
 //! a portable fallback the compiler vectorises without FMA.
 //!
 //! [`rank1_block`]: `c[i][j] (+)= Σ_k a[i·a_rs + k] · b[k·b_rs + j]` for `i < rows` (a
-//! multiple of [`ROWS`]), `j < cols` (a multiple of 16), `k < n`.
+//! multiple of [`ROWS`]), `j < cols` (a multiple of 8), `k < n`.
 
 use super::simd::{isa, Isa};
 
@@ -24,7 +24,7 @@ pub fn rank1_block(
     c_rs: usize,
     accumulate: bool,
 ) {
-    assert!(rows.is_multiple_of(ROWS) && cols.is_multiple_of(16));
+    assert!(rows.is_multiple_of(ROWS) && cols.is_multiple_of(8));
     if rows == 0 || cols == 0 {
         return;
     }
@@ -68,15 +68,15 @@ fn portable(
     accumulate: bool,
 ) {
     for i0 in (0..rows).step_by(4) {
-        for j0 in (0..cols).step_by(16) {
-            let mut acc = [[0f32; 16]; 4];
+        for j0 in (0..cols).step_by(8) {
+            let mut acc = [[0f32; 8]; 4];
             if accumulate {
                 for (i, row) in acc.iter_mut().enumerate() {
-                    row.copy_from_slice(&c[(i0 + i) * c_rs + j0..][..16]);
+                    row.copy_from_slice(&c[(i0 + i) * c_rs + j0..][..8]);
                 }
             }
             for k in 0..n {
-                let bv = &b[k * b_rs + j0..][..16];
+                let bv = &b[k * b_rs + j0..][..8];
                 for (i, row) in acc.iter_mut().enumerate() {
                     let av = a[(i0 + i) * a_rs + k];
                     for (r, &x) in row.iter_mut().zip(bv) {
@@ -85,7 +85,7 @@ fn portable(
                 }
             }
             for (i, row) in acc.iter().enumerate() {
-                c[(i0 + i) * c_rs + j0..][..16].copy_from_slice(row);
+                c[(i0 + i) * c_rs + j0..][..8].copy_from_slice(row);
             }
         }
     }
@@ -108,8 +108,8 @@ mod x86 {
         pub accumulate: bool,
     }
 
-    /// 8 rows × (32 or 16) columns per register block.
-    #[target_feature(enable = "avx512f")]
+    /// 8 rows × (32, 16 or 8) columns per register block.
+    #[target_feature(enable = "avx512f,avx2,fma")]
     pub unsafe fn block_avx512(p: &Args, c: &mut [f32]) {
         const R: usize = 8;
         let (bp, cp) = (p.b.as_ptr(), c.as_mut_ptr());
@@ -141,7 +141,7 @@ mod x86 {
                 }
                 j0 += 32;
             }
-            if j0 < p.cols {
+            if j0 + 16 <= p.cols {
                 let mut acc = [_mm512_setzero_ps(); R];
                 if p.accumulate {
                     for i in 0..R {
@@ -159,6 +159,26 @@ mod x86 {
                 for i in 0..R {
                     _mm512_storeu_ps(cr[i].add(j0), acc[i]);
                 }
+                j0 += 16;
+            }
+            if j0 < p.cols {
+                let mut acc = [_mm256_setzero_ps(); R];
+                if p.accumulate {
+                    for i in 0..R {
+                        acc[i] = _mm256_loadu_ps(cr[i].add(j0));
+                    }
+                }
+                let mut bk = bp.add(j0);
+                for k in 0..p.n {
+                    let b0 = _mm256_loadu_ps(bk);
+                    for i in 0..R {
+                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(*ar[i].add(k)), b0, acc[i]);
+                    }
+                    bk = bk.add(p.b_rs);
+                }
+                for i in 0..R {
+                    _mm256_storeu_ps(cr[i].add(j0), acc[i]);
+                }
             }
         }
     }
@@ -171,12 +191,14 @@ mod x86 {
         for i0 in (0..p.rows).step_by(R) {
             let ar: [*const f32; R] = std::array::from_fn(|i| p.a.as_ptr().add((i0 + i) * p.a_rs));
             let cr: [*mut f32; R] = std::array::from_fn(|i| cp.add((i0 + i) * p.c_rs));
-            for j0 in (0..p.cols).step_by(16) {
+            let mut j0 = 0;
+            while j0 + 16 <= p.cols {
                 let mut acc = [_mm256_setzero_ps(); 2 * R];
                 if p.accumulate {
                     for i in 0..R {
-                        acc[2 * i] = _mm256_loadu_ps(cr[i].add(j0));
-                        acc[2 * i + 1] = _mm256_loadu_ps(cr[i].add(j0 + 8));
+                        let at = cr[i].add(j0);
+                        acc[2 * i] = _mm256_loadu_ps(at);
+                        acc[2 * i + 1] = _mm256_loadu_ps(at.add(8));
                     }
                 }
                 let mut bk = bp.add(j0);
@@ -190,8 +212,29 @@ mod x86 {
                     bk = bk.add(p.b_rs);
                 }
                 for i in 0..R {
-                    _mm256_storeu_ps(cr[i].add(j0), acc[2 * i]);
-                    _mm256_storeu_ps(cr[i].add(j0 + 8), acc[2 * i + 1]);
+                    let at = cr[i].add(j0);
+                    _mm256_storeu_ps(at, acc[2 * i]);
+                    _mm256_storeu_ps(at.add(8), acc[2 * i + 1]);
+                }
+                j0 += 16;
+            }
+            if j0 < p.cols {
+                let mut acc = [_mm256_setzero_ps(); R];
+                if p.accumulate {
+                    for i in 0..R {
+                        acc[i] = _mm256_loadu_ps(cr[i].add(j0));
+                    }
+                }
+                let mut bk = bp.add(j0);
+                for k in 0..p.n {
+                    let b0 = _mm256_loadu_ps(bk);
+                    for i in 0..R {
+                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(*ar[i].add(k)), b0, acc[i]);
+                    }
+                    bk = bk.add(p.b_rs);
+                }
+                for i in 0..R {
+                    _mm256_storeu_ps(cr[i].add(j0), acc[i]);
                 }
             }
         }
@@ -204,7 +247,7 @@ mod tests {
 
     #[test]
     fn every_path_matches_the_plain_triple_loop() {
-        let (rows, cols, n) = (16, 48, 37);
+        let (rows, cols, n) = (16, 56, 37);
         let a: Vec<f32> = (0..rows * n).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
         let b: Vec<f32> = (0..n * cols).map(|i| ((i * 3) % 13) as f32 - 6.0).collect();
         let start: Vec<f32> = (0..rows * cols).map(|i| (i % 5) as f32).collect();

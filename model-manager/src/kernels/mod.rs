@@ -11,6 +11,7 @@
 // Kernels index several buffers with one loop counter; iterator chains would hide the math.
 #![allow(clippy::needless_range_loop)]
 
+pub mod activation;
 pub mod attention;
 pub mod conv2d;
 mod cpu;

@@ -44,7 +44,7 @@ impl Shape {
 /// Whether Winograd pays for this convolution: enough output tiles for efficient gemms and
 /// enough channels for the transforms to be cheap next to them.
 pub(crate) fn worth_it(s: &Shape) -> bool {
-    s.tiles() >= 256 && s.c >= 32 && s.o >= 32
+    s.tiles() >= 128 && s.c >= 32 && s.o >= 32
 }
 
 /// `U[ξ][i] = (G g Gᵀ)[ξ]` for every filter `g = w[i]` (`i` over O·C, 3×3 each).

@@ -373,6 +373,40 @@ pub fn attention_reference(
         .to_dtype(dtype)
 }
 
+/// The activation between a text encoder's MLP layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `x · sigmoid(1.702·x)` (OpenAI CLIP, `quick_gelu`).
+    QuickGelu,
+    /// The exact (erf) GELU (OpenCLIP, `gelu`).
+    Gelu,
+}
+
+impl Activation {
+    /// Applies the activation, as one parallel pass on the CPU.
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match kernels::path(x.device(), x.dtype()) {
+            Path::Cpu => {
+                let kind = match self {
+                    Activation::QuickGelu => kernels::activation::Kind::QuickGelu,
+                    Activation::Gelu => kernels::activation::Kind::GeluErf,
+                };
+                x.contiguous()?
+                    .apply_op1_no_bwd(&kernels::activation::FusedActivation(kind))
+            }
+            _ => self.apply_reference(x),
+        }
+    }
+
+    /// The reference: candle's `sigmoid` and products, or `gelu_erf`.
+    pub fn apply_reference(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+            Activation::Gelu => x.gelu_erf(),
+        }
+    }
+}
+
 /// GEGLU: the first half of the last dimension times the exact GELU of the second half.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
     timed(Op::Geglu, h.device(), || {
