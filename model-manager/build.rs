@@ -11,6 +11,7 @@ fn main() {
     for k in KERNELS {
         println!("cargo:rerun-if-changed=cuda/{k}.cu");
     }
+    println!("cargo:rerun-if-changed=cuda/common.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=CUDA_ROOT");
     println!("cargo:rerun-if-env-changed=NVCC");

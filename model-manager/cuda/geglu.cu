@@ -1,16 +1,10 @@
 // GEGLU over contiguous [rows, 2n] -> [rows, n]: value * gelu_erf(gate), computed in f32.
 // Reference: crate::layers::geglu_reference (chunk, gelu_erf, multiply).
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 namespace {
-__device__ __forceinline__ float load(const float* p, size_t i) { return p[i]; }
-__device__ __forceinline__ float load(const __half* p, size_t i) { return __half2float(p[i]); }
-__device__ __forceinline__ float load(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
-__device__ __forceinline__ void store(float* p, size_t i, float x) { p[i] = x; }
-__device__ __forceinline__ void store(__half* p, size_t i, float x) { p[i] = __float2half(x); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, size_t i, float x) { p[i] = __float2bfloat16(x); }
+using jhakaas::load;
+using jhakaas::store;
 
 template <typename T>
 __device__ void geglu(const T* x, T* out, size_t rows, size_t n) {

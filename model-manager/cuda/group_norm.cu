@@ -3,18 +3,12 @@
 // partial sums of (x - pivot) and (x - pivot)^2 (the pivot, the group's first value, keeps the
 // one-pass variance accurate); `gn_apply` folds the partials of its group, then normalises,
 // applies gamma/beta and SiLU. Reference: candle-nn's GroupNorm followed by silu.
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 namespace {
 
-__device__ __forceinline__ float load(const float* p, size_t i) { return p[i]; }
-__device__ __forceinline__ float load(const __half* p, size_t i) { return __half2float(p[i]); }
-__device__ __forceinline__ float load(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
-__device__ __forceinline__ void store(float* p, size_t i, float x) { p[i] = x; }
-__device__ __forceinline__ void store(__half* p, size_t i, float x) { p[i] = __float2half(x); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, size_t i, float x) { p[i] = __float2bfloat16(x); }
+using jhakaas::load;
+using jhakaas::store;
 
 // Sum of `x` over the block (blockDim.x a multiple of 32, at most 1024).
 __device__ float block_sum(float x, float* shared) {

@@ -108,134 +108,149 @@ mod x86 {
         pub accumulate: bool,
     }
 
+    /// One register block: `$rows` rows × `$vecs` vectors of `$lanes` lanes at column `$j0`,
+    /// with the given intrinsics (so AVX-512 and AVX2 share one body).
+    macro_rules! block {
+        ($p:expr, $ar:expr, $cr:expr, $j0:expr, $rows:expr, $vecs:expr, $lanes:expr,
+         $zero:ident, $load:ident, $store:ident, $set1:ident, $fmadd:ident) => {{
+            let mut acc = [[$zero(); $vecs]; $rows];
+            if $p.accumulate {
+                for i in 0..$rows {
+                    for v in 0..$vecs {
+                        acc[i][v] = $load($cr[i].add($j0 + v * $lanes));
+                    }
+                }
+            }
+            let mut bk = $p.b.as_ptr().add($j0);
+            for k in 0..$p.n {
+                let b: [_; $vecs] = std::array::from_fn(|v| $load(bk.add(v * $lanes)));
+                for i in 0..$rows {
+                    let av = $set1(*$ar[i].add(k));
+                    for v in 0..$vecs {
+                        acc[i][v] = $fmadd(av, b[v], acc[i][v]);
+                    }
+                }
+                bk = bk.add($p.b_rs);
+            }
+            for i in 0..$rows {
+                for v in 0..$vecs {
+                    $store($cr[i].add($j0 + v * $lanes), acc[i][v]);
+                }
+            }
+        }};
+    }
+
+    /// Row pointers of `a` and `c` for the register block starting at row `i0`.
+    unsafe fn rows<const R: usize>(
+        p: &Args,
+        c: *mut f32,
+        i0: usize,
+    ) -> ([*const f32; R], [*mut f32; R]) {
+        (
+            std::array::from_fn(|i| p.a.as_ptr().add((i0 + i) * p.a_rs)),
+            std::array::from_fn(|i| c.add((i0 + i) * p.c_rs)),
+        )
+    }
+
     /// 8 rows × (32, 16 or 8) columns per register block.
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub unsafe fn block_avx512(p: &Args, c: &mut [f32]) {
         const R: usize = 8;
-        let (bp, cp) = (p.b.as_ptr(), c.as_mut_ptr());
         for i0 in (0..p.rows).step_by(R) {
-            let ar: [*const f32; R] = std::array::from_fn(|i| p.a.as_ptr().add((i0 + i) * p.a_rs));
-            let cr: [*mut f32; R] = std::array::from_fn(|i| cp.add((i0 + i) * p.c_rs));
+            let (ar, cr) = rows::<R>(p, c.as_mut_ptr(), i0);
             let mut j0 = 0;
             while j0 + 32 <= p.cols {
-                let mut acc = [_mm512_setzero_ps(); 2 * R];
-                if p.accumulate {
-                    for i in 0..R {
-                        acc[2 * i] = _mm512_loadu_ps(cr[i].add(j0));
-                        acc[2 * i + 1] = _mm512_loadu_ps(cr[i].add(j0 + 16));
-                    }
-                }
-                let mut bk = bp.add(j0);
-                for k in 0..p.n {
-                    let (b0, b1) = (_mm512_loadu_ps(bk), _mm512_loadu_ps(bk.add(16)));
-                    for i in 0..R {
-                        let av = _mm512_set1_ps(*ar[i].add(k));
-                        acc[2 * i] = _mm512_fmadd_ps(av, b0, acc[2 * i]);
-                        acc[2 * i + 1] = _mm512_fmadd_ps(av, b1, acc[2 * i + 1]);
-                    }
-                    bk = bk.add(p.b_rs);
-                }
-                for i in 0..R {
-                    _mm512_storeu_ps(cr[i].add(j0), acc[2 * i]);
-                    _mm512_storeu_ps(cr[i].add(j0 + 16), acc[2 * i + 1]);
-                }
+                block!(
+                    p,
+                    ar,
+                    cr,
+                    j0,
+                    R,
+                    2,
+                    16,
+                    _mm512_setzero_ps,
+                    _mm512_loadu_ps,
+                    _mm512_storeu_ps,
+                    _mm512_set1_ps,
+                    _mm512_fmadd_ps
+                );
                 j0 += 32;
             }
             if j0 + 16 <= p.cols {
-                let mut acc = [_mm512_setzero_ps(); R];
-                if p.accumulate {
-                    for i in 0..R {
-                        acc[i] = _mm512_loadu_ps(cr[i].add(j0));
-                    }
-                }
-                let mut bk = bp.add(j0);
-                for k in 0..p.n {
-                    let b0 = _mm512_loadu_ps(bk);
-                    for i in 0..R {
-                        acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(*ar[i].add(k)), b0, acc[i]);
-                    }
-                    bk = bk.add(p.b_rs);
-                }
-                for i in 0..R {
-                    _mm512_storeu_ps(cr[i].add(j0), acc[i]);
-                }
+                block!(
+                    p,
+                    ar,
+                    cr,
+                    j0,
+                    R,
+                    1,
+                    16,
+                    _mm512_setzero_ps,
+                    _mm512_loadu_ps,
+                    _mm512_storeu_ps,
+                    _mm512_set1_ps,
+                    _mm512_fmadd_ps
+                );
                 j0 += 16;
             }
             if j0 < p.cols {
-                let mut acc = [_mm256_setzero_ps(); R];
-                if p.accumulate {
-                    for i in 0..R {
-                        acc[i] = _mm256_loadu_ps(cr[i].add(j0));
-                    }
-                }
-                let mut bk = bp.add(j0);
-                for k in 0..p.n {
-                    let b0 = _mm256_loadu_ps(bk);
-                    for i in 0..R {
-                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(*ar[i].add(k)), b0, acc[i]);
-                    }
-                    bk = bk.add(p.b_rs);
-                }
-                for i in 0..R {
-                    _mm256_storeu_ps(cr[i].add(j0), acc[i]);
-                }
+                block!(
+                    p,
+                    ar,
+                    cr,
+                    j0,
+                    R,
+                    1,
+                    8,
+                    _mm256_setzero_ps,
+                    _mm256_loadu_ps,
+                    _mm256_storeu_ps,
+                    _mm256_set1_ps,
+                    _mm256_fmadd_ps
+                );
             }
         }
     }
 
-    /// 4 rows × 16 columns per register block.
+    /// 4 rows × (16 or 8) columns per register block.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn block_avx2(p: &Args, c: &mut [f32]) {
         const R: usize = 4;
-        let (bp, cp) = (p.b.as_ptr(), c.as_mut_ptr());
         for i0 in (0..p.rows).step_by(R) {
-            let ar: [*const f32; R] = std::array::from_fn(|i| p.a.as_ptr().add((i0 + i) * p.a_rs));
-            let cr: [*mut f32; R] = std::array::from_fn(|i| cp.add((i0 + i) * p.c_rs));
+            let (ar, cr) = rows::<R>(p, c.as_mut_ptr(), i0);
             let mut j0 = 0;
             while j0 + 16 <= p.cols {
-                let mut acc = [_mm256_setzero_ps(); 2 * R];
-                if p.accumulate {
-                    for i in 0..R {
-                        let at = cr[i].add(j0);
-                        acc[2 * i] = _mm256_loadu_ps(at);
-                        acc[2 * i + 1] = _mm256_loadu_ps(at.add(8));
-                    }
-                }
-                let mut bk = bp.add(j0);
-                for k in 0..p.n {
-                    let (b0, b1) = (_mm256_loadu_ps(bk), _mm256_loadu_ps(bk.add(8)));
-                    for i in 0..R {
-                        let av = _mm256_set1_ps(*ar[i].add(k));
-                        acc[2 * i] = _mm256_fmadd_ps(av, b0, acc[2 * i]);
-                        acc[2 * i + 1] = _mm256_fmadd_ps(av, b1, acc[2 * i + 1]);
-                    }
-                    bk = bk.add(p.b_rs);
-                }
-                for i in 0..R {
-                    let at = cr[i].add(j0);
-                    _mm256_storeu_ps(at, acc[2 * i]);
-                    _mm256_storeu_ps(at.add(8), acc[2 * i + 1]);
-                }
+                block!(
+                    p,
+                    ar,
+                    cr,
+                    j0,
+                    R,
+                    2,
+                    8,
+                    _mm256_setzero_ps,
+                    _mm256_loadu_ps,
+                    _mm256_storeu_ps,
+                    _mm256_set1_ps,
+                    _mm256_fmadd_ps
+                );
                 j0 += 16;
             }
             if j0 < p.cols {
-                let mut acc = [_mm256_setzero_ps(); R];
-                if p.accumulate {
-                    for i in 0..R {
-                        acc[i] = _mm256_loadu_ps(cr[i].add(j0));
-                    }
-                }
-                let mut bk = bp.add(j0);
-                for k in 0..p.n {
-                    let b0 = _mm256_loadu_ps(bk);
-                    for i in 0..R {
-                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(*ar[i].add(k)), b0, acc[i]);
-                    }
-                    bk = bk.add(p.b_rs);
-                }
-                for i in 0..R {
-                    _mm256_storeu_ps(cr[i].add(j0), acc[i]);
-                }
+                block!(
+                    p,
+                    ar,
+                    cr,
+                    j0,
+                    R,
+                    1,
+                    8,
+                    _mm256_setzero_ps,
+                    _mm256_loadu_ps,
+                    _mm256_storeu_ps,
+                    _mm256_set1_ps,
+                    _mm256_fmadd_ps
+                );
             }
         }
     }
