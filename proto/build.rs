@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         .build_transport(false)
+        .codec_path("crate::codec::ArgumentCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -3,6 +3,8 @@
 
 #![allow(clippy::all, missing_docs)]
 
+pub mod codec;
+
 /// Generated messages, client and server for `jhakaas.worker.v1`.
 pub mod v1 {
     tonic::include_proto!("jhakaas.worker.v1");
@@ -15,6 +17,27 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 #[cfg(test)]
 mod tests {
     use prost::Message;
+
+    /// The codec treats exactly the RPC input types as requests.
+    #[test]
+    fn the_codec_knows_every_request_type() {
+        let fds = prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET).unwrap();
+        let mut inputs: Vec<String> = fds
+            .file
+            .iter()
+            .flat_map(|f| &f.service)
+            .flat_map(|s| &s.method)
+            .map(|m| m.input_type().rsplit('.').next().unwrap().to_string())
+            .collect();
+        inputs.sort();
+        inputs.dedup();
+        let mut known: Vec<String> = super::codec::REQUEST_TYPES
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        known.sort();
+        assert_eq!(inputs, known);
+    }
 
     /// The compiled contract has exactly the service and methods DESIGN.md names, with the
     /// streaming shape each one promises.

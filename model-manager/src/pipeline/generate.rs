@@ -42,7 +42,17 @@ impl StableDiffusionPipeline {
         p: &GenerateParams,
         on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<Generation> {
-        let rp = self.resolve(p)?;
+        self.generate_within(p, &super::RequestLimits::default(), on_progress)
+    }
+
+    /// [`StableDiffusionPipeline::generate`] refusing requests beyond an operator's `limits`.
+    pub fn generate_within(
+        &self,
+        p: &GenerateParams,
+        limits: &super::RequestLimits,
+        on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        let rp = self.resolve_within(p, limits)?;
         let mut sched = scheduler::build(
             rp.scheduler,
             &self.scheduler_config,

@@ -6,6 +6,8 @@
 mod generate;
 mod resolve;
 
+pub use resolve::{RequestLimits, MAX_IMAGES, MAX_SIDE, MAX_STEPS};
+
 use crate::config::{
     read_json, ClipTextConfig, ModelIndex, PipelineKind, UNetConfig, UNetPlan, VaeConfig,
 };
@@ -57,8 +59,7 @@ pub struct StableDiffusionPipeline {
     device: Device,
     dtype: DType,
     vae_dtype: DType,
-    defaults: ModelDefaults,
-    family: &'static str,
+    description: ModelDescription,
     weight_bytes: u64,
 }
 
@@ -66,7 +67,7 @@ impl std::fmt::Debug for StableDiffusionPipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StableDiffusionPipeline")
             .field("name", &self.name)
-            .field("family", &self.family)
+            .field("family", &self.description.family)
             .field("device", &self.device)
             .field("dtype", &self.dtype)
             .finish_non_exhaustive()
@@ -182,20 +183,24 @@ impl StableDiffusionPipeline {
             device: device.clone(),
             dtype,
             vae_dtype,
-            defaults: description.defaults,
-            family: description.family,
+            description,
             weight_bytes: text_bytes + unet_bytes + vae_bytes,
         })
     }
 
     /// Values used for unset request fields.
     pub fn defaults(&self) -> &ModelDefaults {
-        &self.defaults
+        &self.description.defaults
     }
 
     /// Model family: `sd1`, `sd2` or `sdxl`.
     pub fn family(&self) -> &'static str {
-        self.family
+        self.description.family
+    }
+
+    /// What the model is and the rules its requests follow (from its config files).
+    pub fn description(&self) -> &ModelDescription {
+        &self.description
     }
 
     /// Whether this is an SDXL-family pipeline.
@@ -281,6 +286,10 @@ pub struct ModelDescription {
     pub family: &'static str,
     /// Values used for unset request fields.
     pub defaults: ModelDefaults,
+    /// Pixels per latent along each axis (the VAE's downsampling).
+    pub vae_scale_factor: usize,
+    /// Channels of the UNet's latents.
+    pub latent_channels: usize,
 }
 
 /// Every config file of a pipeline, parsed and checked against each other.
@@ -362,6 +371,7 @@ fn read_configs(source: &ModelSource, options: &LoadOptions) -> Result<Configs> 
         scheduler: scheduler.native_kind().unwrap_or(scheduler::FALLBACK),
     };
     options.defaults.apply(&mut defaults);
+    let (vae_scale_factor, latent_channels) = (vae.scale_factor(), unet.in_channels);
     Ok(Configs {
         index,
         kind,
@@ -371,7 +381,12 @@ fn read_configs(source: &ModelSource, options: &LoadOptions) -> Result<Configs> 
         vae_folder,
         vae,
         scheduler,
-        description: ModelDescription { family, defaults },
+        description: ModelDescription {
+            family,
+            defaults,
+            vae_scale_factor,
+            latent_channels,
+        },
     })
 }
 
@@ -430,8 +445,8 @@ pub fn vae_dtype(kind: PipelineKind, vae: &VaeConfig, working: DType) -> DType {
     }
 }
 
-/// A fresh seed when the request has none.
-fn random_seed() -> u64 {
+/// A fresh seed for a request that has none (drawn once, when the request is accepted).
+pub fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(

@@ -1,13 +1,52 @@
-//! Applying a model's defaults to a request and checking every field before anything runs.
+//! The one owner of the request rules: applying a model's defaults to a request and checking
+//! every field — and the operator's limits on the resolved values — before anything runs. The
+//! CLI, the server (before it queues a job) and the engine (before it runs one) all call
+//! [`ModelDescription::resolve`], so the same mistake gets the same message everywhere.
 
-use super::{random_seed, StableDiffusionPipeline};
+use super::{random_seed, ModelDescription, StableDiffusionPipeline};
 use crate::error::{Error, Result};
 use crate::params::*;
 
+/// Most pixels along one side of an image, whatever the operator allows.
+pub const MAX_SIDE: usize = 8192;
+/// Most denoising steps, whatever the operator allows.
+pub const MAX_STEPS: usize = 10_000;
+/// Most images in one request, whatever the operator allows.
+pub const MAX_IMAGES: usize = 64;
+
+/// An operator's limits on what one request may resolve to (`None`: only the built-in bounds).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Largest width × height of each image.
+    pub max_pixels: Option<u64>,
+    /// Most denoising steps.
+    pub max_steps: Option<usize>,
+    /// Most images per request.
+    pub max_images: Option<usize>,
+}
+
 impl StableDiffusionPipeline {
-    /// Applies defaults and checks every field, naming the first bad one.
+    /// Applies defaults and checks every field, naming the first bad one (no operator limits).
     pub fn resolve(&self, p: &GenerateParams) -> Result<ResolvedParams> {
-        let scale = self.vae_scale_factor();
+        self.description.resolve(p, &RequestLimits::default())
+    }
+
+    /// [`StableDiffusionPipeline::resolve`] within an operator's limits.
+    pub fn resolve_within(
+        &self,
+        p: &GenerateParams,
+        limits: &RequestLimits,
+    ) -> Result<ResolvedParams> {
+        self.description.resolve(p, limits)
+    }
+}
+
+impl ModelDescription {
+    /// Applies this model's defaults to `p` and checks every field and `limits` on the
+    /// resolved values, naming the first bad field. An unset seed is drawn here: callers that
+    /// must report it (the server, at acceptance) store the resolved one.
+    pub fn resolve(&self, p: &GenerateParams, limits: &RequestLimits) -> Result<ResolvedParams> {
+        let scale = self.vae_scale_factor;
         let from_latents = |axis: usize| p.noise.as_ref().map(|n| n.latents.shape[axis] * scale);
         let (default_w, default_h) = match &p.init_image {
             Some(init) => (
@@ -28,10 +67,34 @@ impl StableDiffusionPipeline {
                     format!("{v} is not a positive multiple of {}", scale.max(8)),
                 ));
             }
+            if v > MAX_SIDE {
+                return Err(Error::invalid(
+                    field,
+                    format!("{v} exceeds the largest side of {MAX_SIDE} pixels"),
+                ));
+            }
+        }
+        if let Some(max) = limits.max_pixels {
+            let pixels = width as u64 * height as u64;
+            if pixels > max {
+                return Err(Error::invalid(
+                    "width",
+                    format!(
+                        "{width}×{height} exceeds this server's limit of {max} pixels per image"
+                    ),
+                ));
+            }
         }
         let steps = p.steps.unwrap_or(self.defaults.steps);
         if steps == 0 {
             return Err(Error::invalid("steps", "must be at least 1"));
+        }
+        let max_steps = limits.max_steps.unwrap_or(MAX_STEPS).min(MAX_STEPS);
+        if steps > max_steps {
+            return Err(Error::invalid(
+                "steps",
+                format!("{steps} exceeds this server's limit of {max_steps}"),
+            ));
         }
         let guidance_scale = p.guidance_scale.unwrap_or(self.defaults.guidance_scale);
         if !guidance_scale.is_finite() || !(0.0..=100.0).contains(&guidance_scale) {
@@ -41,6 +104,13 @@ impl StableDiffusionPipeline {
             ));
         }
         let num_images = p.num_images.max(1);
+        let max_images = limits.max_images.unwrap_or(MAX_IMAGES).min(MAX_IMAGES);
+        if num_images > max_images {
+            return Err(Error::invalid(
+                "num_images",
+                format!("{num_images} exceeds this server's limit of {max_images}"),
+            ));
+        }
         let strength = match &p.init_image {
             Some(init) => {
                 let s = init.strength;
@@ -61,7 +131,7 @@ impl StableDiffusionPipeline {
         if let Some(noise) = &p.noise {
             let expect = [
                 num_images,
-                self.unet.config().in_channels,
+                self.latent_channels,
                 height / scale,
                 width / scale,
             ];
@@ -107,7 +177,7 @@ impl StableDiffusionPipeline {
         width: usize,
         height: usize,
     ) -> Result<Option<ResolvedSizeConditioning>> {
-        if !self.is_xl() {
+        if self.family != "sdxl" {
             if let Some(field) = [
                 ("original_size", s.original_size.is_some()),
                 ("crop_top_left", s.crop_top_left.is_some()),

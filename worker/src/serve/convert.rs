@@ -5,6 +5,7 @@
 use super::jobs::{EncodedImage, Job, JobEvent, JobRequest, JobSnapshot, JobState, JobTimings};
 use super::models::ModelTable;
 use jhakaas_model_manager::image_io::decode_image;
+use jhakaas_model_manager::pipeline::{random_seed, RequestLimits};
 use jhakaas_model_manager::{
     GenerateParams, ImageFormat, InitImage, Progress, SchedulerKind, SizeConditioning,
 };
@@ -12,7 +13,8 @@ use jhakaas_proto::v1 as pb;
 use std::time::Instant;
 use tonic::Status;
 
-/// Request limits of this server.
+/// Request limits of this server: the wire's own and, through [`Limits::request_limits`], the
+/// bounds the engine's rules check on resolved requests.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Largest width × height.
@@ -25,12 +27,38 @@ pub struct Limits {
     pub max_init_image_bytes: usize,
 }
 
+impl Limits {
+    /// The limits the engine's rules enforce on a resolved request.
+    pub fn request_limits(&self) -> RequestLimits {
+        RequestLimits {
+            max_pixels: Some(self.max_pixels),
+            max_steps: Some(self.max_steps as usize),
+            max_images: Some(self.max_images as usize),
+        }
+    }
+}
+
 const MAX_PROMPT_CHARS: usize = 8192;
 const MAX_REQUEST_ID_CHARS: usize = 128;
-const MAX_SIDE: u32 = 8192;
 
 fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("invalid {field}: {reason}"))
+}
+
+/// The engine's refusal of a request, naming the field as the wire spells it.
+fn refused(e: jhakaas_model_manager::Error) -> Status {
+    match e {
+        jhakaas_model_manager::Error::InvalidParam { field, reason } => {
+            let wire = match field {
+                "original_size" => "size_conditioning.original_width",
+                "target_size" => "size_conditioning.target_width",
+                "crop_top_left" => "size_conditioning.crop_top",
+                other => other,
+            };
+            invalid(wire, reason)
+        }
+        other => Status::invalid_argument(other.to_string()),
+    }
 }
 
 /// Validates a request. Unknown models are NOT_FOUND, everything else INVALID_ARGUMENT.
@@ -69,66 +97,7 @@ pub fn job_request(
             format!("longer than {MAX_PROMPT_CHARS} characters"),
         ));
     }
-    for (field, v) in [("width", req.width), ("height", req.height)] {
-        if v != 0 && v % 8 != 0 {
-            return Err(invalid(field, format!("{v} is not a multiple of 8")));
-        }
-    }
-    // Zero means the model's default (checked by the engine, which knows it).
-    for (field, v) in [("width", req.width), ("height", req.height)] {
-        if v > MAX_SIDE {
-            return Err(invalid(
-                field,
-                format!("{v} exceeds the largest side of {MAX_SIDE} pixels"),
-            ));
-        }
-    }
-    let (w, h) = (req.width as u64, req.height as u64);
-    if w * h > limits.max_pixels {
-        return Err(invalid(
-            "width",
-            format!(
-                "{w}×{h} exceeds this server's limit of {} pixels",
-                limits.max_pixels
-            ),
-        ));
-    }
-    if req.steps > limits.max_steps {
-        return Err(invalid(
-            "steps",
-            format!(
-                "{} exceeds this server's limit of {}",
-                req.steps, limits.max_steps
-            ),
-        ));
-    }
-    let g = req.guidance_scale;
-    if !g.is_finite() || !(0.0..=50.0).contains(&g) {
-        return Err(invalid(
-            "guidance_scale",
-            format!("{g} is not a finite number in [0, 50]"),
-        ));
-    }
     let size_conditioning = size_conditioning(req.size_conditioning.as_ref())?;
-    if size_conditioning.is_set() {
-        if let Some(family) = models.status(&model).family {
-            if family != "sdxl" {
-                return Err(invalid(
-                    "size_conditioning",
-                    format!("model `{model}` is {family}; size conditioning is an SDXL feature"),
-                ));
-            }
-        }
-    }
-    if req.num_images > limits.max_images {
-        return Err(invalid(
-            "num_images",
-            format!(
-                "{} exceeds this server's limit of {}",
-                req.num_images, limits.max_images
-            ),
-        ));
-    }
     let scheduler = if req.scheduler.is_empty() {
         None
     } else {
@@ -165,32 +134,48 @@ pub fn job_request(
                 ),
             ));
         }
+        // The engine's rules check the strength's range.
         let s = req.strength as f64;
-        if !(s > 0.0 && s <= 1.0) {
-            return Err(invalid("strength", format!("{s} is not in (0, 1]")));
-        }
         let image = decode_image(&req.init_image, limits.max_pixels)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Some(InitImage { image, strength: s })
     };
     let non_zero = |v: u32| (v != 0).then_some(v as usize);
+    let g = req.guidance_scale;
+    let mut params = GenerateParams {
+        prompt: req.prompt,
+        negative_prompt: (!req.negative_prompt.is_empty()).then_some(req.negative_prompt),
+        width: non_zero(req.width),
+        height: non_zero(req.height),
+        steps: non_zero(req.steps),
+        guidance_scale: (g != 0.0).then_some(g as f64),
+        scheduler,
+        seed: req.seed,
+        num_images: req.num_images.max(1) as usize,
+        init_image,
+        noise: None,
+        size_conditioning,
+    };
+    // The engine's rules (sizes after defaults, steps, guidance, strength, size conditioning,
+    // and this server's limits on the resolved values) run before the job is queued when the
+    // model's config files were read at start-up; the engine applies the same rules again
+    // before it runs the job (the only check for a model whose files were not on disk).
+    let seed = match models.description(&model) {
+        Some(description) => {
+            description
+                .resolve(&params, &limits.request_limits())
+                .map_err(refused)?
+                .seed
+        }
+        None => params.seed.unwrap_or_else(random_seed),
+    };
+    // Fixed at acceptance, so the job reports it from the start and a rerun gives the same image.
+    params.seed = Some(seed);
     Ok(JobRequest {
         request_id: req.request_id,
         model,
-        params: GenerateParams {
-            prompt: req.prompt,
-            negative_prompt: (!req.negative_prompt.is_empty()).then_some(req.negative_prompt),
-            width: non_zero(req.width),
-            height: non_zero(req.height),
-            steps: non_zero(req.steps),
-            guidance_scale: (g != 0.0).then_some(g as f64),
-            scheduler,
-            seed: req.seed,
-            num_images: req.num_images.max(1) as usize,
-            init_image,
-            noise: None,
-            size_conditioning,
-        },
+        params,
+        limits: limits.request_limits(),
         format,
         deadline,
     })
@@ -201,22 +186,18 @@ fn size_conditioning(sc: Option<&pb::SizeConditioning>) -> Result<SizeConditioni
     let Some(sc) = sc else {
         return Ok(SizeConditioning::default());
     };
+    // Only the wire's shape here (a size is both sides or neither); the engine's rules bound
+    // the values.
     let size = |field: &str, w: u32, h: u32| -> Result<Option<(usize, usize)>, Status> {
         match (w, h) {
             (0, 0) => Ok(None),
-            (w, h) if w == 0 || h == 0 || w > MAX_SIDE || h > MAX_SIDE => Err(invalid(
+            (w, h) if w == 0 || h == 0 => Err(invalid(
                 field,
-                format!("{w}x{h}: give both sides, each in 1..={MAX_SIDE}"),
+                format!("{w}x{h}: give both sides or neither"),
             )),
             (w, h) => Ok(Some((w as usize, h as usize))),
         }
     };
-    if sc.crop_top > MAX_SIDE || sc.crop_left > MAX_SIDE {
-        return Err(invalid(
-            "size_conditioning.crop_top",
-            format!("crop offsets must be at most {MAX_SIDE}"),
-        ));
-    }
     Ok(SizeConditioning {
         original_size: size(
             "size_conditioning.original_width",
@@ -286,6 +267,7 @@ pub fn job(job: &Job, snap: &JobSnapshot) -> pb::Job {
         images: images(&snap.images),
         timings: snap.timings.as_ref().map(timings),
         error: snap.error.clone(),
+        seed: job.request.params.seed.unwrap_or_default(),
     }
 }
 

@@ -113,7 +113,8 @@ fn run_job(store: &JobStore, models: &mut LoadedModels, job: &Arc<Job>) {
     tracing::info!("job started");
 
     let mut last_step = Instant::now();
-    let result = pipeline.generate(&job.request.params, &mut |p| {
+    let request = &job.request;
+    let result = pipeline.generate_within(&request.params, &request.limits, &mut |p| {
         metrics::histogram!("jhakaas_step_duration_seconds")
             .record(last_step.elapsed().as_secs_f64());
         last_step = Instant::now();

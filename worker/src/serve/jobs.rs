@@ -5,6 +5,7 @@
 //! snapshot, and events are sent while holding it so a watcher that subscribes under the same
 //! lock never misses or duplicates an event.
 
+use jhakaas_model_manager::pipeline::RequestLimits;
 use jhakaas_model_manager::{GenerateParams, ImageFormat, Progress};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,8 +24,11 @@ pub struct JobRequest {
     pub request_id: String,
     /// Registered model name.
     pub model: String,
-    /// Engine parameters.
+    /// Engine parameters (the seed fixed at acceptance).
     pub params: GenerateParams,
+    /// The server's limits the job was accepted under; the engine checks them again on the
+    /// resolved request.
+    pub limits: RequestLimits,
     /// Encoding of the result images.
     pub format: ImageFormat,
     /// When the client stops caring (gRPC deadline).

@@ -3,8 +3,10 @@
 //! room — beyond `--max-loaded-models`, or beyond `--memory-budget` bytes of weights.
 //! A shared status table lets `ListModels` answer without touching the engine.
 
-use jhakaas_model_manager::pipeline::{describe, estimate_loaded_bytes, DefaultsOverride};
-use jhakaas_model_manager::{LoadOptions, ModelDefaults, ModelSource, StableDiffusionPipeline};
+use jhakaas_model_manager::pipeline::{
+    describe, estimate_loaded_bytes, DefaultsOverride, ModelDescription,
+};
+use jhakaas_model_manager::{LoadOptions, ModelSource, StableDiffusionPipeline};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -36,10 +38,8 @@ impl ModelSpec {
 pub struct ModelStatus {
     /// Loaded on the engine right now.
     pub loaded: bool,
-    /// `sd1`/`sd2`/`sdxl`, known once its config files are on disk.
-    pub family: Option<String>,
-    /// Defaults, known once its config files are on disk.
-    pub defaults: Option<ModelDefaults>,
+    /// Family, defaults and request rules, known once its config files are on disk.
+    pub description: Option<ModelDescription>,
     /// Bytes of weights held while loaded.
     pub loaded_bytes: u64,
     /// Last load error, if any.
@@ -83,6 +83,11 @@ impl ModelTable {
         &self.default_model
     }
 
+    /// The description of `name`, when its config files have been read.
+    pub fn description(&self, name: &str) -> Option<ModelDescription> {
+        self.status(name).description
+    }
+
     /// A copy of `name`'s status.
     pub fn status(&self, name: &str) -> ModelStatus {
         self.status
@@ -104,10 +109,7 @@ impl ModelTable {
                 continue;
             }
             match describe(&spec.source, &spec.load_options()) {
-                Ok(d) => self.update(&spec.name, |s| {
-                    s.family = Some(d.family.to_string());
-                    s.defaults = Some(d.defaults);
-                }),
+                Ok(d) => self.update(&spec.name, |s| s.description = Some(d)),
                 Err(e) => {
                     tracing::warn!(model = %spec.name, error = %e, "model config cannot be read")
                 }
@@ -211,8 +213,7 @@ impl LoadedModels {
                 tracing::info!(model = %name, source = %spec.source, elapsed = ?started.elapsed(), "model loaded");
                 self.table.update(name, |s| {
                     s.loaded = true;
-                    s.family = Some(p.family().to_string());
-                    s.defaults = Some(p.defaults().clone());
+                    s.description = Some(p.description().clone());
                     s.loaded_bytes = p.weight_bytes();
                     s.error = None;
                 });

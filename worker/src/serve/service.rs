@@ -33,12 +33,35 @@ fn submit_status(e: SubmitError) -> Status {
     }
 }
 
-/// The client's deadline from the `grpc-timeout` header (e.g. `500m`, `2S`).
-fn grpc_deadline<T>(req: &Request<T>) -> Option<Instant> {
-    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+/// The client's deadline from the `grpc-timeout` header (e.g. `500m`, `2S`): at most 8 digits
+/// and a unit, as the gRPC spec allows, so no value overflows. A malformed header is refused
+/// naming it; one too far in the future to represent means no deadline.
+fn grpc_deadline<T>(req: &Request<T>) -> Result<Option<Instant>, Status> {
+    let Some(v) = req.metadata().get("grpc-timeout") else {
+        return Ok(None);
+    };
+    let bad = || {
+        Status::invalid_argument(
+            "invalid grpc-timeout: expected 1 to 8 digits and a unit (H, M, S, m, u, n)",
+        )
+    };
+    let v = v.to_str().map_err(|_| bad())?;
+    parse_grpc_timeout(v)
+        .ok_or_else(bad)
+        .map(|d| Instant::now().checked_add(d))
+}
+
+/// `grpc-timeout`'s value as a duration (`None` if malformed).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if !v.is_ascii() {
+        return None;
+    }
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    if num.is_empty() || num.len() > 8 || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = num.parse().ok()?;
-    let d = match unit {
+    Some(match unit {
         "H" => Duration::from_secs(n * 3600),
         "M" => Duration::from_secs(n * 60),
         "S" => Duration::from_secs(n),
@@ -46,8 +69,7 @@ fn grpc_deadline<T>(req: &Request<T>) -> Option<Instant> {
         "u" => Duration::from_micros(n),
         "n" => Duration::from_nanos(n),
         _ => return None,
-    };
-    Some(Instant::now() + d)
+    })
 }
 
 fn find(store: &JobStore, id: &str) -> Result<Arc<Job>, Status> {
@@ -161,7 +183,7 @@ impl pb::worker_server::Worker for WorkerService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let deadline = grpc_deadline(&request);
+        let deadline = grpc_deadline(&request)?;
         let req = convert::job_request(request.into_inner(), &self.models, &self.limits, deadline)?;
         let submitted = self.store.submit(req).map_err(submit_status)?;
         let existing = submitted.events.is_none();
@@ -226,11 +248,15 @@ impl pb::worker_server::Worker for WorkerService {
             .iter()
             .map(|spec| {
                 let s = self.models.status(&spec.name);
-                let d = s.defaults.as_ref();
+                let d = s.description.as_ref().map(|d| &d.defaults);
                 pb::ModelInfo {
                     name: spec.name.clone(),
                     source: spec.source.to_string(),
-                    family: s.family.clone().unwrap_or_default(),
+                    family: s
+                        .description
+                        .as_ref()
+                        .map(|d| d.family.to_string())
+                        .unwrap_or_default(),
                     default_width: d.map_or(0, |d| d.width as u32),
                     default_height: d.map_or(0, |d| d.height as u32),
                     default_steps: d.map_or(0, |d| d.steps as u32),
@@ -243,5 +269,37 @@ impl pb::worker_server::Worker for WorkerService {
             })
             .collect();
         Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_parsing_is_bounded() {
+        assert_eq!(parse_grpc_timeout("500m"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(
+            parse_grpc_timeout("99999999H"),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+        for bad in [
+            "",
+            "S",
+            "123456789S",
+            "1x",
+            "-1S",
+            "+1S",
+            "1.5S",
+            "１S",
+            "1１",
+            "18446744073709551616n",
+        ] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+        // The largest value does not overflow an Instant: no deadline rather than a panic.
+        let d = parse_grpc_timeout("99999999H").unwrap();
+        let _ = Instant::now().checked_add(d);
     }
 }

@@ -1,0 +1,232 @@
+//! What a hostile or careless client found in the first-wave server (issue 12), each now
+//! refused with INVALID_ARGUMENT naming the field — never an escape past a limit, never
+//! INTERNAL, never a panic — and the server still serving afterwards.
+
+use jhakaas_proto::v1 as pb;
+use jhakaas_tests::server::{fixture_model, TestServer};
+use std::time::Duration;
+use tonic::Code;
+
+async fn ready_server(extra: &[&str]) -> TestServer {
+    let model = fixture_model("tiny", "sd1-tiny");
+    let mut args = vec!["--model", model.as_str()];
+    args.extend_from_slice(extra);
+    let server = TestServer::start(&args);
+    server.wait_ready().await;
+    server
+}
+
+fn request(steps: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: "a red cube".into(),
+        steps,
+        seed: Some(7),
+        ..Default::default()
+    }
+}
+
+async fn finished(
+    client: &mut pb::worker_client::WorkerClient<tonic::transport::Channel>,
+    id: &str,
+) -> pb::Job {
+    for _ in 0..1200 {
+        let job = client
+            .get_job(pb::GetJobRequest { job_id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if job.state == pb::JobState::Succeeded as i32 || job.state == pb::JobState::Failed as i32 {
+            return job;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("job {id} never finished");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zero_side_cannot_escape_the_pixel_limit() {
+    // 262144 = 512²; the fixture's default side is far smaller than 8192.
+    let server = ready_server(&["--max-pixels", "262144"]).await;
+    let mut client = server.client().await;
+    for (w, h) in [(0, 8192), (8192, 0), (0, 4160), (4160, 0)] {
+        let err = client
+            .submit_job(pb::GenerateRequest {
+                width: w,
+                height: h,
+                ..request(1)
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{w}x{h}: {err:?}");
+        assert!(
+            err.message().contains("width") || err.message().contains("height"),
+            "{w}x{h}: {}",
+            err.message()
+        );
+        assert!(err.message().contains("262144"), "{}", err.message());
+    }
+}
+
+/// A `GenerateRequest` whose `prompt` (field 3) is raw bytes, to send invalid UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawPrompt {
+    #[prost(bytes = "vec", tag = "3")]
+    prompt: Vec<u8>,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn undecodable_requests_are_invalid_argument_not_internal() {
+    let server = ready_server(&[]).await;
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    for (what, body) in [
+        (
+            "invalid UTF-8",
+            RawPrompt {
+                prompt: vec![0xff, 0xfe, b'a'],
+            },
+        ),
+        (
+            "lone continuation byte",
+            RawPrompt {
+                prompt: vec![b'a', 0x80],
+            },
+        ),
+    ] {
+        grpc.ready().await.unwrap();
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+            "/jhakaas.worker.v1.Worker/SubmitJob",
+        );
+        let codec = tonic_prost::ProstCodec::<RawPrompt, pb::Job>::default();
+        let err = grpc
+            .unary(tonic::Request::new(body), path, codec)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+        assert!(
+            err.message().contains("prompt"),
+            "{what}: {}",
+            err.message()
+        );
+    }
+    // Still serving.
+    let mut client = server.client().await;
+    client.submit_job(request(1)).await.unwrap();
+    assert_eq!(server.health("jhakaas.worker.v1.Worker").await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_timeout_values_are_bounded() {
+    let server = ready_server(&[]).await;
+    let mut client = server.client().await;
+    // Generate honours the client's deadline. The largest value the spec allows (8 digits of
+    // hours) is no overflow: effectively no deadline.
+    let mut req = tonic::Request::new(request(1));
+    req.metadata_mut()
+        .insert("grpc-timeout", "99999999H".parse().unwrap());
+    let mut stream = client.generate(req).await.unwrap().into_inner();
+    let mut completed = false;
+    while let Some(e) = tokio_stream::StreamExt::next(&mut stream).await {
+        completed |= matches!(e.unwrap().event, Some(pb::job_event::Event::Completed(_)));
+    }
+    assert!(completed);
+    // Longer than the spec's 8 digits (the first used to overflow u64 arithmetic), or no unit.
+    for bad in ["18446744073709551615H", "123456789S", "5x", "S"] {
+        let mut req = tonic::Request::new(request(1));
+        req.metadata_mut()
+            .insert("grpc-timeout", bad.parse().unwrap());
+        let err = client.generate(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad}: {err:?}");
+        assert!(
+            err.message().contains("grpc-timeout"),
+            "{bad}: {}",
+            err.message()
+        );
+    }
+    assert_eq!(server.health("jhakaas.worker.v1.Worker").await.unwrap(), 1);
+    assert_eq!(server.health("").await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_and_the_server_apply_the_same_rules() {
+    let server = ready_server(&[]).await;
+    let mut client = server.client().await;
+    // Guidance 60 is within the engine's [0, 100]: the server used to refuse it at 50.
+    let job = client
+        .submit_job(pb::GenerateRequest {
+            guidance_scale: 60.0,
+            ..request(1)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        finished(&mut client, &job.job_id).await.state,
+        pb::JobState::Succeeded as i32
+    );
+    // 101 is refused by both with the same message.
+    let err = client
+        .submit_job(pb::GenerateRequest {
+            guidance_scale: 101.0,
+            ..request(1)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let out = jhakaas_tests::run_worker([
+        "generate",
+        "--model",
+        jhakaas_tests::fixtures()
+            .join("models/sd1-tiny")
+            .to_str()
+            .unwrap(),
+        "--prompt",
+        "a red cube",
+        "--steps",
+        "1",
+        "--guidance-scale",
+        "101",
+        "--device",
+        "cpu",
+        "--output",
+        std::env::temp_dir()
+            .join("jhakaas-unused.png")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let cli = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        cli.contains(err.message()),
+        "CLI said {cli:?}, the server {:?}",
+        err.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unset_seed_is_fixed_at_acceptance_and_reported() {
+    let server = ready_server(&[]).await;
+    let mut client = server.client().await;
+    let first = client
+        .submit_job(pb::GenerateRequest {
+            seed: None,
+            ..request(2)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(first.seed, 0, "the accepted job reports its seed");
+    let done = finished(&mut client, &first.job_id).await;
+    assert_eq!(done.seed, first.seed);
+    assert_eq!(done.images[0].seed, first.seed);
+    // The reported seed reproduces the image.
+    let again = client
+        .submit_job(pb::GenerateRequest {
+            seed: Some(first.seed),
+            ..request(2)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let again = finished(&mut client, &again.job_id).await;
+    assert_eq!(again.images[0].data, done.images[0].data);
+}
