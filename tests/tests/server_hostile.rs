@@ -230,3 +230,94 @@ async fn an_unset_seed_is_fixed_at_acceptance_and_reported() {
     let again = finished(&mut client, &again.job_id).await;
     assert_eq!(again.images[0].data, done.images[0].data);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panic_in_the_engine_fails_the_job_and_restarts_the_pod() {
+    let model = fixture_model("tiny", "sd1-tiny");
+    let mut server = TestServer::start_with_env(
+        &["--model", model.as_str()],
+        &[("JHAKAAS_TEST_PANIC_PROMPT", std::path::Path::new("boom"))],
+    );
+    server.wait_ready().await;
+    let mut client = server.client().await;
+    let stream = client
+        .generate(pb::GenerateRequest {
+            prompt: "boom".into(),
+            ..request(1)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let events: Vec<_> = tokio_stream::StreamExt::collect::<Vec<_>>(stream).await;
+    let failed = events.iter().find_map(|e| match e {
+        Ok(pb::JobEvent {
+            event: Some(pb::job_event::Event::Failed(f)),
+            ..
+        }) => Some(f.reason.clone()),
+        _ => None,
+    });
+    let reason = failed.unwrap_or_else(|| panic!("no Failed event in {events:?}"));
+    assert!(reason.contains("panicked"), "{reason}");
+    // Not a black hole: the process exits non-zero so Kubernetes restarts the pod.
+    let code = server.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(70), "logs: {}", server.logs());
+    assert!(server.logs().contains("the engine panicked"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_that_fails_to_load_backs_off_and_evicts_nothing() {
+    let broken = jhakaas_tests::scratch_dir("hostile-broken-model");
+    std::fs::write(
+        broken.join("model_index.json"),
+        r#"{"_class_name": "StableDiffusionPipeline"}"#,
+    )
+    .unwrap();
+    let good = fixture_model("good", "sd1-tiny");
+    let bad = format!("bad={}", broken.display());
+    let server = TestServer::start(&[
+        "--model",
+        &good,
+        "--model",
+        &bad,
+        "--max-loaded-models",
+        "1",
+    ]);
+    server.wait_ready().await;
+    let mut client = server.client().await;
+    let run = |model: &str| pb::GenerateRequest {
+        model: model.into(),
+        ..request(1)
+    };
+    // Three jobs for the broken model: one load attempt, then refusals until the back-off ends.
+    let mut reasons = Vec::new();
+    for _ in 0..3 {
+        let job = client.submit_job(run("bad")).await.unwrap().into_inner();
+        let done = finished(&mut client, &job.job_id).await;
+        assert_eq!(done.state, pb::JobState::Failed as i32);
+        reasons.push(done.error);
+    }
+    assert!(reasons[0].contains("unet/config.json"), "{}", reasons[0]);
+    assert!(reasons[1].contains("not retried"), "{}", reasons[1]);
+    let attempts = server.logs().matches("model failed to load").count();
+    assert_eq!(attempts, 1, "{}", server.logs());
+    // The healthy model, loaded before, was not evicted for the failed load.
+    let list = client
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let good = list.models.iter().find(|m| m.name == "good").unwrap();
+    assert!(good.loaded, "{list:?}");
+    let stream = client.generate(run("good")).await.unwrap().into_inner();
+    let events: Vec<_> = tokio_stream::StreamExt::collect::<Vec<_>>(stream).await;
+    assert!(
+        !events.iter().any(|e| matches!(
+            e,
+            Ok(pb::JobEvent {
+                event: Some(pb::job_event::Event::ModelLoading(_)),
+                ..
+            })
+        )),
+        "the good model was reloaded: {events:?}"
+    );
+}

@@ -5,26 +5,52 @@
 use super::jobs::{EncodedImage, Job, JobEvent, JobStore, JobTimings};
 use super::models::{LoadedModels, ModelTable};
 use jhakaas_model_manager::image_io::{encode_image, parameters_text};
-use jhakaas_model_manager::Error;
+use jhakaas_model_manager::{Error, Generation, StableDiffusionPipeline};
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Exit code when the device fails in a way the process cannot recover from.
+/// Exit code when the engine cannot go on (an unrecoverable device error, or a panic): the
+/// pod restarts.
 pub const EXIT_DEVICE_FAILURE: i32 = 70;
 
-/// Starts the engine thread. `on_ready` is called once every model in `warm` is loaded and
-/// has produced one image (or failed to: then readiness is never reported).
+/// Test-only hook: a job whose prompt is this variable's value panics inside the engine, so the
+/// end-to-end tests can check the supervision below. Unset in every deployment.
+const PANIC_HOOK_ENV: &str = "JHAKAAS_TEST_PANIC_PROMPT";
+
+/// What the engine thread needs besides the store and the model table.
+pub struct EngineConfig {
+    /// The device every model runs on.
+    pub device: jhakaas_model_manager::Device,
+    /// Most models loaded at once.
+    pub max_loaded: usize,
+    /// Most bytes of weights loaded at once.
+    pub memory_budget: Option<u64>,
+    /// Models loaded and warmed before the worker reports ready.
+    pub warm: Vec<String>,
+    /// Called once every model in `warm` is warmed (never, if one fails).
+    pub on_ready: Box<dyn FnOnce() + Send>,
+    /// Called when the engine is about to exit the process (health turns NOT_SERVING).
+    pub on_fatal: Box<dyn Fn() + Send>,
+}
+
+/// Starts the engine thread: it warms `config.warm`, then runs the store's jobs in order. A
+/// panic inside a job fails that job with the reason, reports the engine unhealthy and exits
+/// the process with [`EXIT_DEVICE_FAILURE`], so no job is left hanging behind a dead engine.
 pub fn spawn(
     store: Arc<JobStore>,
     table: Arc<ModelTable>,
-    device: jhakaas_model_manager::Device,
-    max_loaded: usize,
-    memory_budget: Option<u64>,
-    warm: Vec<String>,
-    on_ready: Box<dyn FnOnce() + Send>,
+    config: EngineConfig,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("jhakaas-engine".into()).spawn(move || {
+        let EngineConfig {
+            device,
+            max_loaded,
+            memory_budget,
+            warm,
+            on_ready,
+            on_fatal,
+        } = config;
         let mut models = LoadedModels::new(table, device, max_loaded, memory_budget);
         let mut ready = true;
         for name in &warm {
@@ -36,12 +62,47 @@ pub fn spawn(
         if ready {
             on_ready();
         }
+        let panic_prompt = std::env::var(PANIC_HOOK_ENV).ok();
         while let Some(job) = store.next() {
-            run_job(&store, &mut models, &job);
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if panic_prompt.as_deref() == Some(job.request.params.prompt.as_str()) {
+                    panic!("{PANIC_HOOK_ENV} matched the prompt");
+                }
+                run_job(&mut models, &job)
+            }));
+            let fatal = match run {
+                Ok(fatal) => fatal,
+                Err(payload) => {
+                    let what = panic_message(payload.as_ref());
+                    tracing::error!(job_id = %job.id, panic = %what, "the engine panicked");
+                    job.emit(JobEvent::Failed {
+                        reason: format!("internal error: the engine panicked ({what})"),
+                        timings: job.timings_so_far(job.submitted.elapsed()),
+                    });
+                    metrics::counter!("jhakaas_jobs_total", "outcome" => "failed").increment(1);
+                    true
+                }
+            };
             store.done(&job);
+            if fatal {
+                tracing::error!("the engine cannot go on; exiting so the pod restarts");
+                on_fatal();
+                store.close();
+                std::thread::sleep(Duration::from_millis(200));
+                std::process::exit(EXIT_DEVICE_FAILURE);
+            }
         }
         tracing::info!("engine thread stopped");
     })
+}
+
+/// The text of a panic payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "no message".into())
 }
 
 /// Loads `name` and runs the engine's warm-up (one step of the smallest image, every stage).
@@ -68,27 +129,24 @@ fn cancelled_reason(job: &Job) -> Option<String> {
     }
 }
 
-fn run_job(store: &JobStore, models: &mut LoadedModels, job: &Arc<Job>) {
+/// Ends `job` with its terminal `event`, counting it by `outcome`.
+fn finish(job: &Job, event: JobEvent, outcome: &'static str) {
+    metrics::counter!("jhakaas_jobs_total", "outcome" => outcome).increment(1);
+    metrics::histogram!("jhakaas_job_duration_seconds")
+        .record(job.submitted.elapsed().as_secs_f64());
+    job.emit(event);
+}
+
+/// Runs one job to its terminal event. Returns whether the device is beyond recovery.
+fn run_job(models: &mut LoadedModels, job: &Arc<Job>) -> bool {
     let queue_wait = job.submitted.elapsed();
     metrics::histogram!("jhakaas_queue_wait_seconds").record(queue_wait.as_secs_f64());
     let span = tracing::info_span!("job", job_id = %job.id, model = %job.request.model);
     let _enter = span.enter();
-
-    let finish = |event: JobEvent, outcome: &'static str| {
-        metrics::counter!("jhakaas_jobs_total", "outcome" => outcome).increment(1);
-        metrics::histogram!("jhakaas_job_duration_seconds")
-            .record(job.submitted.elapsed().as_secs_f64());
-        job.emit(event);
-    };
     if let Some(reason) = cancelled_reason(job) {
-        finish(
-            JobEvent::Cancelled {
-                reason,
-                timings: job.timings_so_far(queue_wait),
-            },
-            "cancelled",
-        );
-        return;
+        let timings = job.timings_so_far(queue_wait);
+        finish(job, JobEvent::Cancelled { reason, timings }, "cancelled");
+        return false;
     }
     let name = &job.request.model;
     if !models.is_loaded(name) {
@@ -99,22 +157,52 @@ fn run_job(store: &JobStore, models: &mut LoadedModels, job: &Arc<Job>) {
     let pipeline = match models.get(name) {
         Ok(p) => p,
         Err(reason) => {
-            finish(
-                JobEvent::Failed {
-                    reason,
-                    timings: job.timings_so_far(queue_wait),
-                },
-                "failed",
-            );
-            return;
+            let timings = job.timings_so_far(queue_wait);
+            finish(job, JobEvent::Failed { reason, timings }, "failed");
+            return false;
         }
     };
     job.emit(JobEvent::Started);
     tracing::info!("job started");
+    let mut timings = JobTimings {
+        queue: queue_wait,
+        ..Default::default()
+    };
+    match denoise(job, &pipeline) {
+        Ok(generation) => {
+            timings.text_encode = generation.timings.text_encode;
+            timings.denoise = generation.timings.denoise;
+            timings.decode = generation.timings.decode;
+            encode(job, &generation, timings);
+            false
+        }
+        Err(Error::Cancelled) => {
+            timings.total = job.submitted.elapsed();
+            let reason = cancelled_reason(job).unwrap_or_else(|| "cancelled".into());
+            tracing::info!(%reason, "job cancelled");
+            finish(job, JobEvent::Cancelled { reason, timings }, "cancelled");
+            false
+        }
+        Err(e) => {
+            timings.total = job.submitted.elapsed();
+            let fatal = is_fatal_device_error(&e);
+            tracing::error!(error = %e, fatal, "job failed");
+            let reason = e.to_string();
+            finish(job, JobEvent::Failed { reason, timings }, "failed");
+            fatal
+        }
+    }
+}
 
-    let mut last_step = Instant::now();
+/// The generation itself, streaming one progress event per step and stopping at the next step
+/// once the job is cancelled or its deadline passes.
+fn denoise(
+    job: &Job,
+    pipeline: &StableDiffusionPipeline,
+) -> jhakaas_model_manager::Result<Generation> {
     let request = &job.request;
-    let result = pipeline.generate_within(&request.params, &request.limits, &mut |p| {
+    let mut last_step = Instant::now();
+    pipeline.generate_within(&request.params, &request.limits, &mut |p| {
         metrics::histogram!("jhakaas_step_duration_seconds")
             .record(last_step.elapsed().as_secs_f64());
         last_step = Instant::now();
@@ -124,81 +212,48 @@ fn run_job(store: &JobStore, models: &mut LoadedModels, job: &Arc<Job>) {
         } else {
             ControlFlow::Continue(())
         }
-    });
-    let mut timings = JobTimings {
-        queue: queue_wait,
-        ..Default::default()
-    };
-    match result {
-        Ok(generation) => {
-            timings.text_encode = generation.timings.text_encode;
-            timings.denoise = generation.timings.denoise;
-            timings.decode = generation.timings.decode;
-            let encode_started = Instant::now();
-            let prompt = &job.request.params.prompt;
-            let negative = job.request.params.negative_prompt.as_deref();
-            let images: Result<Vec<EncodedImage>, Error> = generation
-                .images
-                .iter()
-                .map(|img| {
-                    let text =
-                        parameters_text(prompt, negative, &generation.params, img.seed, name);
-                    Ok(EncodedImage {
-                        data: encode_image(&img.image, job.request.format, &text)?,
-                        mime_type: job.request.format.mime_type(),
-                        width: img.image.width(),
-                        height: img.image.height(),
-                        seed: img.seed,
-                    })
-                })
-                .collect();
-            timings.image_encode = encode_started.elapsed();
-            timings.total = job.submitted.elapsed();
-            match images {
-                Ok(images) => {
-                    tracing::info!(total = ?timings.total, "job succeeded");
-                    finish(
-                        JobEvent::Completed {
-                            images: Arc::new(images),
-                            timings,
-                        },
-                        "succeeded",
-                    );
-                }
-                Err(e) => finish(
-                    JobEvent::Failed {
-                        reason: e.to_string(),
-                        timings,
-                    },
-                    "failed",
-                ),
-            }
-        }
-        Err(Error::Cancelled) => {
-            timings.total = job.submitted.elapsed();
-            let reason = cancelled_reason(job).unwrap_or_else(|| "cancelled".into());
-            tracing::info!(%reason, "job cancelled");
-            finish(JobEvent::Cancelled { reason, timings }, "cancelled");
+    })
+}
+
+/// Encodes the images in the requested format (with their parameters) and completes the job.
+fn encode(job: &Job, generation: &Generation, mut timings: JobTimings) {
+    let encode_started = Instant::now();
+    let request = &job.request;
+    let (prompt, negative) = (
+        &request.params.prompt,
+        request.params.negative_prompt.as_deref(),
+    );
+    let images: Result<Vec<EncodedImage>, Error> = generation
+        .images
+        .iter()
+        .map(|img| {
+            let text = parameters_text(
+                prompt,
+                negative,
+                &generation.params,
+                img.seed,
+                &request.model,
+            );
+            Ok(EncodedImage {
+                data: encode_image(&img.image, request.format, &text)?,
+                mime_type: request.format.mime_type(),
+                width: img.image.width(),
+                height: img.image.height(),
+                seed: img.seed,
+            })
+        })
+        .collect();
+    timings.image_encode = encode_started.elapsed();
+    timings.total = job.submitted.elapsed();
+    match images {
+        Ok(images) => {
+            tracing::info!(total = ?timings.total, "job succeeded");
+            let images = Arc::new(images);
+            finish(job, JobEvent::Completed { images, timings }, "succeeded");
         }
         Err(e) => {
-            timings.total = job.submitted.elapsed();
-            let fatal = is_fatal_device_error(&e);
-            tracing::error!(error = %e, fatal, "job failed");
-            finish(
-                JobEvent::Failed {
-                    reason: e.to_string(),
-                    timings,
-                },
-                "failed",
-            );
-            if fatal {
-                tracing::error!(
-                    "the device is in an unrecoverable state; exiting so the pod restarts"
-                );
-                store.close();
-                std::thread::sleep(Duration::from_millis(200));
-                std::process::exit(EXIT_DEVICE_FAILURE);
-            }
+            let reason = e.to_string();
+            finish(job, JobEvent::Failed { reason, timings }, "failed");
         }
     }
 }

@@ -15,7 +15,12 @@ use tokio::sync::broadcast;
 
 /// Events buffered per watcher; a job emits at most steps + a handful, and a lagging watcher
 /// falls back to the job's snapshot.
-const EVENT_BUFFER: usize = 1024;
+/// Events a job emits besides its progress (queued, model loading, started, terminal), plus
+/// slack; a job's event channel holds these plus one per step, so a subscriber that keeps up
+/// never lags (one that does not resumes from the job's snapshot).
+const EVENT_SLACK: usize = 8;
+/// Channel size when a request's step count is unknown (bounded by the server's max steps).
+const EVENT_BUFFER_DEFAULT: usize = 160;
 
 /// What a client asked for, validated.
 #[derive(Debug, Clone)]
@@ -166,7 +171,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Job {
     fn new(request: JobRequest, position: u32) -> Self {
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let steps = request
+            .params
+            .steps
+            .or(request.limits.max_steps)
+            .unwrap_or(EVENT_BUFFER_DEFAULT);
+        let (events, _) = broadcast::channel(steps.min(EVENT_BUFFER_DEFAULT * 8) + EVENT_SLACK);
         Self {
             id: uuid::Uuid::new_v4().to_string(),
             request,
@@ -246,6 +256,22 @@ impl Job {
         let _ = self.events.send(event);
     }
 
+    /// Bytes this job holds while retained: its encoded images and its decoded init image.
+    pub fn retained_bytes(&self) -> u64 {
+        let images: u64 = lock(&self.state)
+            .images
+            .iter()
+            .map(|i| i.data.len() as u64)
+            .sum();
+        let init = self
+            .request
+            .params
+            .init_image
+            .as_ref()
+            .map_or(0, |i| i.image.width() as u64 * i.image.height() as u64 * 3);
+        images + init
+    }
+
     /// Timings for a job that ends before or without running.
     pub fn timings_so_far(&self, queue: Duration) -> JobTimings {
         JobTimings {
@@ -284,24 +310,35 @@ struct Inner {
     closed: bool,
 }
 
+/// How long and how much the store keeps of finished jobs.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Finished jobs are forgotten this long after they end.
+    pub ttl: Duration,
+    /// At most this many finished jobs are kept (the oldest go first).
+    pub max_jobs: usize,
+    /// At most this many bytes of results (encoded images, decoded init images) are kept.
+    pub max_bytes: u64,
+}
+
 /// All jobs of this worker.
 #[derive(Debug)]
 pub struct JobStore {
     inner: Mutex<Inner>,
     wake: Condvar,
     max_queue: usize,
-    result_ttl: Duration,
+    retention: Retention,
 }
 
 impl JobStore {
-    /// A store whose queue holds at most `max_queue` jobs and which forgets finished jobs
-    /// `result_ttl` after they end.
-    pub fn new(max_queue: usize, result_ttl: Duration) -> Self {
+    /// A store whose queue holds at most `max_queue` jobs and which keeps finished jobs as
+    /// `retention` says.
+    pub fn new(max_queue: usize, retention: Retention) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
             wake: Condvar::new(),
             max_queue,
-            result_ttl,
+            retention,
         }
     }
 
@@ -465,16 +502,29 @@ impl JobStore {
         }
     }
 
-    /// Forgets finished jobs older than the result TTL; returns how many went.
+    /// Forgets finished jobs older than the result TTL, then the oldest finished ones while
+    /// more are kept than the retention's count or bytes allow; returns how many went.
     pub fn sweep(&self) -> usize {
         let mut inner = lock(&self.inner);
-        let ttl = self.result_ttl;
-        let expired: Vec<String> = inner
+        let ttl = self.retention.ttl;
+        let mut finished: Vec<(Instant, String, u64)> = inner
             .jobs
             .values()
-            .filter(|j| lock(&j.finished).is_some_and(|t| t.elapsed() >= ttl))
-            .map(|j| j.id.clone())
+            .filter_map(|j| lock(&j.finished).map(|t| (t, j.id.clone(), j.retained_bytes())))
             .collect();
+        finished.sort();
+        let mut bytes: u64 = finished.iter().map(|f| f.2).sum();
+        let mut count = finished.len();
+        let mut expired = Vec::new();
+        for (t, id, b) in finished {
+            let over = count > self.retention.max_jobs || bytes > self.retention.max_bytes;
+            if !over && t.elapsed() < ttl {
+                continue;
+            }
+            count -= 1;
+            bytes -= b;
+            expired.push(id);
+        }
         for id in &expired {
             if let Some(job) = inner.jobs.remove(id) {
                 if !job.request.request_id.is_empty() {
@@ -483,5 +533,212 @@ impl JobStore {
             }
         }
         expired.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(id: &str) -> JobRequest {
+        JobRequest {
+            request_id: id.into(),
+            model: "m".into(),
+            params: GenerateParams {
+                prompt: "p".into(),
+                steps: Some(4),
+                ..Default::default()
+            },
+            limits: RequestLimits::default(),
+            format: ImageFormat::Png,
+            deadline: None,
+        }
+    }
+
+    fn store(max_queue: usize, retention: Retention) -> JobStore {
+        JobStore::new(max_queue, retention)
+    }
+
+    const KEEP: Retention = Retention {
+        ttl: Duration::from_secs(600),
+        max_jobs: 100,
+        max_bytes: 1 << 30,
+    };
+
+    fn complete(job: &Job, bytes: usize) {
+        job.emit(JobEvent::Started);
+        job.emit(JobEvent::Completed {
+            images: Arc::new(vec![EncodedImage {
+                data: vec![0; bytes],
+                mime_type: "image/png",
+                width: 1,
+                height: 1,
+                seed: 0,
+            }]),
+            timings: JobTimings::default(),
+        });
+    }
+
+    #[test]
+    fn a_repeated_request_id_returns_the_same_job_and_a_full_queue_refuses() {
+        let s = store(2, KEEP);
+        let a = s.submit(request("x")).unwrap().job;
+        let again = s.submit(request("x")).unwrap();
+        assert_eq!(again.job.id, a.id);
+        assert!(
+            again.events.is_none(),
+            "no second subscription for a duplicate"
+        );
+        s.submit(request("")).unwrap();
+        assert!(matches!(
+            s.submit(request("")),
+            Err(SubmitError::QueueFull { max_queue: 2 })
+        ));
+        // A duplicate is answered even when the queue is full.
+        assert_eq!(s.submit(request("x")).unwrap().job.id, a.id);
+    }
+
+    #[test]
+    fn cancelling_a_queued_job_ends_it_once_and_renumbers_the_rest() {
+        let s = store(8, KEEP);
+        let jobs: Vec<_> = (0..3).map(|_| s.submit(request("")).unwrap().job).collect();
+        let (_, mut rx) = jobs[2].subscribe();
+        s.cancel(&jobs[0], "no longer needed");
+        assert_eq!(jobs[0].snapshot().state, JobState::Cancelled);
+        assert_eq!(jobs[1].snapshot().queue_position, 0);
+        assert_eq!(jobs[2].snapshot().queue_position, 1);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(JobEvent::Queued { position: 1 })
+        ));
+        // A second cancel and later events change nothing: exactly one terminal event.
+        s.cancel(&jobs[0], "again");
+        jobs[0].emit(JobEvent::Started);
+        assert_eq!(jobs[0].snapshot().state, JobState::Cancelled);
+        assert_eq!(jobs[0].snapshot().error, "no longer needed");
+        let next = s.next().unwrap();
+        assert_eq!(next.id, jobs[1].id, "the cancelled job is never run");
+    }
+
+    #[test]
+    fn a_running_job_is_cancelled_at_the_engine_s_next_check() {
+        let s = store(8, KEEP);
+        let job = s.submit(request("")).unwrap().job;
+        let running = s.next().unwrap();
+        running.emit(JobEvent::Started);
+        s.cancel(&job, "stop");
+        assert!(running.cancel_requested());
+        assert_eq!(running.cancel_reason(), "stop");
+        assert_eq!(
+            running.snapshot().state,
+            JobState::Running,
+            "the engine ends it"
+        );
+        assert_eq!(s.in_flight(), 1);
+        s.done(&running);
+        assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn draining_refuses_new_jobs_and_waits_for_queued_ones() {
+        let s = Arc::new(store(8, KEEP));
+        let job = s.submit(request("")).unwrap().job;
+        s.start_draining();
+        assert!(matches!(s.submit(request("")), Err(SubmitError::Draining)));
+        assert!(!s.wait_idle(Duration::from_millis(20)));
+        let engine = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let j = s.next().unwrap();
+                complete(&j, 1);
+                s.done(&j);
+            })
+        };
+        assert!(s.wait_idle(Duration::from_secs(5)));
+        engine.join().unwrap();
+        assert_eq!(job.snapshot().state, JobState::Succeeded);
+        s.close();
+        assert!(s.next().is_none());
+    }
+
+    #[test]
+    fn finished_jobs_go_after_their_ttl_or_when_the_caps_are_reached() {
+        let ttl = store(
+            8,
+            Retention {
+                ttl: Duration::ZERO,
+                ..KEEP
+            },
+        );
+        let j = ttl.submit(request("a")).unwrap().job;
+        complete(&j, 10);
+        assert_eq!(ttl.sweep(), 1);
+        assert!(ttl.get(&j.id).is_none());
+        // The request id can be used again once its job is forgotten.
+        assert_ne!(ttl.submit(request("a")).unwrap().job.id, j.id);
+
+        let count = store(
+            8,
+            Retention {
+                max_jobs: 2,
+                ..KEEP
+            },
+        );
+        let jobs: Vec<_> = (0..3)
+            .map(|_| count.submit(request("")).unwrap().job)
+            .collect();
+        for j in &jobs {
+            complete(j, 10);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(count.sweep(), 1);
+        assert!(count.get(&jobs[0].id).is_none(), "the oldest goes first");
+        assert!(count.get(&jobs[2].id).is_some());
+
+        let bytes = store(
+            8,
+            Retention {
+                max_bytes: 250,
+                ..KEEP
+            },
+        );
+        let jobs: Vec<_> = (0..3)
+            .map(|_| bytes.submit(request("")).unwrap().job)
+            .collect();
+        for j in &jobs {
+            complete(j, 100);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(bytes.sweep(), 1);
+        assert!(bytes.get(&jobs[0].id).is_none());
+        // Queued jobs are never swept.
+        let queued = bytes.submit(request("")).unwrap().job;
+        bytes.sweep();
+        assert!(bytes.get(&queued.id).is_some());
+    }
+
+    #[test]
+    fn a_job_s_event_channel_holds_every_event_of_its_steps() {
+        let s = store(8, KEEP);
+        let sub = s.submit(request("")).unwrap();
+        let mut rx = sub.events.unwrap();
+        let job = sub.job;
+        for step in 1..=4 {
+            job.emit(JobEvent::Progress(Progress {
+                step,
+                total_steps: 4,
+                timestep: 0.0,
+            }));
+        }
+        // complete() emits Started, then Completed.
+        complete(&job, 1);
+        let mut received = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            received.push(e);
+        }
+        // Queued, 4 × Progress, Started, Completed — none lost to a lagging channel, which
+        // holds 4 steps + EVENT_SLACK events for this request.
+        assert_eq!(received.len(), 7, "{received:?}");
+        assert!(received.last().unwrap().is_terminal());
     }
 }

@@ -78,6 +78,13 @@ pub struct ServeArgs {
     /// How long finished jobs stay retrievable (e.g. 10m).
     #[arg(long, env = "JHAKAAS_RESULT_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
     result_ttl: Duration,
+    /// Most finished jobs kept for GetJob/WatchJob (the oldest are forgotten first, before
+    /// their TTL if need be).
+    #[arg(long, env = "JHAKAAS_MAX_RETAINED_JOBS", default_value_t = 1000)]
+    max_retained_jobs: usize,
+    /// Most bytes of finished jobs' results kept (encoded images and decoded init images).
+    #[arg(long, env = "JHAKAAS_MAX_RETAINED_BYTES", default_value = "1GiB", value_parser = models::parse_bytes)]
+    max_retained_bytes: u64,
     /// How long a shutdown waits for in-flight jobs before cancelling them.
     #[arg(long, env = "JHAKAAS_DRAIN_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
@@ -278,7 +285,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
     startup_check(&specs, &default_model)?;
     let table = Arc::new(ModelTable::new(specs, default_model.clone()));
     table.describe_available();
-    let store = Arc::new(JobStore::new(args.max_queue, args.result_ttl));
+    let store = Arc::new(JobStore::new(
+        args.max_queue,
+        jobs::Retention {
+            ttl: args.result_ttl,
+            max_jobs: args.max_retained_jobs,
+            max_bytes: args.max_retained_bytes,
+        },
+    ));
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status(WORKER_SERVICE, ServingStatus::NotServing)
@@ -300,21 +314,33 @@ async fn serve(args: ServeArgs) -> Result<()> {
 
     let rt = tokio::runtime::Handle::current();
     let ready_health = health.clone();
+    let fatal_health = health.clone();
+    let fatal_rt = rt.clone();
     let engine = engine::spawn(
         store.clone(),
         table.clone(),
-        device,
-        args.max_loaded_models,
-        args.memory_budget,
-        vec![default_model],
-        Box::new(move || {
-            rt.spawn(async move {
-                ready_health
-                    .set_service_status(WORKER_SERVICE, ServingStatus::Serving)
-                    .await;
-                tracing::info!("ready");
-            });
-        }),
+        engine::EngineConfig {
+            device,
+            max_loaded: args.max_loaded_models,
+            memory_budget: args.memory_budget,
+            warm: vec![default_model],
+            on_ready: Box::new(move || {
+                rt.spawn(async move {
+                    ready_health
+                        .set_service_status(WORKER_SERVICE, ServingStatus::Serving)
+                        .await;
+                    tracing::info!("ready");
+                });
+            }),
+            on_fatal: Box::new(move || {
+                let health = fatal_health.clone();
+                fatal_rt.block_on(async move {
+                    health
+                        .set_service_status(WORKER_SERVICE, ServingStatus::NotServing)
+                        .await;
+                });
+            }),
+        },
     )?;
 
     let sweeper = store.clone();

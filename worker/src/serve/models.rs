@@ -133,7 +133,21 @@ pub struct LoadedModels {
     memory_budget: Option<u64>,
     /// Most recently used last.
     loaded: Vec<(String, Arc<StableDiffusionPipeline>)>,
+    /// Models whose last load failed: not retried before `retry_at`.
+    failures: HashMap<String, LoadFailure>,
 }
+
+/// A failed load, remembered so that every queued job for the model does not retry it.
+#[derive(Debug, Clone)]
+struct LoadFailure {
+    reason: String,
+    attempts: u32,
+    retry_at: std::time::Instant,
+}
+
+/// First wait before a failed model is loaded again; doubles per failure up to the maximum.
+const LOAD_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(5);
+const LOAD_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl LoadedModels {
     /// An empty cache holding at most `max_loaded` pipelines, and at most `memory_budget`
@@ -150,6 +164,7 @@ impl LoadedModels {
             max_loaded: max_loaded.max(1),
             memory_budget,
             loaded: Vec::new(),
+            failures: HashMap::new(),
         }
     }
 
@@ -180,15 +195,27 @@ impl LoadedModels {
             self.loaded.push(entry);
             return Ok(pipeline);
         }
+        if let Some(f) = self.failures.get(name) {
+            let now = std::time::Instant::now();
+            if now < f.retry_at {
+                return Err(format!(
+                    "{} (not retried for another {}s)",
+                    f.reason,
+                    (f.retry_at - now).as_secs() + 1
+                ));
+            }
+        }
         let spec = self
             .table
             .spec(name)
             .ok_or_else(|| format!("model `{name}` is not registered"))?
             .clone();
         let options = spec.load_options();
+        // Before anything is evicted: the configs and every weight file's header must read
+        // (this also sizes the model for the budget).
+        let needed = estimate_loaded_bytes(&spec.source, &self.device, &options)
+            .map_err(|e| self.load_failed(name, e.to_string()))?;
         if let Some(budget) = self.memory_budget {
-            let needed = estimate_loaded_bytes(&spec.source, &self.device, &options)
-                .map_err(|e| self.load_failed(name, e.to_string()))?;
             if needed > budget {
                 return Err(self.load_failed(
                     name,
@@ -211,6 +238,7 @@ impl LoadedModels {
             Ok(p) => {
                 let p = Arc::new(p);
                 tracing::info!(model = %name, source = %spec.source, elapsed = ?started.elapsed(), "model loaded");
+                self.failures.remove(name);
                 self.table.update(name, |s| {
                     s.loaded = true;
                     s.description = Some(p.description().clone());
@@ -224,10 +252,23 @@ impl LoadedModels {
         }
     }
 
-    fn load_failed(&self, name: &str, reason: String) -> String {
+    /// Records a failed load: the reason for ListModels and the jobs, and when to try again.
+    fn load_failed(&mut self, name: &str, reason: String) -> String {
         let msg = format!("model `{name}` failed to load: {reason}");
-        tracing::error!(model = %name, error = %reason, "model failed to load");
+        let attempts = self.failures.get(name).map_or(0, |f| f.attempts) + 1;
+        let wait = LOAD_RETRY_FIRST
+            .saturating_mul(1 << (attempts - 1).min(16))
+            .min(LOAD_RETRY_MAX);
+        tracing::error!(model = %name, error = %reason, attempts, retry_in = ?wait, "model failed to load");
         self.table.update(name, |s| s.error = Some(msg.clone()));
+        self.failures.insert(
+            name.to_string(),
+            LoadFailure {
+                reason: msg.clone(),
+                attempts,
+                retry_at: std::time::Instant::now() + wait,
+            },
+        );
         msg
     }
 }
