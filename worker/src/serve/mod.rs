@@ -3,6 +3,8 @@
 //! served on their own port; SIGTERM/SIGINT drain the worker before it exits.
 
 mod convert;
+#[cfg(test)]
+mod convert_fuzz;
 mod engine;
 mod jobs;
 mod models;
