@@ -1,5 +1,6 @@
-//! One request through the pipeline: text conditioning, initial latents (txt2img noise or an
-//! encoded init image), the denoising loop with classifier-free guidance, and the VAE decode.
+//! One request through the pipeline, as diffusers' `__call__` reads: plan (resolve, scheduler,
+//! noise) → condition (text encoders) → initial latents (txt2img noise or an encoded init
+//! image) → denoise (classifier-free guidance in one `predict`) → decode.
 
 use super::{StableDiffusionPipeline, SCHEDULER_FILE};
 use crate::error::{Error, Result};
@@ -52,169 +53,184 @@ impl StableDiffusionPipeline {
         limits: &super::RequestLimits,
         on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<Generation> {
+        let mut plan = self.plan(p, limits)?;
+        let t0 = Instant::now();
+        let cond = self.condition(
+            &p.prompt,
+            p.negative_prompt.as_deref(),
+            plan.cfg,
+            plan.rp.num_images,
+            plan.rp.size_conditioning,
+        )?;
+        let text_encode = t0.elapsed();
+        let t1 = Instant::now();
+        let (start, latents) = self.initial_latents(p, &mut plan)?;
+        let latents = self.denoise(p, &mut plan, &cond, start, latents, on_progress)?;
+        let denoise = t1.elapsed();
+        let t2 = Instant::now();
+        let images = self.decode(&latents, &plan.rp)?;
+        Ok(Generation {
+            images,
+            params: plan.rp,
+            timings: StageTimings {
+                text_encode,
+                denoise,
+                decode: t2.elapsed(),
+            },
+        })
+    }
+
+    /// The resolved request, its scheduler and the per-image noise streams.
+    fn plan(&self, p: &GenerateParams, limits: &super::RequestLimits) -> Result<Plan> {
         let rp = self.resolve_within(p, limits)?;
-        let mut sched = scheduler::build(
+        let sched = scheduler::build(
             rp.scheduler,
             &self.scheduler_config,
             rp.steps,
             SCHEDULER_FILE,
         )?;
         let scale = self.vae_scale_factor();
-        let n = rp.num_images;
         let shape = (
-            n,
+            rp.num_images,
             self.unet.config().in_channels,
             rp.height / scale,
             rp.width / scale,
         );
-        let per_image = shape.1 * shape.2 * shape.3;
-        let mut streams: Vec<NormalStream> = (0..n as u64)
+        let streams = (0..rp.num_images as u64)
             .map(|i| NormalStream::new(rp.seed.wrapping_add(i)))
             .collect();
-        let dev = &self.device;
-        let host = |data: Vec<f32>| Tensor::from_vec(data, shape, dev);
+        Ok(Plan {
+            cfg: rp.guidance_scale > 1.0,
+            rp,
+            sched,
+            noise: NoiseSource {
+                streams,
+                shape,
+                device: self.device.clone(),
+                replayed_steps: 0,
+            },
+        })
+    }
 
-        // 1. Text.
-        let t0 = Instant::now();
-        let cfg = rp.guidance_scale > 1.0;
-        let (context, added) = self.condition(
-            &p.prompt,
-            p.negative_prompt.as_deref(),
-            cfg,
-            n,
-            rp.size_conditioning,
-        )?;
-        let text_encode = t0.elapsed();
-
-        // 2. Initial latents.
-        let t1 = Instant::now();
-        let timesteps = sched.timesteps().to_vec();
-        let (start, mut latents) = match (&p.init_image, rp.strength) {
-            (Some(init), Some(strength)) => {
-                let init_steps = ((rp.steps as f64 * strength) as usize).min(rp.steps);
-                let start = rp.steps - init_steps;
-                let image = image_to_tensor(&init.image, rp.width, rp.height, dev)?
-                    .to_dtype(self.vae_dtype)?;
-                let dist = {
-                    let _tf32 = crate::device::allow_tf32(dev);
-                    self.vae.encode(&image)?
-                };
-                // diffusers draws one posterior sample per init image (replay files may hold
-                // one for the whole batch); our own noise draws one per image from its seed.
-                let enc_noise = match p.noise.as_ref().and_then(|r| r.encoder_noise.as_ref()) {
-                    Some(t) => Tensor::from_vec(t.data.clone(), t.shape.as_slice(), dev)?
-                        .broadcast_as(shape)?
-                        .contiguous()?,
-                    None => host(noise::batch(&mut streams, per_image))?,
-                };
-                let dist = crate::vae::LatentDistribution {
-                    mean: dist
-                        .mean
-                        .to_dtype(DType::F32)?
-                        .broadcast_as(shape)?
-                        .contiguous()?,
-                    logvar: dist
-                        .logvar
-                        .to_dtype(DType::F32)?
-                        .broadcast_as(shape)?
-                        .contiguous()?,
-                };
-                let init_latents = dist.sample(&enc_noise)?;
-                let init_latents = (init_latents * self.vae.config().scaling_factor)?;
-                let noise = match &p.noise {
-                    Some(r) => host(r.latents.data.clone())?,
-                    None => host(noise::batch(&mut streams, per_image))?,
-                };
-                (start, sched.add_noise(&init_latents, &noise, start)?)
-            }
-            _ => {
-                let noise = match &p.noise {
-                    Some(r) => host(r.latents.data.clone())?,
-                    None => host(noise::batch(&mut streams, per_image))?,
-                };
-                (0, (noise * sched.init_noise_sigma())?)
-            }
+    /// txt2img: scaled noise from step 0. img2img: the encoded init image noised to the step
+    /// its strength starts at. Returns the first step index and the latents.
+    fn initial_latents(&self, p: &GenerateParams, plan: &mut Plan) -> Result<(usize, Tensor)> {
+        let replay = p.noise.as_ref();
+        let (Some(init), Some(strength)) = (&p.init_image, plan.rp.strength) else {
+            let n = plan.noise.latents(replay.map(|r| &r.latents))?;
+            return Ok((0, (n * plan.sched.init_noise_sigma())?));
         };
+        let steps = plan.rp.steps;
+        let start = steps - ((steps as f64 * strength) as usize).min(steps);
+        let dev = &self.device;
+        let image = image_to_tensor(&init.image, plan.rp.width, plan.rp.height, dev)?
+            .to_dtype(self.vae_dtype)?;
+        let dist = {
+            let _tf32 = crate::device::allow_tf32(dev);
+            self.vae.encode(&image)?
+        };
+        let shape = plan.noise.shape;
+        // diffusers draws one posterior sample per init image (replay files may hold one for
+        // the whole batch); our own noise draws one per image from its seed.
+        let enc_noise = match replay.and_then(|r| r.encoder_noise.as_ref()) {
+            Some(t) => Tensor::from_vec(t.data.clone(), t.shape.as_slice(), dev)?
+                .broadcast_as(shape)?
+                .contiguous()?,
+            None => plan.noise.latents(None)?,
+        };
+        let widen = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.to_dtype(DType::F32)?.broadcast_as(shape)?.contiguous()?)
+        };
+        let dist = crate::vae::LatentDistribution {
+            mean: widen(&dist.mean)?,
+            logvar: widen(&dist.logvar)?,
+        };
+        let init_latents = (dist.sample(&enc_noise)? * self.vae.config().scaling_factor)?;
+        let n = plan.noise.latents(replay.map(|r| &r.latents))?;
+        Ok((start, plan.sched.add_noise(&init_latents, &n, start)?))
+    }
 
-        // 3. Denoise.
-        let total = timesteps.len() - start;
-        let batch = if cfg { 2 * n } else { n };
-        let mut replayed_steps = 0usize;
-        for (done, i) in (start..timesteps.len()).enumerate() {
-            let model_in = if cfg {
-                Tensor::cat(&[&latents, &latents], 0)?
-            } else {
-                latents.clone()
-            };
-            let model_in = sched.scale_model_input(model_in, i)?.to_dtype(self.dtype)?;
-            let t = Tensor::full(timesteps[i] as f32, batch, dev)?;
-            let pred = self
-                .unet
-                .forward_with(&model_in, &t, &context, added.as_ref())?
-                .to_dtype(DType::F32)?;
-            let pred = if cfg {
+    /// The UNet's noise prediction for latents `x` at timestep `t`, with classifier-free
+    /// guidance when `guidance` is given (the batch runs the unconditional and conditional
+    /// halves at once). LoRA-merged weights, ControlNet residuals and batching plug in here.
+    fn predict(
+        &self,
+        x: &Tensor,
+        t: f64,
+        cond: &Conditioning,
+        guidance: Option<f64>,
+    ) -> Result<Tensor> {
+        let model_in = match guidance {
+            Some(_) => Tensor::cat(&[x, x], 0)?,
+            None => x.clone(),
+        }
+        .to_dtype(self.dtype)?;
+        let t = Tensor::full(t as f32, model_in.dim(0)?, &self.device)?;
+        let pred = self
+            .unet
+            .forward_with(&model_in, &t, &cond.context, cond.added.as_ref())?
+            .to_dtype(DType::F32)?;
+        match guidance {
+            Some(g) => {
                 let halves = pred.chunk(2, 0)?;
-                (&halves[0] + ((&halves[1] - &halves[0])? * rp.guidance_scale)?)?
-            } else {
-                pred
-            };
-            let mut draw = || -> Result<Tensor> {
-                let data = match p.noise.as_ref().and_then(|r| r.step_noise.as_ref()) {
-                    Some(s) => {
-                        let k = replayed_steps;
-                        replayed_steps += 1;
-                        if (k + 1) * n * per_image > s.data.len() {
-                            return Err(Error::invalid(
-                                "latents",
-                                format!(
-                                    "`step_noise` holds {} steps, the run needs more",
-                                    s.shape[0]
-                                ),
-                            ));
-                        }
-                        s.data[k * n * per_image..(k + 1) * n * per_image].to_vec()
-                    }
-                    None => noise::batch(&mut streams, per_image),
-                };
-                Ok(host(data)?)
-            };
+                Ok((&halves[0] + ((&halves[1] - &halves[0])? * g)?)?)
+            }
+            None => Ok(pred),
+        }
+    }
+
+    /// The denoising loop from step `start`, one `on_progress` call per step.
+    fn denoise(
+        &self,
+        p: &GenerateParams,
+        plan: &mut Plan,
+        cond: &Conditioning,
+        start: usize,
+        mut latents: Tensor,
+        on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+    ) -> Result<Tensor> {
+        let Plan {
+            rp,
+            sched,
+            noise,
+            cfg,
+        } = plan;
+        let timesteps = sched.timesteps().to_vec();
+        let guidance = cfg.then_some(rp.guidance_scale);
+        let replay = p.noise.as_ref().and_then(|r| r.step_noise.as_ref());
+        for (done, i) in (start..timesteps.len()).enumerate() {
+            let x = sched.scale_model_input(latents.clone(), i)?;
+            let pred = self.predict(&x, timesteps[i], cond, guidance)?;
+            // Only a stochastic scheduler (euler-a) draws.
+            let mut draw = || noise.step(replay);
             latents = sched.step(&pred, i, &latents, &mut draw)?;
             let progress = Progress {
                 step: done + 1,
-                total_steps: total,
+                total_steps: timesteps.len() - start,
                 timestep: timesteps[i],
             };
             if on_progress(&progress).is_break() {
                 return Err(Error::Cancelled);
             }
         }
-        let denoise = t1.elapsed();
+        Ok(latents)
+    }
 
-        // 4. Decode.
-        let t2 = Instant::now();
+    /// Latents to images, each with its seed.
+    fn decode(&self, latents: &Tensor, rp: &ResolvedParams) -> Result<Vec<GeneratedImage>> {
         let z = (latents / self.vae.config().scaling_factor)?.to_dtype(self.vae_dtype)?;
         let decoded = {
-            let _tf32 = crate::device::allow_tf32(dev);
+            let _tf32 = crate::device::allow_tf32(&self.device);
             self.vae.decode(&z)?
         };
-        let images = tensor_to_images(&decoded)?
+        Ok(tensor_to_images(&decoded)?
             .into_iter()
             .enumerate()
             .map(|(i, image)| GeneratedImage {
                 image,
                 seed: rp.seed.wrapping_add(i as u64),
             })
-            .collect();
-        let decode = t2.elapsed();
-        Ok(Generation {
-            images,
-            params: rp,
-            timings: StageTimings {
-                text_encode,
-                denoise,
-                decode,
-            },
-        })
+            .collect())
     }
 
     /// UNet conditioning for one request: the context `[uncond × n, cond × n]` with guidance,
@@ -228,7 +244,7 @@ impl StableDiffusionPipeline {
         cfg: bool,
         n: usize,
         size: Option<ResolvedSizeConditioning>,
-    ) -> Result<(Tensor, Option<AddedConditioning>)> {
+    ) -> Result<Conditioning> {
         let zero_negative = cfg && negative.is_none() && self.text.zeros_for_absent_negative();
         let rows: Vec<&str> = if cfg && !zero_negative {
             vec![negative.unwrap_or(""), prompt]
@@ -265,7 +281,7 @@ impl StableDiffusionPipeline {
                 })
             }
         };
-        Ok((context, added))
+        Ok(Conditioning { context, added })
     }
 }
 
@@ -277,4 +293,69 @@ fn repeat_rows(t: &Tensor, n: usize) -> Result<Tensor> {
     let mut flat = dims;
     flat[0] *= n;
     Ok(t.unsqueeze(1)?.broadcast_as(expanded)?.reshape(flat)?)
+}
+
+/// One request's plan: what it resolved to, its scheduler and its noise.
+struct Plan {
+    rp: ResolvedParams,
+    sched: Box<dyn scheduler::Scheduler>,
+    noise: NoiseSource,
+    /// Classifier-free guidance runs (guidance > 1).
+    cfg: bool,
+}
+
+/// Where a request's noise comes from: the per-image seeded streams, or a replay file.
+struct NoiseSource {
+    streams: Vec<NormalStream>,
+    /// `[N, C, h, w]` of the latents.
+    shape: (usize, usize, usize, usize),
+    device: candle_core::Device,
+    /// Steps of `step_noise` replayed so far.
+    replayed_steps: usize,
+}
+
+impl NoiseSource {
+    fn per_image(&self) -> usize {
+        self.shape.1 * self.shape.2 * self.shape.3
+    }
+
+    fn tensor(&self, data: Vec<f32>) -> Result<Tensor> {
+        Ok(Tensor::from_vec(data, self.shape, &self.device)?)
+    }
+
+    /// A batch of latent-shaped noise: `replay` if given, else one draw per image stream.
+    fn latents(&mut self, replay: Option<&HostTensor>) -> Result<Tensor> {
+        let per_image = self.per_image();
+        let data = match replay {
+            Some(r) => r.data.clone(),
+            None => noise::batch(&mut self.streams, per_image),
+        };
+        self.tensor(data)
+    }
+
+    /// The noise of one stochastic step: the next step of `replay`, else one draw per stream.
+    fn step(&mut self, replay: Option<&HostTensor>) -> Result<Tensor> {
+        let Some(s) = replay else {
+            return self.latents(None);
+        };
+        let (k, len) = (self.replayed_steps, self.shape.0 * self.per_image());
+        self.replayed_steps += 1;
+        if (k + 1) * len > s.data.len() {
+            return Err(Error::invalid(
+                "latents",
+                format!(
+                    "`step_noise` holds {} steps, the run needs more",
+                    s.shape[0]
+                ),
+            ));
+        }
+        self.tensor(s.data[k * len..(k + 1) * len].to_vec())
+    }
+}
+
+/// The UNet's conditioning for one request: the cross-attention context (`[uncond × n,
+/// cond × n]` with guidance) and, for SDXL, the pooled embeddings and time ids.
+struct Conditioning {
+    context: Tensor,
+    added: Option<AddedConditioning>,
 }
