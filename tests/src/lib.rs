@@ -3,6 +3,7 @@
 //! (mean and max absolute difference on 0–255).
 
 pub mod hostile;
+pub mod postgres;
 pub mod server;
 
 use std::path::{Path, PathBuf};

@@ -136,6 +136,14 @@ impl TestServer {
         assert!(status.success());
     }
 
+    /// Kills the process with SIGKILL (no drain, no cleanup: a crashed or evicted pod).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Waits for the process to exit and returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let mut child = self.child.take()?;

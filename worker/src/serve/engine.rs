@@ -2,8 +2,9 @@
 //! the default models, then takes jobs from the store in order and runs them, turning engine
 //! progress into job events and checking for cancellation and deadlines between steps.
 
-use super::jobs::{EncodedImage, Job, JobEvent, JobStore, JobTimings};
+use super::jobs::{EncodedImage, Job, JobEvent, JobTimings};
 use super::models::{LoadedModels, ModelTable};
+use super::source::JobSource;
 use jhakaas_model_manager::image_io::{encode_image, parameters_text};
 use jhakaas_model_manager::{Error, Generation, StableDiffusionPipeline};
 use std::ops::ControlFlow;
@@ -38,7 +39,7 @@ pub struct EngineConfig {
 /// panic inside a job fails that job with the reason, reports the engine unhealthy and exits
 /// the process with [`EXIT_DEVICE_FAILURE`], so no job is left hanging behind a dead engine.
 pub fn spawn(
-    store: Arc<JobStore>,
+    store: Arc<dyn JobSource>,
     table: Arc<ModelTable>,
     config: EngineConfig,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {

@@ -5,16 +5,16 @@
 //! snapshot, and events are sent while holding it so a watcher that subscribes under the same
 //! lock never misses or duplicates an event.
 
+use super::events::{lock, EventBus};
+pub use super::events::{EncodedImage, JobEvent, JobSnapshot, JobState, JobTimings};
 use jhakaas_model_manager::pipeline::RequestLimits;
-use jhakaas_model_manager::{GenerateParams, ImageFormat, Progress};
+use jhakaas_model_manager::{GenerateParams, ImageFormat};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
-/// Events buffered per watcher; a job emits at most steps + a handful, and a lagging watcher
-/// falls back to the job's snapshot.
 /// Events a job emits besides its progress (queued, model loading, started, terminal), plus
 /// slack; a job's event channel holds these plus one per step, so a subscriber that keeps up
 /// never lags (one that does not resumes from the job's snapshot).
@@ -40,114 +40,6 @@ pub struct JobRequest {
     pub deadline: Option<Instant>,
 }
 
-/// An encoded result image.
-#[derive(Debug, Clone)]
-pub struct EncodedImage {
-    /// Encoded bytes.
-    pub data: Vec<u8>,
-    /// MIME type of `data`.
-    pub mime_type: &'static str,
-    /// Width in pixels.
-    pub width: u32,
-    /// Height in pixels.
-    pub height: u32,
-    /// The seed that reproduces it.
-    pub seed: u64,
-}
-
-/// Per-stage durations reported with every terminal event.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct JobTimings {
-    /// Waiting in the queue.
-    pub queue: Duration,
-    /// Prompt encoding.
-    pub text_encode: Duration,
-    /// The denoising loop.
-    pub denoise: Duration,
-    /// VAE decode.
-    pub decode: Duration,
-    /// PNG/JPEG/WebP encoding.
-    pub image_encode: Duration,
-    /// Submit to terminal event.
-    pub total: Duration,
-}
-
-/// Lifecycle state of a job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobState {
-    /// Waiting for the engine.
-    Queued,
-    /// On the engine.
-    Running,
-    /// Finished with images.
-    Succeeded,
-    /// Finished with an error.
-    Failed,
-    /// Stopped by a client, a disconnect, a deadline or shutdown.
-    Cancelled,
-}
-
-impl JobState {
-    /// Whether no further event will follow.
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            JobState::Succeeded | JobState::Failed | JobState::Cancelled
-        )
-    }
-}
-
-/// One event in a job's life.
-#[derive(Debug, Clone)]
-pub enum JobEvent {
-    /// Queued at this position (0 = next).
-    Queued { position: u32 },
-    /// The engine is loading the job's model first.
-    ModelLoading { model: String },
-    /// The engine started the job.
-    Started,
-    /// One denoising step finished.
-    Progress(Progress),
-    /// Terminal: images are ready.
-    Completed {
-        images: Arc<Vec<EncodedImage>>,
-        timings: JobTimings,
-    },
-    /// Terminal: the job failed.
-    Failed { reason: String, timings: JobTimings },
-    /// Terminal: the job was cancelled.
-    Cancelled { reason: String, timings: JobTimings },
-}
-
-impl JobEvent {
-    /// Whether this ends the job's stream.
-    pub fn is_terminal(&self) -> bool {
-        matches!(
-            self,
-            JobEvent::Completed { .. } | JobEvent::Failed { .. } | JobEvent::Cancelled { .. }
-        )
-    }
-}
-
-/// A job's state at one moment.
-#[derive(Debug, Clone)]
-pub struct JobSnapshot {
-    /// Lifecycle state.
-    pub state: JobState,
-    /// Position in the queue while queued.
-    pub queue_position: u32,
-    /// Last progress event.
-    pub progress: Option<Progress>,
-    /// Result images once succeeded.
-    pub images: Arc<Vec<EncodedImage>>,
-    /// Timings once terminal.
-    pub timings: Option<JobTimings>,
-    /// Failure or cancellation reason.
-    pub error: String,
-    /// The terminal event, replayed to late watchers.
-    pub terminal: Option<JobEvent>,
-}
-
 /// One job.
 #[derive(Debug)]
 pub struct Job {
@@ -159,53 +51,47 @@ pub struct Job {
     pub submitted: Instant,
     cancel: AtomicBool,
     cancel_reason: Mutex<String>,
-    state: Mutex<JobSnapshot>,
-    events: broadcast::Sender<JobEvent>,
-    finished: Mutex<Option<Instant>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding a job lock must not take the whole server down with it.
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    bus: EventBus,
 }
 
 impl Job {
+    /// A job with a fresh id, queued at `position`.
     fn new(request: JobRequest, position: u32) -> Self {
+        Self::with_id(
+            uuid::Uuid::new_v4().to_string(),
+            request,
+            Instant::now(),
+            position,
+        )
+    }
+
+    /// A job the engine runs under an id given elsewhere (a durable store's row), accepted
+    /// at `submitted`.
+    pub fn with_id(id: String, request: JobRequest, submitted: Instant, position: u32) -> Self {
         let steps = request
             .params
             .steps
             .or(request.limits.max_steps)
             .unwrap_or(EVENT_BUFFER_DEFAULT);
-        let (events, _) = broadcast::channel(steps.min(EVENT_BUFFER_DEFAULT * 8) + EVENT_SLACK);
+        let capacity = steps.min(EVENT_BUFFER_DEFAULT * 8) + EVENT_SLACK;
         Self {
-            id: uuid::Uuid::new_v4().to_string(),
+            id,
             request,
-            submitted: Instant::now(),
+            submitted,
             cancel: AtomicBool::new(false),
             cancel_reason: Mutex::new(String::new()),
-            state: Mutex::new(JobSnapshot {
-                state: JobState::Queued,
-                queue_position: position,
-                progress: None,
-                images: Arc::new(Vec::new()),
-                timings: None,
-                error: String::new(),
-                terminal: None,
-            }),
-            events,
-            finished: Mutex::new(None),
+            bus: EventBus::new(capacity, position),
         }
     }
 
     /// The current snapshot.
     pub fn snapshot(&self) -> JobSnapshot {
-        lock(&self.state).clone()
+        self.bus.snapshot()
     }
 
     /// The snapshot plus a receiver for every later event, atomically.
     pub fn subscribe(&self) -> (JobSnapshot, broadcast::Receiver<JobEvent>) {
-        let guard = lock(&self.state);
-        (guard.clone(), self.events.subscribe())
+        self.bus.subscribe()
     }
 
     /// Whether cancellation was requested (checked by the engine between steps).
@@ -218,47 +104,30 @@ impl Job {
         lock(&self.cancel_reason).clone()
     }
 
-    /// Records and broadcasts an event. Ignored once the job is terminal.
+    /// Asks the engine to stop this job at its next step; the first reason given wins.
+    /// Returns whether this call was the first.
+    pub fn request_cancel(&self, reason: &str) -> bool {
+        let first = !self.cancel.swap(true, Ordering::SeqCst);
+        if first {
+            *lock(&self.cancel_reason) = reason.to_string();
+        }
+        first
+    }
+
+    /// Publishes an event on the job's bus. Ignored once the job is terminal.
     pub fn emit(&self, event: JobEvent) {
-        let mut s = lock(&self.state);
-        if s.state.is_terminal() {
-            return;
-        }
-        match &event {
-            JobEvent::Queued { position } => s.queue_position = *position,
-            JobEvent::ModelLoading { .. } => {}
-            JobEvent::Started => {
-                s.state = JobState::Running;
-                s.queue_position = 0;
-            }
-            JobEvent::Progress(p) => s.progress = Some(*p),
-            JobEvent::Completed { images, timings } => {
-                s.state = JobState::Succeeded;
-                s.images = images.clone();
-                s.timings = Some(*timings);
-            }
-            JobEvent::Failed { reason, timings } => {
-                s.state = JobState::Failed;
-                s.error = reason.clone();
-                s.timings = Some(*timings);
-            }
-            JobEvent::Cancelled { reason, timings } => {
-                s.state = JobState::Cancelled;
-                s.error = reason.clone();
-                s.timings = Some(*timings);
-            }
-        }
-        if event.is_terminal() {
-            s.terminal = Some(event.clone());
-            *lock(&self.finished) = Some(Instant::now());
-        }
-        // No receivers is fine: nobody is watching right now.
-        let _ = self.events.send(event);
+        self.bus.publish(event);
+    }
+
+    /// When the job's terminal event was published.
+    pub fn finished_at(&self) -> Option<Instant> {
+        self.bus.finished_at()
     }
 
     /// Bytes this job holds while retained: its encoded images and its decoded init image.
     pub fn retained_bytes(&self) -> u64 {
-        let images: u64 = lock(&self.state)
+        let images: u64 = self
+            .snapshot()
             .images
             .iter()
             .map(|i| i.data.len() as u64)
@@ -369,7 +238,7 @@ impl JobStore {
         }
         let position = inner.queue.len() as u32;
         let job = Arc::new(Job::new(request, position));
-        let events = job.events.subscribe();
+        let (_, events) = job.subscribe();
         if !job.request.request_id.is_empty() {
             inner
                 .by_request
@@ -398,9 +267,7 @@ impl JobStore {
         if job.snapshot().state.is_terminal() {
             return;
         }
-        if !job.cancel.swap(true, Ordering::SeqCst) {
-            *lock(&job.cancel_reason) = reason.to_string();
-        }
+        job.request_cancel(reason);
         if let Some(pos) = inner.queue.iter().position(|j| j.id == job.id) {
             inner.queue.remove(pos);
             Self::renumber(&inner.queue);
@@ -510,7 +377,10 @@ impl JobStore {
         let mut finished: Vec<(Instant, String, u64)> = inner
             .jobs
             .values()
-            .filter_map(|j| lock(&j.finished).map(|t| (t, j.id.clone(), j.retained_bytes())))
+            .filter_map(|j| {
+                j.finished_at()
+                    .map(|t| (t, j.id.clone(), j.retained_bytes()))
+            })
             .collect();
         finished.sort();
         let mut bytes: u64 = finished.iter().map(|f| f.2).sum();
@@ -536,9 +406,24 @@ impl JobStore {
     }
 }
 
+impl super::source::JobSource for JobStore {
+    fn next(&self) -> Option<Arc<Job>> {
+        JobStore::next(self)
+    }
+
+    fn done(&self, job: &Arc<Job>) {
+        JobStore::done(self, job)
+    }
+
+    fn close(&self) {
+        JobStore::close(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use jhakaas_model_manager::Progress;
 
     fn request(id: &str) -> JobRequest {
         JobRequest {

@@ -2,20 +2,23 @@
 //! bounded queue; tonic serves the Worker API, health and reflection; Prometheus metrics are
 //! served on their own port; SIGTERM/SIGINT drain the worker before it exits.
 
+mod backend;
 mod convert;
 #[cfg(test)]
 mod convert_fuzz;
 mod engine;
+mod events;
 mod jobs;
 mod models;
+mod postgres;
 mod service;
+mod source;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use convert::Limits;
 use jhakaas_model_manager::{DeviceChoice, ModelSource};
 use jhakaas_proto::v1::worker_server::WorkerServer;
-use jobs::JobStore;
 use models::{ModelSpec, ModelTable};
 use service::WorkerService;
 use std::net::SocketAddr;
@@ -87,7 +90,27 @@ pub struct ServeArgs {
     /// Most bytes of finished jobs' results kept (encoded images and decoded init images).
     #[arg(long, env = "JHAKAAS_MAX_RETAINED_BYTES", default_value = "1GiB", value_parser = models::parse_bytes)]
     max_retained_bytes: u64,
-    /// How long a shutdown waits for in-flight jobs before cancelling them.
+    /// Where jobs live: `memory` (this process only; nothing to set up) or a PostgreSQL URL
+    /// (`postgres://user:pass@host/db`), one durable queue that every replica claims from and
+    /// answers for, so accepted jobs survive the pod that ran them.
+    #[arg(long, env = "JHAKAAS_JOB_STORE", default_value = "memory")]
+    job_store: String,
+    /// With PostgreSQL: a running job's lease. The pod renews it while the job runs; a job
+    /// whose lease expires (its pod died) goes back to the queue.
+    #[arg(long, env = "JHAKAAS_JOB_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
+    job_lease: Duration,
+    /// With PostgreSQL: lost leases after which a job fails instead of running again.
+    #[arg(long, env = "JHAKAAS_JOB_MAX_ATTEMPTS", default_value_t = 3)]
+    job_max_attempts: u32,
+    /// With PostgreSQL: how often an idle engine looks for work and a watcher for events.
+    #[arg(long, env = "JHAKAAS_JOB_POLL", default_value = "50ms", value_parser = humantime::parse_duration)]
+    job_poll: Duration,
+    /// Closes client connections after this age (they reconnect at once), so long-lived
+    /// clients spread onto replicas added since they connected. Unset: connections live on.
+    #[arg(long, env = "JHAKAAS_MAX_CONNECTION_AGE", value_parser = humantime::parse_duration)]
+    max_connection_age: Option<Duration>,
+    /// How long a shutdown waits for in-flight jobs before cancelling them (with PostgreSQL:
+    /// before handing the running job back to the queue; queued jobs are never cancelled).
     #[arg(long, env = "JHAKAAS_DRAIN_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
     /// File holding the bearer token clients must send (`authorization: Bearer …`).
@@ -246,6 +269,47 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// The job store `--job-store` names.
+async fn job_backend(
+    args: &ServeArgs,
+    table: &Arc<ModelTable>,
+    limits: Limits,
+) -> Result<Arc<dyn backend::JobBackend>> {
+    if args.job_store.starts_with("postgres://") || args.job_store.starts_with("postgresql://") {
+        if args.job_lease < Duration::from_secs(1) {
+            bail!("invalid --job-lease: at least 1s");
+        }
+        let config = postgres::PgConfig {
+            max_queue: args.max_queue,
+            result_ttl: args.result_ttl,
+            max_retained_jobs: args.max_retained_jobs,
+            lease: args.job_lease,
+            max_attempts: args.job_max_attempts.max(1),
+            poll: args.job_poll.max(Duration::from_millis(5)),
+        };
+        let store =
+            postgres::PgJobs::connect(&args.job_store, config, table.clone(), limits).await?;
+        return Ok(Arc::new(store));
+    }
+    if args.job_store != "memory" {
+        bail!(
+            "invalid --job-store `{}`: expected `memory` or a postgres:// URL",
+            args.job_store
+        );
+    }
+    let store = Arc::new(jobs::JobStore::new(
+        args.max_queue,
+        jobs::Retention {
+            ttl: args.result_ttl,
+            max_jobs: args.max_retained_jobs,
+            max_bytes: args.max_retained_bytes,
+        },
+    ));
+    let sweep_every =
+        (args.result_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    Ok(Arc::new(backend::MemoryJobs::new(store, sweep_every)))
+}
+
 /// Runs `serve` until a signal drains and stops it.
 pub fn run(args: ServeArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -287,14 +351,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     startup_check(&specs, &default_model)?;
     let table = Arc::new(ModelTable::new(specs, default_model.clone()));
     table.describe_available();
-    let store = Arc::new(JobStore::new(
-        args.max_queue,
-        jobs::Retention {
-            ttl: args.result_ttl,
-            max_jobs: args.max_retained_jobs,
-            max_bytes: args.max_retained_bytes,
-        },
-    ));
+    let limits = Limits {
+        max_pixels: args.max_pixels,
+        max_steps: args.max_steps,
+        max_images: args.max_images,
+        max_init_image_bytes: args.max_init_image_bytes,
+    };
+    let jobs = job_backend(&args, &table, limits).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status(WORKER_SERVICE, ServingStatus::NotServing)
@@ -319,7 +382,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let fatal_health = health.clone();
     let fatal_rt = rt.clone();
     let engine = engine::spawn(
-        store.clone(),
+        jobs.source(),
         table.clone(),
         engine::EngineConfig {
             device,
@@ -345,26 +408,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         },
     )?;
 
-    let sweeper = store.clone();
-    let sweep_every =
-        (args.result_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(sweep_every);
-        loop {
-            tick.tick().await;
-            sweeper.sweep();
-        }
-    });
-
     let svc = WorkerService {
-        store: store.clone(),
+        jobs: jobs.clone(),
         models: table,
-        limits: Limits {
-            max_pixels: args.max_pixels,
-            max_steps: args.max_steps,
-            max_images: args.max_images,
-            max_init_image_bytes: args.max_init_image_bytes,
-        },
+        limits,
     };
     // Both reflection versions: grpcurl and older tools still ask v1alpha.
     let reflection = || {
@@ -380,29 +427,20 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let worker =
         tonic::service::interceptor::InterceptedService::new(worker, auth::interceptor(token));
 
-    let drain_store = store.clone();
+    let drain_jobs = jobs.clone();
     let drain_timeout = args.drain_timeout;
     let shutdown = async move {
         shutdown_signal().await;
-        tracing::info!(in_flight = drain_store.in_flight(), "draining");
         health
             .set_service_status(WORKER_SERVICE, ServingStatus::NotServing)
             .await;
-        drain_store.start_draining();
-        let s = drain_store.clone();
-        let idle = tokio::task::spawn_blocking(move || s.wait_idle(drain_timeout))
-            .await
-            .unwrap_or(false);
-        if !idle {
-            tracing::warn!("drain timeout passed; cancelling what remains");
-            drain_store.cancel_all("worker shutting down");
-            let s = drain_store.clone();
-            let _ = tokio::task::spawn_blocking(move || s.wait_idle(Duration::from_secs(30))).await;
-        }
-        drain_store.close();
+        drain_jobs.drain(drain_timeout).await;
     };
 
     let mut builder = Server::builder();
+    if let Some(age) = args.max_connection_age {
+        builder = builder.max_connection_age(age);
+    }
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
@@ -416,7 +454,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             shutdown,
         )
         .await?;
-    store.close();
+    jobs.source().close();
     let _ = tokio::task::spawn_blocking(move || engine.join()).await;
     tracing::info!("stopped");
     Ok(())

@@ -1,36 +1,42 @@
-//! The `jhakaas.worker.v1.Worker` gRPC service: thin handlers over the job store.
+//! The `jhakaas.worker.v1.Worker` gRPC service: thin handlers over the job store
+//! ([`JobBackend`]).
 
+use super::backend::{Accepted, EventStream, JobBackend};
 use super::convert::{self, Limits};
-use super::jobs::{Job, JobEvent, JobStore, SubmitError};
 use super::models::ModelTable;
 use jhakaas_proto::v1 as pb;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+impl WorkerService {
+    /// Validates a request off the async threads (an init image is decoded here) and fixes
+    /// its seed, keeping the wire form for a durable store.
+    async fn accept(
+        &self,
+        mut wire: pb::GenerateRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Accepted, Status> {
+        let (models, limits) = (self.models.clone(), self.limits);
+        tokio::task::spawn_blocking(move || {
+            let request = convert::job_request(wire.clone(), &models, &limits, deadline)?;
+            wire.seed = request.params.seed;
+            Ok(Accepted { request, wire })
+        })
+        .await
+        .map_err(|e| Status::internal(format!("request validation stopped: {e}")))?
+    }
+}
+
 /// The service state.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WorkerService {
-    /// All jobs.
-    pub store: Arc<JobStore>,
+    /// The job store (in-memory or PostgreSQL).
+    pub jobs: Arc<dyn JobBackend>,
     /// Registered models.
     pub models: Arc<ModelTable>,
     /// Request limits.
     pub limits: Limits,
-}
-
-/// Maps a refused submission to its status code.
-fn submit_status(e: SubmitError) -> Status {
-    match e {
-        SubmitError::QueueFull { max_queue } => {
-            Status::resource_exhausted(format!("the queue is full ({max_queue} jobs); retry later"))
-        }
-        SubmitError::Draining => {
-            Status::unavailable("the worker is shutting down; retry on another replica")
-        }
-    }
 }
 
 /// The client's deadline from the `grpc-timeout` header (e.g. `500m`, `2S`): at most 8 digits
@@ -72,108 +78,6 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
-fn find(store: &JobStore, id: &str) -> Result<Arc<Job>, Status> {
-    store.get(id).ok_or_else(|| {
-        Status::not_found(format!(
-            "invalid job_id: no job `{id}` (unknown or expired)"
-        ))
-    })
-}
-
-type EventStream = ReceiverStream<Result<pb::JobEvent, Status>>;
-
-/// Streams a job's events until its terminal event. `subscribed` is a receiver that has seen
-/// every event of a job just submitted; without one, the stream starts from the job's current
-/// state. With `owns_job`, the job is cancelled when the client goes away or its deadline
-/// passes (that is what `Generate` promises).
-fn stream_events(
-    store: Arc<JobStore>,
-    job: Arc<Job>,
-    subscribed: Option<broadcast::Receiver<JobEvent>>,
-    owns_job: bool,
-) -> EventStream {
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        let (mut pending, mut events) = match subscribed {
-            Some(rx) => (Vec::new(), rx),
-            None => {
-                let (snapshot, rx) = job.subscribe();
-                let pending = match &snapshot.terminal {
-                    Some(t) => vec![t.clone()],
-                    None if snapshot.state == super::jobs::JobState::Running => {
-                        let mut v = vec![JobEvent::Started];
-                        v.extend(snapshot.progress.map(JobEvent::Progress));
-                        v
-                    }
-                    None => vec![JobEvent::Queued {
-                        position: snapshot.queue_position,
-                    }],
-                };
-                (pending, rx)
-            }
-        };
-        let deadline = job.request.deadline.map(tokio::time::Instant::from_std);
-        loop {
-            for e in pending.drain(..) {
-                let terminal = e.is_terminal();
-                if tx.send(Ok(convert::event(&job.id, &e))).await.is_err() {
-                    if owns_job {
-                        store.cancel(&job, "client disconnected");
-                    }
-                    return;
-                }
-                if terminal {
-                    // A job stopped by its deadline ends the call with DEADLINE_EXCEEDED, whichever
-                    // side noticed first (the engine between steps, or this task's timer).
-                    let expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
-                    if owns_job && expired && matches!(e, JobEvent::Cancelled { .. }) {
-                        let _ = tx
-                            .send(Err(Status::deadline_exceeded(
-                                "the request's deadline passed",
-                            )))
-                            .await;
-                    }
-                    return;
-                }
-            }
-            let next = async {
-                match deadline {
-                    Some(d) => tokio::time::timeout_at(d, events.recv()).await.ok(),
-                    None => Some(events.recv().await),
-                }
-            };
-            tokio::select! {
-                r = next => match r {
-                    Some(Ok(e)) => pending.push(e),
-                    Some(Err(broadcast::error::RecvError::Lagged(_))) => {
-                        // Missed events: resume from the snapshot (terminal if it ended).
-                        let s = job.snapshot();
-                        match s.terminal {
-                            Some(t) => pending.push(t),
-                            None => pending.extend(s.progress.map(JobEvent::Progress)),
-                        }
-                    }
-                    Some(Err(broadcast::error::RecvError::Closed)) => return,
-                    None => {
-                        if owns_job {
-                            store.cancel(&job, "deadline exceeded");
-                        }
-                        let _ = tx.send(Err(Status::deadline_exceeded("the request's deadline passed"))).await;
-                        return;
-                    }
-                },
-                _ = tx.closed() => {
-                    if owns_job {
-                        store.cancel(&job, "client disconnected");
-                    }
-                    return;
-                }
-            }
-        }
-    });
-    ReceiverStream::new(rx)
-}
-
 #[tonic::async_trait]
 impl pb::worker_server::Worker for WorkerService {
     type GenerateStream = EventStream;
@@ -184,58 +88,43 @@ impl pb::worker_server::Worker for WorkerService {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let deadline = grpc_deadline(&request)?;
-        let req = convert::job_request(request.into_inner(), &self.models, &self.limits, deadline)?;
-        let submitted = self.store.submit(req).map_err(submit_status)?;
-        let existing = submitted.events.is_none();
-        tracing::info!(job_id = %submitted.job.id, existing, "generate");
-        // A repeated request id attaches to the original job without owning it.
-        Ok(Response::new(stream_events(
-            self.store.clone(),
-            submitted.job,
-            submitted.events,
-            !existing,
-        )))
+        let accepted = self.accept(request.into_inner(), deadline).await?;
+        Ok(Response::new(self.jobs.generate(accepted).await?))
     }
 
     async fn submit_job(
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let req = convert::job_request(request.into_inner(), &self.models, &self.limits, None)?;
-        let submitted = self.store.submit(req).map_err(submit_status)?;
-        let job = submitted.job;
-        tracing::info!(job_id = %job.id, existing = submitted.events.is_none(), "submit");
-        Ok(Response::new(convert::job(&job, &job.snapshot())))
+        let accepted = self.accept(request.into_inner(), None).await?;
+        Ok(Response::new(self.jobs.submit(accepted).await?))
     }
 
     async fn get_job(
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let job = find(&self.store, &request.into_inner().job_id)?;
-        Ok(Response::new(convert::job(&job, &job.snapshot())))
+        Ok(Response::new(
+            self.jobs.get(&request.into_inner().job_id).await?,
+        ))
     }
 
     async fn watch_job(
         &self,
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        let job = find(&self.store, &request.into_inner().job_id)?;
-        Ok(Response::new(stream_events(
-            self.store.clone(),
-            job,
-            None,
-            false,
-        )))
+        Ok(Response::new(
+            self.jobs.watch(&request.into_inner().job_id).await?,
+        ))
     }
 
     async fn cancel_job(
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let job = find(&self.store, &request.into_inner().job_id)?;
-        self.store.cancel(&job, "cancelled by client");
-        Ok(Response::new(convert::job(&job, &job.snapshot())))
+        Ok(Response::new(
+            self.jobs.cancel(&request.into_inner().job_id).await?,
+        ))
     }
 
     async fn list_models(
