@@ -66,7 +66,7 @@ fn newest_worker_source() -> std::time::SystemTime {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut newest = std::time::SystemTime::UNIX_EPOCH;
     for crate_dir in ["worker", "model-manager", "proto"] {
-        for part in ["src", "Cargo.toml", "build.rs", "jhakaas"] {
+        for part in ["src", "Cargo.toml", "build.rs", "jhakaas", "migrations"] {
             let p = root.join(crate_dir).join(part);
             if p.is_dir() {
                 walk(&p, &mut newest);

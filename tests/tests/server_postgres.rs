@@ -24,8 +24,6 @@ fn replica(pg: &Postgres, extra: &[&str]) -> TestServer {
         pg.url.as_str(),
         "--job-lease",
         LEASE,
-        "--job-poll",
-        "20ms",
     ];
     args.extend_from_slice(extra);
     TestServer::start(&args)

@@ -43,3 +43,26 @@ CREATE TABLE jhakaas_job_events (
 );
 
 CREATE INDEX jhakaas_job_events_by_job ON jhakaas_job_events (job_id, n);
+
+-- Wake-ups, so nobody waits for a poll: a job entering or leaving the queue notifies idle
+-- engines and queued watchers (`jhakaas_jobs`), an appended event its watchers
+-- (`jhakaas_events`, payload the job id). Polling stays as the fallback.
+CREATE FUNCTION jhakaas_notify_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('jhakaas_jobs', NEW.id);
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER jhakaas_jobs_queue_changed
+    AFTER INSERT OR UPDATE OF state ON jhakaas_jobs
+    FOR EACH ROW EXECUTE FUNCTION jhakaas_notify_jobs();
+
+CREATE FUNCTION jhakaas_notify_events() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('jhakaas_events', NEW.job_id);
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER jhakaas_job_events_appended
+    AFTER INSERT ON jhakaas_job_events
+    FOR EACH ROW EXECUTE FUNCTION jhakaas_notify_events();

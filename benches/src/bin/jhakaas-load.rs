@@ -60,7 +60,21 @@ fn loopback_only(addr: &str) -> Result<()> {
     Ok(())
 }
 
-fn report(label: &str, latencies: &[Duration], queue: &[Duration], wall: Duration, failed: usize) {
+/// Per-job samples of a run.
+#[derive(Default)]
+struct Samples {
+    /// Call to terminal event.
+    latency: Vec<Duration>,
+    /// The server's reported queue wait (accepted to claimed by the engine).
+    queue: Vec<Duration>,
+    /// Call to the `Started` event, as the client sees it.
+    to_started: Vec<Duration>,
+    failed: usize,
+    refused: usize,
+}
+
+fn report(label: &str, s: &Samples, wall: Duration) {
+    let (latencies, failed) = (&s.latency, s.failed);
     let n = latencies.len();
     println!(
         "{label}: {n} jobs ok, {failed} failed, {:.2} jobs/s over {:.2?}",
@@ -73,12 +87,15 @@ fn report(label: &str, latencies: &[Duration], queue: &[Duration], wall: Duratio
         percentile(latencies, 95.0),
         percentile(latencies, 99.0)
     );
-    if !queue.is_empty() {
-        println!(
-            "  queue wait p50 {:.1?}  p95 {:.1?}",
-            percentile(queue, 50.0),
-            percentile(queue, 95.0)
-        );
+    for (name, v) in [("queue wait", &s.queue), ("submit to started", &s.to_started)] {
+        if !v.is_empty() {
+            println!(
+                "  {name} p50 {:.2?}  p95 {:.2?}  p99 {:.2?}",
+                percentile(v, 50.0),
+                percentile(v, 95.0),
+                percentile(v, 99.0)
+            );
+        }
     }
 }
 
@@ -111,13 +128,11 @@ fn engine_mode(args: &Args, dir: &std::path::Path) -> Result<()> {
         }
         latencies.push(t.elapsed());
     }
-    report(
-        "engine (in-process, sequential)",
-        &latencies,
-        &[],
-        started.elapsed(),
-        0,
-    );
+    let samples = Samples {
+        latency: latencies,
+        ..Default::default()
+    };
+    report("engine (in-process, sequential)", &samples, started.elapsed());
     Ok(())
 }
 
@@ -128,7 +143,7 @@ async fn grpc_mode(args: &Args) -> Result<()> {
         .await
         .with_context(|| format!("connecting to {}", args.addr))?;
     let next = Arc::new(AtomicUsize::new(0));
-    let results = Arc::new(Mutex::new((Vec::new(), Vec::new(), 0usize, 0usize)));
+    let results = Arc::new(Mutex::new(Samples::default()));
     let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -148,17 +163,21 @@ async fn grpc_mode(args: &Args) -> Result<()> {
         tasks.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::SeqCst) < jobs && Instant::now() < deadline {
                 let t = Instant::now();
+                let mut to_started = None;
                 let outcome = match client.generate(req.clone()).await {
                     Ok(resp) => {
                         let mut stream = resp.into_inner();
                         let mut last = None;
                         while let Some(Ok(e)) = stream.next().await {
+                            if matches!(e.event, Some(pb::job_event::Event::Started(_))) {
+                                to_started.get_or_insert(t.elapsed());
+                            }
                             last = e.event;
                         }
                         last
                     }
                     Err(s) if s.code() == tonic::Code::ResourceExhausted => {
-                        results.lock().unwrap().3 += 1;
+                        results.lock().unwrap().refused += 1;
                         continue;
                     }
                     Err(_) => None,
@@ -166,11 +185,12 @@ async fn grpc_mode(args: &Args) -> Result<()> {
                 let mut r = results.lock().unwrap();
                 match outcome {
                     Some(pb::job_event::Event::Completed(c)) => {
-                        r.0.push(t.elapsed());
+                        r.latency.push(t.elapsed());
                         let q = c.timings.map(|t| t.queue_seconds).unwrap_or(0.0);
-                        r.1.push(Duration::from_secs_f64(q));
+                        r.queue.push(Duration::from_secs_f64(q));
+                        r.to_started.extend(to_started);
                     }
-                    _ => r.2 += 1,
+                    _ => r.failed += 1,
                 }
             }
         }));
@@ -179,16 +199,11 @@ async fn grpc_mode(args: &Args) -> Result<()> {
         t.await?;
     }
     let wall = started.elapsed();
-    let (latencies, queue, failed, refused) = &*results.lock().unwrap();
-    report(
-        &format!("grpc ({} clients)", args.clients),
-        latencies,
-        queue,
-        wall,
-        *failed,
-    );
-    println!("  refused (RESOURCE_EXHAUSTED): {refused}");
-    if *failed > 0 {
+    let samples = results.lock().unwrap();
+    report(&format!("grpc ({} clients)", args.clients), &samples, wall);
+    println!("  refused (RESOURCE_EXHAUSTED): {}", samples.refused);
+    let failed = samples.failed;
+    if failed > 0 {
         bail!("{failed} accepted jobs did not complete");
     }
     Ok(())

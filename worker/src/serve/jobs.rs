@@ -291,6 +291,7 @@ impl JobStore {
                 Self::renumber(&inner.queue);
                 metrics::gauge!("jhakaas_queue_depth").set(inner.queue.len() as f64);
                 inner.running = Some(job.clone());
+                metrics::gauge!("jhakaas_jobs_running").set(1.0);
                 return Some(job);
             }
             if inner.closed {
@@ -305,6 +306,7 @@ impl JobStore {
         let mut inner = lock(&self.inner);
         if inner.running.as_ref().is_some_and(|r| r.id == job.id) {
             inner.running = None;
+            metrics::gauge!("jhakaas_jobs_running").set(0.0);
         }
         drop(inner);
         self.wake.notify_all();

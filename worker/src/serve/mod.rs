@@ -103,7 +103,8 @@ pub struct ServeArgs {
     #[arg(long, env = "JHAKAAS_JOB_MAX_ATTEMPTS", default_value_t = 3)]
     job_max_attempts: u32,
     /// With PostgreSQL: how often an idle engine looks for work and a watcher for events.
-    #[arg(long, env = "JHAKAAS_JOB_POLL", default_value = "50ms", value_parser = humantime::parse_duration)]
+    /// (A `NOTIFY` wakes both at once; the poll is the fallback.)
+    #[arg(long, env = "JHAKAAS_JOB_POLL", default_value = "250ms", value_parser = humantime::parse_duration)]
     job_poll: Duration,
     /// Closes client connections after this age (they reconnect at once), so long-lived
     /// clients spread onto replicas added since they connected. Unset: connections live on.
@@ -221,7 +222,10 @@ fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)?
         .install_recorder()?;
-    metrics::describe_gauge!("jhakaas_queue_depth", "Jobs waiting in the queue");
+    metrics::describe_gauge!(
+        "jhakaas_queue_depth",
+        "Jobs waiting in the queue (this pod's; with PostgreSQL, the whole fleet's)"
+    );
     metrics::describe_counter!("jhakaas_jobs_total", "Finished jobs by outcome");
     metrics::describe_histogram!("jhakaas_queue_wait_seconds", "Time jobs spent queued");
     metrics::describe_histogram!("jhakaas_job_duration_seconds", "Submit to terminal event");
@@ -229,7 +233,12 @@ fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle> {
         "jhakaas_step_duration_seconds",
         "Duration of one denoising step"
     );
+    metrics::describe_gauge!(
+        "jhakaas_jobs_running",
+        "Jobs running (this pod's; with PostgreSQL, the whole fleet's)"
+    );
     metrics::describe_gauge!("jhakaas_models_loaded", "Models loaded on the engine");
+    metrics::gauge!("jhakaas_jobs_running").set(0.0);
     metrics::gauge!("jhakaas_queue_depth").set(0.0);
     metrics::gauge!("jhakaas_models_loaded").set(0.0);
     Ok(handle)

@@ -2,6 +2,7 @@
 //! [`Job`] whose events a publisher task writes to the log (renewing the lease and picking up
 //! cancellation as it goes), and record its end fenced by the claim's attempt.
 
+use super::wake::Wake;
 use super::{sql, PgConfig};
 use crate::serve::convert::{self, Limits};
 use crate::serve::events::lock;
@@ -35,6 +36,7 @@ pub struct PgSource {
     pool: PgPool,
     rt: Handle,
     config: PgConfig,
+    wake: Arc<Wake>,
     models: Arc<ModelTable>,
     limits: Limits,
     pod: String,
@@ -48,6 +50,7 @@ impl PgSource {
         pool: PgPool,
         rt: Handle,
         config: PgConfig,
+        wake: Arc<Wake>,
         models: Arc<ModelTable>,
         limits: Limits,
     ) -> Self {
@@ -56,6 +59,7 @@ impl PgSource {
             pool,
             rt,
             config,
+            wake,
             models,
             limits,
             pod: format!("{host}/{}", uuid::Uuid::new_v4()),
@@ -153,6 +157,7 @@ impl JobSource for PgSource {
     fn next(&self) -> Option<Arc<Job>> {
         let mut backoff = self.config.poll;
         while self.claiming.load(Ordering::SeqCst) {
+            let seen = self.wake.queue_generation();
             match self
                 .rt
                 .block_on(sql::claim(&self.pool, &self.pod, self.config.lease))
@@ -163,7 +168,7 @@ impl JobSource for PgSource {
                         return Some(job);
                     }
                 }
-                Ok(None) => std::thread::sleep(self.config.poll),
+                Ok(None) => self.wake.wait_queue(seen, self.config.poll),
                 Err(e) => {
                     tracing::warn!(error = %e, "claiming from the job store failed; retrying");
                     std::thread::sleep(backoff);

@@ -7,7 +7,7 @@ use jhakaas_proto::v1 as pb;
 use prost::Message;
 use sqlx::postgres::PgPool;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
@@ -18,8 +18,15 @@ pub struct Owner {
     pub deadline: Option<Instant>,
 }
 
-/// Streams job `id`'s events until its terminal one, polling the log every `poll`.
-pub fn stream(pool: PgPool, id: String, owner: Option<Owner>, poll: Duration) -> EventStream {
+/// Streams job `id`'s events until its terminal one, reading the log whenever `woken`
+/// changes (a `NOTIFY`) and at least every `poll`.
+pub fn stream(
+    pool: PgPool,
+    id: String,
+    owner: Option<Owner>,
+    mut woken: watch::Receiver<u64>,
+    poll: Duration,
+) -> EventStream {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         let deadline = owner.as_ref().and_then(|o| o.deadline);
@@ -69,6 +76,7 @@ pub fn stream(pool: PgPool, id: String, owner: Option<Owner>, poll: Duration) ->
             }
             tokio::select! {
                 _ = tokio::time::sleep(poll) => {}
+                _ = woken.changed() => {}
                 _ = tx.closed() => {
                     if owns {
                         cancel("client disconnected").await;

@@ -8,6 +8,7 @@
 mod claim;
 mod events;
 mod sql;
+mod wake;
 
 use super::backend::{submit_status, Accepted, EventStream, JobBackend};
 use super::convert::Limits;
@@ -46,6 +47,7 @@ pub struct PgJobs {
     pool: PgPool,
     config: PgConfig,
     source: Arc<PgSource>,
+    wake: Arc<wake::Wake>,
     draining: AtomicBool,
 }
 
@@ -75,10 +77,12 @@ impl PgJobs {
             .run(&pool)
             .await
             .map_err(|e| anyhow::anyhow!("migrating the job store: {e}"))?;
+        let wake = wake::Wake::listen(&pool);
         let source = Arc::new(PgSource::new(
             pool.clone(),
             tokio::runtime::Handle::current(),
             config,
+            wake.clone(),
             models,
             limits,
         ));
@@ -88,6 +92,7 @@ impl PgJobs {
             pool,
             config,
             source,
+            wake,
             draining: AtomicBool::new(false),
         })
     }
@@ -156,6 +161,7 @@ impl JobBackend for PgJobs {
             self.pool.clone(),
             id,
             new.then_some(events::Owner { deadline }),
+            self.wake.events(),
             self.config.poll,
         ))
     }
@@ -174,6 +180,7 @@ impl JobBackend for PgJobs {
             self.pool.clone(),
             id.to_string(),
             None,
+            self.wake.events(),
             self.config.poll,
         ))
     }
