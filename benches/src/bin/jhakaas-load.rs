@@ -87,7 +87,10 @@ fn report(label: &str, s: &Samples, wall: Duration) {
         percentile(latencies, 95.0),
         percentile(latencies, 99.0)
     );
-    for (name, v) in [("queue wait", &s.queue), ("submit to started", &s.to_started)] {
+    for (name, v) in [
+        ("queue wait", &s.queue),
+        ("submit to started", &s.to_started),
+    ] {
         if !v.is_empty() {
             println!(
                 "  {name} p50 {:.2?}  p95 {:.2?}  p99 {:.2?}",
@@ -132,7 +135,11 @@ fn engine_mode(args: &Args, dir: &std::path::Path) -> Result<()> {
         latency: latencies,
         ..Default::default()
     };
-    report("engine (in-process, sequential)", &samples, started.elapsed());
+    report(
+        "engine (in-process, sequential)",
+        &samples,
+        started.elapsed(),
+    );
     Ok(())
 }
 

@@ -10,6 +10,9 @@ mod events;
 mod sql;
 mod wake;
 
+#[cfg(test)]
+mod tests;
+
 use super::backend::{submit_status, Accepted, EventStream, JobBackend};
 use super::convert::Limits;
 use super::jobs::SubmitError;

@@ -1,0 +1,266 @@
+//! The PostgreSQL store in-process against a throwaway cluster, the engine played by the test:
+//! submit and idempotency, queue positions, cancel of queued and running jobs, claiming and
+//! fencing, exactly one terminal event, lease expiry and the attempt limit, drain.
+
+use super::*;
+use crate::serve::events::{EncodedImage, JobTimings};
+use crate::serve::jobs::JobEvent;
+use crate::serve::models::ModelSpec;
+use jhakaas_model_manager::{ModelSource, Progress};
+use jhakaas_tests::postgres::Postgres;
+
+fn table() -> Arc<ModelTable> {
+    let spec = ModelSpec {
+        name: "m".into(),
+        source: ModelSource::Local(jhakaas_tests::fixtures().join("models/sd1-tiny")),
+        vae: None,
+        defaults: Default::default(),
+    };
+    Arc::new(ModelTable::new(vec![spec], "m".into()))
+}
+
+fn limits() -> Limits {
+    Limits {
+        max_pixels: 1 << 20,
+        max_steps: 50,
+        max_images: 4,
+        max_init_image_bytes: 1 << 20,
+    }
+}
+
+fn config(lease_ms: u64) -> PgConfig {
+    PgConfig {
+        max_queue: 3,
+        result_ttl: Duration::from_secs(600),
+        max_retained_jobs: 100,
+        lease: Duration::from_millis(lease_ms),
+        max_attempts: 2,
+        poll: Duration::from_millis(20),
+    }
+}
+
+fn accepted(request_id: &str) -> Accepted {
+    let wire = pb::GenerateRequest {
+        request_id: request_id.into(),
+        prompt: "p".into(),
+        steps: 3,
+        seed: Some(5),
+        ..Default::default()
+    };
+    let request =
+        crate::serve::convert::job_request(wire.clone(), &table(), &limits(), None).unwrap();
+    Accepted { request, wire }
+}
+
+async fn store(pg: &Postgres, lease_ms: u64) -> PgJobs {
+    PgJobs::connect(&pg.url, config(lease_ms), table(), limits())
+        .await
+        .unwrap()
+}
+
+/// Claims the next job on a blocking thread, as the engine does.
+async fn claim(jobs: &PgJobs) -> Arc<crate::serve::jobs::Job> {
+    let source = jobs.source();
+    tokio::task::spawn_blocking(move || source.next())
+        .await
+        .unwrap()
+        .expect("a job")
+}
+
+async fn done(jobs: &PgJobs, job: &Arc<crate::serve::jobs::Job>) {
+    let (source, job) = (jobs.source(), job.clone());
+    tokio::task::spawn_blocking(move || source.done(&job))
+        .await
+        .unwrap();
+}
+
+fn state(job: &pb::Job) -> pb::JobState {
+    pb::JobState::try_from(job.state).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_claim_run_cancel_and_expire() {
+    let pg = Postgres::start();
+    let jobs = store(&pg, 1000).await;
+
+    // Submit, idempotency, queue positions and the fleet-wide queue bound.
+    let a = jobs.submit(accepted("a")).await.unwrap();
+    assert_eq!(
+        (state(&a), a.queue_position, a.seed),
+        (pb::JobState::Queued, 0, 5)
+    );
+    assert_eq!(jobs.submit(accepted("a")).await.unwrap().job_id, a.job_id);
+    let b = jobs.submit(accepted("b")).await.unwrap();
+    assert_eq!(b.queue_position, 1);
+    let c = jobs.submit(accepted("")).await.unwrap();
+    let full = jobs.submit(accepted("d")).await.unwrap_err();
+    assert_eq!(full.code(), tonic::Code::ResourceExhausted);
+
+    // Cancelling a queued job ends it at once with one terminal event; the queue renumbers.
+    let cancelled = jobs.cancel(&b.job_id).await.unwrap();
+    assert_eq!(state(&cancelled), pb::JobState::Cancelled);
+    assert_eq!(jobs.get(&c.job_id).await.unwrap().queue_position, 1);
+    assert_eq!(
+        jobs.cancel("nope").await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+
+    // The engine claims the oldest; its events reach the row and the log.
+    let job = claim(&jobs).await;
+    assert_eq!(job.id, a.job_id);
+    assert_eq!(job.request.params.seed, Some(5));
+    job.emit(JobEvent::Started);
+    job.emit(JobEvent::Progress(Progress {
+        step: 1,
+        total_steps: 3,
+        timestep: 999.0,
+    }));
+    let image = EncodedImage {
+        data: vec![1, 2, 3],
+        mime_type: "image/png",
+        width: 64,
+        height: 64,
+        seed: 5,
+    };
+    job.emit(JobEvent::Completed {
+        images: Arc::new(vec![image]),
+        timings: JobTimings::default(),
+    });
+    done(&jobs, &job).await;
+    let finished = jobs.get(&a.job_id).await.unwrap();
+    assert_eq!(state(&finished), pb::JobState::Succeeded);
+    assert_eq!(finished.images[0].data, vec![1, 2, 3]);
+    assert_eq!(finished.progress.unwrap().step, 1);
+    // A second terminal event changes nothing.
+    job.emit(JobEvent::Failed {
+        reason: "late".into(),
+        timings: JobTimings::default(),
+    });
+    let terminal = |id: &str| {
+        pg.query(&format!(
+            "SELECT count(*) FROM jhakaas_job_events WHERE job_id = '{id}' AND terminal"
+        ))
+    };
+    assert_eq!(terminal(&a.job_id), "1");
+
+    // A running job is cancelled through the row: the engine sees it with its next write.
+    let running = claim(&jobs).await;
+    assert_eq!(running.id, c.job_id);
+    jobs.cancel(&c.job_id).await.unwrap();
+    running.emit(JobEvent::Progress(Progress {
+        step: 1,
+        total_steps: 3,
+        timestep: 999.0,
+    }));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !running.cancel_requested() {
+        assert!(Instant::now() < deadline, "cancel never reached the engine");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(running.cancel_reason(), "cancelled by client");
+    running.emit(JobEvent::Cancelled {
+        reason: running.cancel_reason(),
+        timings: JobTimings::default(),
+    });
+    done(&jobs, &running).await;
+    assert_eq!(
+        state(&jobs.get(&c.job_id).await.unwrap()),
+        pb::JobState::Cancelled
+    );
+    assert_eq!(terminal(&c.job_id), "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_requeues_then_fails_and_the_stale_claim_is_fenced() {
+    let pg = Postgres::start();
+    let jobs = store(&pg, 1000).await;
+    let a = jobs.submit(accepted("lease")).await.unwrap();
+
+    // A claim whose pod goes silent: its lease runs out, the job is queued again.
+    let first = claim(&jobs).await;
+    pg.query(&format!(
+        "UPDATE jhakaas_jobs SET lease_until = now() - interval '1 second' WHERE id = '{}'",
+        a.job_id
+    ));
+    let second = claim(&jobs).await;
+    assert_eq!(second.id, a.job_id);
+    // The stale first claim cannot end the job now owned by the second.
+    first.emit(JobEvent::Failed {
+        reason: "stale".into(),
+        timings: JobTimings::default(),
+    });
+    done(&jobs, &first).await;
+    let now = jobs.get(&a.job_id).await.unwrap();
+    assert_eq!(state(&now), pb::JobState::Running, "{}", now.error);
+
+    // A second lost lease reaches max_attempts (2): the job fails with the reason.
+    pg.query(&format!(
+        "UPDATE jhakaas_jobs SET lease_until = now() - interval '1 second' WHERE id = '{}'",
+        a.job_id
+    ));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let j = jobs.get(&a.job_id).await.unwrap();
+        if state(&j) == pb::JobState::Failed {
+            assert!(
+                j.error.contains("lost with its worker 2 times"),
+                "{}",
+                j.error
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "never failed: {j:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The second claim's own end is fenced off too; still exactly one terminal event.
+    second.emit(JobEvent::Cancelled {
+        reason: "late".into(),
+        timings: JobTimings::default(),
+    });
+    done(&jobs, &second).await;
+    assert_eq!(
+        pg.query(&format!(
+            "SELECT count(*) FROM jhakaas_job_events WHERE job_id = '{}' AND terminal",
+            a.job_id
+        )),
+        "1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_hands_the_running_job_back_and_leaves_the_queue() {
+    let pg = Postgres::start();
+    let jobs = Arc::new(store(&pg, 5000).await);
+    let a = jobs.submit(accepted("run")).await.unwrap();
+    let b = jobs.submit(accepted("wait")).await.unwrap();
+    let running = claim(&jobs).await;
+    running.emit(JobEvent::Started);
+    // The engine: stops at the next step once asked, as the real loop does.
+    let engine = {
+        let (jobs, running) = (jobs.clone(), running.clone());
+        tokio::spawn(async move {
+            while !running.cancel_requested() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            running.emit(JobEvent::Cancelled {
+                reason: running.cancel_reason(),
+                timings: JobTimings::default(),
+            });
+            done(&jobs, &running).await;
+        })
+    };
+    jobs.drain(Duration::from_millis(200)).await;
+    engine.await.unwrap();
+    let refused = jobs.submit(accepted("late")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    for id in [&a.job_id, &b.job_id] {
+        assert_eq!(state(&jobs.get(id).await.unwrap()), pb::JobState::Queued);
+    }
+    assert_eq!(
+        pg.query(&format!(
+            "SELECT failures FROM jhakaas_jobs WHERE id = '{}'",
+            a.job_id
+        )),
+        "0"
+    );
+}
