@@ -1,11 +1,12 @@
 //! The engine thread: the one OS thread that owns the device and the loaded models. It warms
 //! the default models, then takes jobs from the store in order and runs them, turning engine
-//! progress into job events and checking for cancellation and deadlines between steps.
+//! progress into job events and checking for cancellation and deadlines between steps. It
+//! does device work only: images are encoded on the encoder thread (`encoder.rs`).
 
-use super::jobs::{EncodedImage, Job, JobEvent, JobTimings};
+use super::encoder;
+use super::jobs::{Job, JobEvent, JobTimings};
 use super::models::{LoadedModels, ModelTable};
 use super::source::JobSource;
-use jhakaas_model_manager::image_io::{encode_image, parameters_text};
 use jhakaas_model_manager::{Error, Generation, StableDiffusionPipeline};
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -64,6 +65,16 @@ pub fn spawn(
             on_ready();
         }
         let panic_prompt = std::env::var(PANIC_HOOK_ENV).ok();
+        // Images are encoded on their own thread while the engine runs the next job; the
+        // one-slot channel holds the engine back when encoding falls behind.
+        let encoder = match encoder::Encoder::spawn(store.clone()) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the image encoder thread");
+                on_fatal();
+                std::process::exit(EXIT_DEVICE_FAILURE);
+            }
+        };
         while let Some(job) = store.next() {
             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 if panic_prompt.as_deref() == Some(job.request.params.prompt.as_str()) {
@@ -72,7 +83,11 @@ pub fn spawn(
                 run_job(&mut models, &job)
             }));
             let fatal = match run {
-                Ok(fatal) => fatal,
+                Ok(Outcome::Generated(generation, timings)) => {
+                    encoder.submit(job, *generation, timings);
+                    continue;
+                }
+                Ok(Outcome::Ended { fatal }) => fatal,
                 Err(payload) => {
                     let what = panic_message(payload.as_ref());
                     tracing::error!(job_id = %job.id, panic = %what, "the engine panicked");
@@ -93,6 +108,8 @@ pub fn spawn(
                 std::process::exit(EXIT_DEVICE_FAILURE);
             }
         }
+        // Every generated job is encoded and ended before the engine reports stopped.
+        encoder.finish();
         tracing::info!("engine thread stopped");
     })
 }
@@ -130,16 +147,25 @@ fn cancelled_reason(job: &Job) -> Option<String> {
     }
 }
 
+/// How a job left the engine.
+enum Outcome {
+    /// Images were generated; encoding them ends the job.
+    Generated(Box<Generation>, JobTimings),
+    /// The job ended (cancelled, failed); `fatal` when the device is beyond recovery.
+    Ended { fatal: bool },
+}
+
 /// Ends `job` with its terminal `event`, counting it by `outcome`.
-fn finish(job: &Job, event: JobEvent, outcome: &'static str) {
+pub(super) fn finish(job: &Job, event: JobEvent, outcome: &'static str) {
     metrics::counter!("jhakaas_jobs_total", "outcome" => outcome).increment(1);
     metrics::histogram!("jhakaas_job_duration_seconds")
         .record(job.submitted.elapsed().as_secs_f64());
     job.emit(event);
 }
 
-/// Runs one job to its terminal event. Returns whether the device is beyond recovery.
-fn run_job(models: &mut LoadedModels, job: &Arc<Job>) -> bool {
+/// Runs one job up to its images, or to its terminal event if it ends sooner.
+fn run_job(models: &mut LoadedModels, job: &Arc<Job>) -> Outcome {
+    const ENDED: Outcome = Outcome::Ended { fatal: false };
     let queue_wait = job.submitted.elapsed();
     metrics::histogram!("jhakaas_queue_wait_seconds").record(queue_wait.as_secs_f64());
     let span = tracing::info_span!("job", job_id = %job.id, model = %job.request.model);
@@ -147,7 +173,7 @@ fn run_job(models: &mut LoadedModels, job: &Arc<Job>) -> bool {
     if let Some(reason) = cancelled_reason(job) {
         let timings = job.timings_so_far(queue_wait);
         finish(job, JobEvent::Cancelled { reason, timings }, "cancelled");
-        return false;
+        return ENDED;
     }
     let name = &job.request.model;
     if !models.is_loaded(name) {
@@ -160,7 +186,7 @@ fn run_job(models: &mut LoadedModels, job: &Arc<Job>) -> bool {
         Err(reason) => {
             let timings = job.timings_so_far(queue_wait);
             finish(job, JobEvent::Failed { reason, timings }, "failed");
-            return false;
+            return ENDED;
         }
     };
     job.emit(JobEvent::Started);
@@ -174,15 +200,14 @@ fn run_job(models: &mut LoadedModels, job: &Arc<Job>) -> bool {
             timings.text_encode = generation.timings.text_encode;
             timings.denoise = generation.timings.denoise;
             timings.decode = generation.timings.decode;
-            encode(job, &generation, timings);
-            false
+            Outcome::Generated(Box::new(generation), timings)
         }
         Err(Error::Cancelled) => {
             timings.total = job.submitted.elapsed();
             let reason = cancelled_reason(job).unwrap_or_else(|| "cancelled".into());
             tracing::info!(%reason, "job cancelled");
             finish(job, JobEvent::Cancelled { reason, timings }, "cancelled");
-            false
+            ENDED
         }
         Err(e) => {
             timings.total = job.submitted.elapsed();
@@ -190,7 +215,7 @@ fn run_job(models: &mut LoadedModels, job: &Arc<Job>) -> bool {
             tracing::error!(error = %e, fatal, "job failed");
             let reason = e.to_string();
             finish(job, JobEvent::Failed { reason, timings }, "failed");
-            fatal
+            Outcome::Ended { fatal }
         }
     }
 }
@@ -214,49 +239,6 @@ fn denoise(
             ControlFlow::Continue(())
         }
     })
-}
-
-/// Encodes the images in the requested format (with their parameters) and completes the job.
-fn encode(job: &Job, generation: &Generation, mut timings: JobTimings) {
-    let encode_started = Instant::now();
-    let request = &job.request;
-    let (prompt, negative) = (
-        &request.params.prompt,
-        request.params.negative_prompt.as_deref(),
-    );
-    let images: Result<Vec<EncodedImage>, Error> = generation
-        .images
-        .iter()
-        .map(|img| {
-            let text = parameters_text(
-                prompt,
-                negative,
-                &generation.params,
-                img.seed,
-                &request.model,
-            );
-            Ok(EncodedImage {
-                data: encode_image(&img.image, request.format, &text)?,
-                mime_type: request.format.mime_type(),
-                width: img.image.width(),
-                height: img.image.height(),
-                seed: img.seed,
-            })
-        })
-        .collect();
-    timings.image_encode = encode_started.elapsed();
-    timings.total = job.submitted.elapsed();
-    match images {
-        Ok(images) => {
-            tracing::info!(total = ?timings.total, "job succeeded");
-            let images = Arc::new(images);
-            finish(job, JobEvent::Completed { images, timings }, "succeeded");
-        }
-        Err(e) => {
-            let reason = e.to_string();
-            finish(job, JobEvent::Failed { reason, timings }, "failed");
-        }
-    }
 }
 
 /// CUDA errors other than out-of-memory leave the context unusable.

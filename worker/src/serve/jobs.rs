@@ -174,7 +174,8 @@ struct Inner {
     jobs: HashMap<String, Arc<Job>>,
     by_request: HashMap<String, String>,
     queue: VecDeque<Arc<Job>>,
-    running: Option<Arc<Job>>,
+    /// Taken by the engine and not yet done (running, or its images encoding).
+    running: Vec<Arc<Job>>,
     draining: bool,
     closed: bool,
 }
@@ -290,8 +291,8 @@ impl JobStore {
             if let Some(job) = inner.queue.pop_front() {
                 Self::renumber(&inner.queue);
                 metrics::gauge!("jhakaas_queue_depth").set(inner.queue.len() as f64);
-                inner.running = Some(job.clone());
-                metrics::gauge!("jhakaas_jobs_running").set(1.0);
+                inner.running.push(job.clone());
+                metrics::gauge!("jhakaas_jobs_running").set(inner.running.len() as f64);
                 return Some(job);
             }
             if inner.closed {
@@ -304,10 +305,8 @@ impl JobStore {
     /// The engine finished its current job.
     pub fn done(&self, job: &Arc<Job>) {
         let mut inner = lock(&self.inner);
-        if inner.running.as_ref().is_some_and(|r| r.id == job.id) {
-            inner.running = None;
-            metrics::gauge!("jhakaas_jobs_running").set(0.0);
-        }
+        inner.running.retain(|r| r.id != job.id);
+        metrics::gauge!("jhakaas_jobs_running").set(inner.running.len() as f64);
         drop(inner);
         self.wake.notify_all();
     }
@@ -321,7 +320,7 @@ impl JobStore {
     /// Queued plus running jobs.
     pub fn in_flight(&self) -> usize {
         let inner = lock(&self.inner);
-        inner.queue.len() + usize::from(inner.running.is_some())
+        inner.queue.len() + inner.running.len()
     }
 
     /// Stops accepting new jobs (drain); queued and running jobs continue.
@@ -337,7 +336,7 @@ impl JobStore {
                 .queue
                 .iter()
                 .cloned()
-                .chain(inner.running.clone())
+                .chain(inner.running.iter().cloned())
                 .collect()
         };
         for job in jobs {
@@ -356,7 +355,7 @@ impl JobStore {
         let deadline = Instant::now() + timeout;
         let mut inner = lock(&self.inner);
         loop {
-            if inner.queue.is_empty() && inner.running.is_none() {
+            if inner.queue.is_empty() && inner.running.is_empty() {
                 return true;
             }
             let now = Instant::now();

@@ -41,7 +41,8 @@ pub struct PgSource {
     limits: Limits,
     pod: String,
     claiming: AtomicBool,
-    running: Mutex<Option<Running>>,
+    /// Claimed and not yet done (running, or its images encoding).
+    running: Mutex<Vec<Running>>,
 }
 
 impl PgSource {
@@ -64,7 +65,7 @@ impl PgSource {
             limits,
             pod: format!("{host}/{}", uuid::Uuid::new_v4()),
             claiming: AtomicBool::new(true),
-            running: Mutex::new(None),
+            running: Mutex::new(Vec::new()),
         }
     }
 
@@ -78,14 +79,15 @@ impl PgSource {
         self.claiming.store(false, Ordering::SeqCst);
     }
 
-    /// Whether the engine holds a job.
+    /// Whether the engine holds a job (running, or its images encoding).
     pub fn is_running(&self) -> bool {
-        lock(&self.running).is_some()
+        !lock(&self.running).is_empty()
     }
 
-    /// Stops the running job at its next step and hands it back to the queue.
+    /// Stops the running job at its next step and hands it back to the queue (a job already
+    /// encoding its images just completes).
     pub fn release_running(&self) {
-        if let Some(r) = lock(&self.running).as_ref() {
+        for r in lock(&self.running).iter() {
             r.release.store(true, Ordering::SeqCst);
             r.job.request_cancel(RELEASED);
         }
@@ -143,7 +145,7 @@ impl PgSource {
             release: release.clone(),
         };
         self.rt.spawn(publisher.run(events, recorded_tx));
-        *lock(&self.running) = Some(Running {
+        lock(&self.running).push(Running {
             id,
             job: job.clone(),
             release,
@@ -180,13 +182,10 @@ impl JobSource for PgSource {
     }
 
     fn done(&self, job: &Arc<Job>) {
-        let recorded = {
-            let mut running = lock(&self.running);
-            match running.as_mut() {
-                Some(r) if r.id == job.id => r.recorded.take(),
-                _ => None,
-            }
-        };
+        let recorded = lock(&self.running)
+            .iter_mut()
+            .find(|r| r.id == job.id)
+            .and_then(|r| r.recorded.take());
         if let Some(recorded) = recorded {
             // The publisher retries until it records the end or the lease is lost; past the
             // lease the job reruns elsewhere anyway.
@@ -195,7 +194,7 @@ impl JobSource for PgSource {
                 .rt
                 .block_on(async { tokio::time::timeout(wait, recorded).await });
         }
-        *lock(&self.running) = None;
+        lock(&self.running).retain(|r| r.id != job.id);
     }
 
     fn close(&self) {
