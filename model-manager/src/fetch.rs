@@ -4,6 +4,7 @@
 //! The same check runs in `jhakaas-worker fetch --check` and when the server starts, so an
 //! image whose weights were baked in at build time can prove it before it takes traffic.
 
+use crate::config::PipelineKind;
 use crate::error::{Error, Result};
 use crate::source::ModelSource;
 use std::path::{Path, PathBuf};
@@ -21,32 +22,12 @@ struct Layout {
 }
 
 impl Layout {
-    /// A diffusers pipeline; `xl` adds SDXL's second text encoder and tokenizer.
-    fn pipeline(xl: bool) -> Self {
-        let mut configs: Vec<String> = [
-            "model_index.json",
-            "scheduler/scheduler_config.json",
-            "text_encoder/config.json",
-            "unet/config.json",
-            "vae/config.json",
-        ]
-        .map(String::from)
-        .to_vec();
-        let mut tokenizers = vec!["tokenizer"];
-        let mut weights = vec![
-            ("text_encoder", "model"),
-            ("unet", "diffusion_pytorch_model"),
-            ("vae", "diffusion_pytorch_model"),
-        ];
-        if xl {
-            configs.push("text_encoder_2/config.json".into());
-            tokenizers.push("tokenizer_2");
-            weights.push(("text_encoder_2", "model"));
-        }
+    /// A diffusers pipeline of `kind`: its family's configs, tokenizers and weights.
+    fn pipeline(kind: PipelineKind) -> Self {
         Layout {
-            configs,
-            tokenizers,
-            weights,
+            configs: kind.config_files(),
+            tokenizers: kind.text_encoders().iter().map(|t| t.tokenizer).collect(),
+            weights: kind.weight_files(),
         }
     }
 
@@ -114,7 +95,9 @@ pub fn plan(available: &[String], variant: Variant, source_name: &str) -> Result
         file,
     };
     let layout = if has("model_index.json") {
-        Layout::pipeline(has("text_encoder_2/config.json"))
+        Layout::pipeline(PipelineKind::from_listing(has(
+            "text_encoder_2/config.json",
+        )))
     } else if has("config.json") {
         Layout::vae()
     } else {
@@ -248,10 +231,10 @@ pub fn check(source: &ModelSource) -> Result<CheckReport> {
                     te2.as_array()
                         .is_some_and(|a| a.iter().any(|x| !x.is_null()))
                 });
-            Layout::pipeline(xl)
+            Layout::pipeline(PipelineKind::from_listing(xl))
         }
         None if source.cached_file("config.json")?.is_some() => Layout::vae(),
-        None => Layout::pipeline(false),
+        None => Layout::pipeline(PipelineKind::StableDiffusion),
     };
     for f in &layout.configs {
         match source.cached_file(f)? {

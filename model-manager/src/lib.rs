@@ -10,6 +10,7 @@ pub mod clip;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod family;
 pub mod fetch;
 pub mod image_io;
 pub mod kernels;

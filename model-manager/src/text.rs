@@ -111,16 +111,11 @@ impl TextConditioner {
         dtype: DType,
         device: &Device,
     ) -> Result<(Self, u64)> {
-        let pairs: &[(&'static str, &'static str, bool)] = match kind {
-            PipelineKind::StableDiffusion => &[("text_encoder", "tokenizer", false)],
-            PipelineKind::StableDiffusionXl => &[
-                ("text_encoder", "tokenizer", false),
-                ("text_encoder_2", "tokenizer_2", true),
-            ],
-        };
         let mut encoders = Vec::new();
         let mut bytes = 0;
-        for &(folder, tok_folder, with_projection) in pairs {
+        for slot in kind.text_encoders() {
+            let (folder, tok_folder, with_projection) =
+                (slot.folder, slot.tokenizer, slot.with_projection);
             let cfg_file = format!("{folder}/config.json");
             let cfg: ClipTextConfig = read_json(&source.file(&cfg_file)?, &cfg_file)?;
             let tokenizer = ClipTokenizer::from_dir(
@@ -139,12 +134,9 @@ impl TextConditioner {
                 model,
             });
         }
-        let (layer, zeros) = match kind {
-            PipelineKind::StableDiffusion => (HiddenLayer::Last, false),
-            PipelineKind::StableDiffusionXl => {
-                (HiddenLayer::Penultimate, index.force_zeros_for_empty_prompt)
-            }
-        };
+        let layer = kind.hidden_layer();
+        // Only SDXL pipelines read `force_zeros_for_empty_prompt`.
+        let zeros = kind == PipelineKind::StableDiffusionXl && index.force_zeros_for_empty_prompt;
         Ok((
             Self {
                 encoders,

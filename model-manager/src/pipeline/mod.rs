@@ -25,10 +25,8 @@ use candle_core::{DType, Device, Tensor};
 
 /// diffusers' default number of steps.
 pub const DEFAULT_STEPS: usize = 50;
-/// diffusers' default guidance scale for SD 1.x/2.x.
-pub const DEFAULT_GUIDANCE: f64 = 7.5;
-/// diffusers' default guidance scale for SDXL.
-pub const DEFAULT_GUIDANCE_XL: f64 = 5.0;
+use crate::family::ModelFamily;
+pub use crate::family::{DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_XL};
 
 const SCHEDULER_FILE: &str = "scheduler/scheduler_config.json";
 
@@ -194,7 +192,7 @@ impl StableDiffusionPipeline {
     }
 
     /// Model family: `sd1`, `sd2` or `sdxl`.
-    pub fn family(&self) -> &'static str {
+    pub fn family(&self) -> ModelFamily {
         self.description.family
     }
 
@@ -283,7 +281,7 @@ fn is_turbo(source: &ModelSource) -> bool {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelDescription {
     /// `sd1`, `sd2` or `sdxl`.
-    pub family: &'static str,
+    pub family: ModelFamily,
     /// Values used for unset request fields.
     pub defaults: ModelDefaults,
     /// Pixels per latent along each axis (the VAE's downsampling).
@@ -348,25 +346,17 @@ fn read_configs(source: &ModelSource, options: &LoadOptions) -> Result<Configs> 
         &source.file("text_encoder/config.json")?,
         "text_encoder/config.json",
     )?;
-    let family = match kind {
-        PipelineKind::StableDiffusionXl => "sdxl",
-        // SD 2.x text encoders (OpenCLIP ViT-H) use exact GELU, SD 1.x (OpenAI CLIP) quick GELU.
-        PipelineKind::StableDiffusion if te.hidden_act == "gelu" => "sd2",
-        PipelineKind::StableDiffusion => "sd1",
-    };
-    let size = unet.sample_size.unwrap_or(match kind {
-        PipelineKind::StableDiffusionXl => 128,
-        PipelineKind::StableDiffusion => 64,
-    }) * vae.scale_factor();
+    let family = ModelFamily::detect(kind, &te.hidden_act);
+    let size = unet.sample_size.unwrap_or(kind.default_sample_size()) * vae.scale_factor();
     let turbo = is_turbo(source);
     let mut defaults = ModelDefaults {
         width: size,
         height: size,
         steps: if turbo { TURBO_STEPS } else { DEFAULT_STEPS },
-        guidance_scale: match kind {
-            _ if turbo => 0.0,
-            PipelineKind::StableDiffusionXl => DEFAULT_GUIDANCE_XL,
-            PipelineKind::StableDiffusion => DEFAULT_GUIDANCE,
+        guidance_scale: if turbo {
+            0.0
+        } else {
+            family.default_guidance()
         },
         scheduler: scheduler.native_kind().unwrap_or(scheduler::FALLBACK),
     };
@@ -404,13 +394,14 @@ pub fn estimate_loaded_bytes(
 ) -> Result<u64> {
     let dtype = working_dtype(device);
     let configs = read_configs(source, options)?;
-    let mut parts: Vec<(ModelSource, String, DType)> = vec![
-        (source.clone(), "text_encoder/model".into(), dtype),
-        (source.clone(), "unet/diffusion_pytorch_model".into(), dtype),
-    ];
-    if configs.kind == PipelineKind::StableDiffusionXl {
-        parts.push((source.clone(), "text_encoder_2/model".into(), dtype));
-    }
+    // Every weight file of the family but the VAE's, which may come from elsewhere.
+    let mut parts: Vec<(ModelSource, String, DType)> = configs
+        .kind
+        .weight_files()
+        .into_iter()
+        .filter(|(folder, _)| *folder != "vae")
+        .map(|(folder, stem)| (source.clone(), format!("{folder}/{stem}"), dtype))
+        .collect();
     let vae_folder = configs.vae_folder;
     let vae_dtype = vae_dtype(configs.kind, &configs.vae, dtype);
     let vae_source = configs.vae_source;

@@ -177,7 +177,7 @@ impl ModelDescription {
         width: usize,
         height: usize,
     ) -> Result<Option<ResolvedSizeConditioning>> {
-        if self.family != "sdxl" {
+        if !self.family.has_size_conditioning() {
             if let Some(field) = [
                 ("original_size", s.original_size.is_some()),
                 ("crop_top_left", s.crop_top_left.is_some()),
