@@ -4,6 +4,7 @@
 //! INTERNAL. A response a client cannot decode stays INTERNAL.
 
 use crate::v1;
+use std::sync::OnceLock;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::Status;
 use tonic_prost::{ProstDecoder, ProstEncoder};
@@ -28,6 +29,27 @@ pub const REQUEST_TYPES: &[&str] = &[
     "CancelJobRequest",
     "ListModelsRequest",
 ];
+
+/// The largest request message this process accepts, and the setting that sizes it.
+static REQUEST_LIMIT: OnceLock<(usize, String)> = OnceLock::new();
+
+/// Sets the largest request message the server decodes (once, at start-up); a larger one is
+/// RESOURCE_EXHAUSTED with a message giving its size, the limit and `setting` (what sizes
+/// it). Keep the transport's own limit above this one, so the message is ours.
+pub fn set_request_limit(bytes: usize, setting: &str) {
+    let _ = REQUEST_LIMIT.set((bytes, setting.to_string()));
+}
+
+/// The refusal of a request message of `len` bytes, if it is over the limit.
+fn over_limit(len: usize) -> Option<Status> {
+    let (limit, setting) = REQUEST_LIMIT.get()?;
+    (len > *limit).then(|| {
+        Status::resource_exhausted(format!(
+            "invalid request: the message is {len} bytes, over this server's limit of {limit} \
+             bytes ({setting})"
+        ))
+    })
+}
 
 /// [`tonic_prost::ProstCodec`] with request decode errors mapped to INVALID_ARGUMENT.
 #[derive(Debug)]
@@ -67,6 +89,11 @@ impl<U: prost::Message + Default + WireMessage> Decoder for ArgumentDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        if U::IS_REQUEST {
+            if let Some(refused) = over_limit(prost::bytes::Buf::remaining(buf)) {
+                return Err(refused);
+            }
+        }
         self.0.decode(buf).map_err(|s| {
             if U::IS_REQUEST {
                 Status::invalid_argument(format!(

@@ -115,6 +115,32 @@ async fn undecodable_requests_are_invalid_argument_not_internal() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_over_long_message_is_refused_naming_the_limit() {
+    let server = ready_server(&["--max-init-image-bytes", "100000"]).await;
+    let mut client = server.client().await;
+    // Over the message limit (100000 + 64 KiB): refused before decoding, naming the setting.
+    let mut r = request(1);
+    r.init_image = vec![0u8; 400_000];
+    r.strength = 0.5;
+    let err = client.submit_job(r).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("limit of 165536 bytes")
+            && err.message().contains("--max-init-image-bytes"),
+        "{}",
+        err.message()
+    );
+    // Within the message limit but over the init image's own: the field is named.
+    let mut r = request(1);
+    r.init_image = vec![0u8; 120_000];
+    r.strength = 0.5;
+    let err = client.submit_job(r).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("init_image"), "{}", err.message());
+    assert_eq!(server.health("jhakaas.worker.v1.Worker").await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn grpc_timeout_values_are_bounded() {
     let server = ready_server(&[]).await;
     let mut client = server.client().await;

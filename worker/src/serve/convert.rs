@@ -74,29 +74,8 @@ pub fn job_request(
             format!("longer than {MAX_REQUEST_ID_CHARS} characters"),
         ));
     }
-    let model = if req.model.is_empty() {
-        models.default_model().to_string()
-    } else {
-        req.model.clone()
-    };
-    if models.spec(&model).is_none() {
-        let names: Vec<&str> = models.specs().iter().map(|s| s.name.as_str()).collect();
-        return Err(Status::not_found(format!(
-            "invalid model: `{model}` is not served here (models: {})",
-            names.join(", ")
-        )));
-    }
-    if req.prompt.trim().is_empty() {
-        return Err(invalid("prompt", "must not be empty"));
-    }
-    if req.prompt.chars().count() > MAX_PROMPT_CHARS
-        || req.negative_prompt.chars().count() > MAX_PROMPT_CHARS
-    {
-        return Err(invalid(
-            "prompt",
-            format!("longer than {MAX_PROMPT_CHARS} characters"),
-        ));
-    }
+    let model = model_name(&req.model, models)?;
+    check_prompts(&req.prompt, &req.negative_prompt)?;
     let size_conditioning = size_conditioning(req.size_conditioning.as_ref())?;
     let scheduler = if req.scheduler.is_empty() {
         None
@@ -107,39 +86,8 @@ pub fn job_request(
                 .map_err(|e| Status::invalid_argument(e.to_string()))?,
         )
     };
-    let format = match pb::OutputFormat::try_from(req.output_format) {
-        Ok(pb::OutputFormat::Unspecified | pb::OutputFormat::Png) => ImageFormat::Png,
-        Ok(pb::OutputFormat::Jpeg) => ImageFormat::Jpeg,
-        Ok(pb::OutputFormat::Webp) => ImageFormat::Webp,
-        Err(_) => {
-            return Err(invalid(
-                "output_format",
-                format!("unknown value {}", req.output_format),
-            ))
-        }
-    };
-    let init_image = if req.init_image.is_empty() {
-        if req.strength != 0.0 {
-            return Err(invalid("strength", "given without an init_image"));
-        }
-        None
-    } else {
-        if req.init_image.len() > limits.max_init_image_bytes {
-            return Err(invalid(
-                "init_image",
-                format!(
-                    "{} bytes exceed this server's limit of {}",
-                    req.init_image.len(),
-                    limits.max_init_image_bytes
-                ),
-            ));
-        }
-        // The engine's rules check the strength's range.
-        let s = req.strength as f64;
-        let image = decode_image(&req.init_image, limits.max_pixels)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        Some(InitImage { image, strength: s })
-    };
+    let format = output_format(req.output_format)?;
+    let init_image = init_image(&req.init_image, req.strength, limits)?;
     let non_zero = |v: u32| (v != 0).then_some(v as usize);
     let g = req.guidance_scale;
     let mut params = GenerateParams {
@@ -179,6 +127,71 @@ pub fn job_request(
         format,
         deadline,
     })
+}
+
+/// The model a request names (empty: the default), if this server serves it.
+fn model_name(requested: &str, models: &ModelTable) -> Result<String, Status> {
+    let model = if requested.is_empty() {
+        models.default_model().to_string()
+    } else {
+        requested.to_string()
+    };
+    if models.spec(&model).is_none() {
+        let names: Vec<&str> = models.specs().iter().map(|s| s.name.as_str()).collect();
+        return Err(Status::not_found(format!(
+            "invalid model: `{model}` is not served here (models: {})",
+            names.join(", ")
+        )));
+    }
+    Ok(model)
+}
+
+fn check_prompts(prompt: &str, negative: &str) -> Result<(), Status> {
+    if prompt.trim().is_empty() {
+        return Err(invalid("prompt", "must not be empty"));
+    }
+    if prompt.chars().count() > MAX_PROMPT_CHARS || negative.chars().count() > MAX_PROMPT_CHARS {
+        return Err(invalid(
+            "prompt",
+            format!("longer than {MAX_PROMPT_CHARS} characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn output_format(value: i32) -> Result<ImageFormat, Status> {
+    match pb::OutputFormat::try_from(value) {
+        Ok(pb::OutputFormat::Unspecified | pb::OutputFormat::Png) => Ok(ImageFormat::Png),
+        Ok(pb::OutputFormat::Jpeg) => Ok(ImageFormat::Jpeg),
+        Ok(pb::OutputFormat::Webp) => Ok(ImageFormat::Webp),
+        Err(_) => Err(invalid("output_format", format!("unknown value {value}"))),
+    }
+}
+
+/// The decoded init image (the engine's rules check the strength's range).
+fn init_image(bytes: &[u8], strength: f32, limits: &Limits) -> Result<Option<InitImage>, Status> {
+    if bytes.is_empty() {
+        if strength != 0.0 {
+            return Err(invalid("strength", "given without an init_image"));
+        }
+        return Ok(None);
+    }
+    if bytes.len() > limits.max_init_image_bytes {
+        return Err(invalid(
+            "init_image",
+            format!(
+                "{} bytes exceed this server's limit of {}",
+                bytes.len(),
+                limits.max_init_image_bytes
+            ),
+        ));
+    }
+    let image = decode_image(bytes, limits.max_pixels)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(Some(InitImage {
+        image,
+        strength: strength as f64,
+    }))
 }
 
 /// Zero fields are unset; a size needs both sides or neither.

@@ -6,6 +6,7 @@ mod backend;
 mod convert;
 #[cfg(test)]
 mod convert_fuzz;
+mod encoder;
 mod engine;
 mod events;
 mod jobs;
@@ -430,8 +431,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
+    // Our codec refuses requests over the limit naming it (RESOURCE_EXHAUSTED); tonic's own
+    // bound, which answers OUT_OF_RANGE naming nothing, sits well above as the memory wall.
+    let request_limit = args.max_init_image_bytes + 64 * 1024;
+    jhakaas_proto::codec::set_request_limit(
+        request_limit,
+        "--max-init-image-bytes plus 64 KiB for the other fields",
+    );
     let worker = WorkerServer::new(svc)
-        .max_decoding_message_size(args.max_init_image_bytes + 64 * 1024)
+        .max_decoding_message_size(request_limit.saturating_mul(4).max(4 << 20))
         .max_encoding_message_size(256 * 1024 * 1024);
     let worker =
         tonic::service::interceptor::InterceptedService::new(worker, auth::interceptor(token));
