@@ -15,6 +15,7 @@ pub mod fetch;
 pub mod image_io;
 pub mod kernels;
 pub mod layers;
+pub mod lora;
 pub mod noise;
 pub mod params;
 pub mod pipeline;

@@ -110,6 +110,7 @@ impl TextConditioner {
         index: &ModelIndex,
         dtype: DType,
         device: &Device,
+        lora: &crate::lora::LoraPlan,
     ) -> Result<(Self, u64)> {
         let mut encoders = Vec::new();
         let mut bytes = 0;
@@ -122,7 +123,14 @@ impl TextConditioner {
                 &tokenizer_dir(source, tok_folder)?,
                 cfg.max_position_embeddings,
             )?;
-            let w = crate::weights::load(source, folder, "model", dtype, device)?;
+            let w = crate::weights::load_merged(
+                source,
+                folder,
+                "model",
+                dtype,
+                device,
+                lora.deltas(folder),
+            )?;
             bytes += w.bytes;
             let model = crate::weights::with_file(
                 &w.file,

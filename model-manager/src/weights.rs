@@ -9,7 +9,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// A component's weights, ready to build a model from.
 pub struct LoadedWeights {
@@ -38,14 +38,26 @@ pub fn load(
     dtype: DType,
     device: &Device,
 ) -> Result<LoadedWeights> {
-    let plain = in_folder(folder, &format!("{stem}.safetensors"));
-    let fp16 = in_folder(folder, &format!("{stem}.fp16.safetensors"));
-    let path = source.first_of(&[&plain, &fp16])?;
+    load_merged(source, folder, stem, dtype, device, None)
+}
+
+/// Opens `folder/stem.safetensors` of `source`, the weights `lora` names merged with their
+/// LoRA updates as they are read.
+pub fn load_merged(
+    source: &ModelSource,
+    folder: &str,
+    stem: &str,
+    dtype: DType,
+    device: &Device,
+    lora: Option<&HashMap<String, Vec<crate::lora::Delta>>>,
+) -> Result<LoadedWeights> {
+    let (plain, path) = locate(source, folder, stem)?;
     let config_error = |reason: String| Error::Config {
         file: plain.clone(),
         reason,
     };
-    let tensors = SafetensorsFile::open(&path).map_err(config_error)?;
+    let mut tensors = SafetensorsFile::open(&path).map_err(config_error)?;
+    tensors.lora = lora.cloned().unwrap_or_default();
     let bytes = tensors.loaded_bytes(dtype);
     let vb = VarBuilder::from_backend(Box::new(tensors), dtype, device.clone());
     Ok(LoadedWeights {
@@ -53,6 +65,32 @@ pub fn load(
         file: plain,
         bytes,
     })
+}
+
+/// The file name errors show and the path of `folder/stem.safetensors` (or `.fp16`).
+fn locate(source: &ModelSource, folder: &str, stem: &str) -> Result<(String, PathBuf)> {
+    let plain = in_folder(folder, &format!("{stem}.safetensors"));
+    let fp16 = in_folder(folder, &format!("{stem}.fp16.safetensors"));
+    let path = source.first_of(&[&plain, &fp16])?;
+    Ok((plain, path))
+}
+
+/// The name and shape of every tensor of `folder/stem.safetensors`, from its header alone.
+pub fn tensor_shapes(
+    source: &ModelSource,
+    folder: &str,
+    stem: &str,
+) -> Result<HashMap<String, Vec<usize>>> {
+    let (plain, path) = locate(source, folder, stem)?;
+    let file = SafetensorsFile::open(&path).map_err(|reason| Error::Config {
+        file: plain,
+        reason,
+    })?;
+    Ok(file
+        .entries
+        .into_iter()
+        .map(|(name, e)| (name, e.shape))
+        .collect())
 }
 
 /// Turns a shape mismatch while building a model into a config error naming `file`.
@@ -86,6 +124,8 @@ struct Entry {
 struct SafetensorsFile {
     file: std::fs::File,
     entries: HashMap<String, Entry>,
+    /// LoRA updates merged into these weights as they are read.
+    lora: HashMap<String, Vec<crate::lora::Delta>>,
 }
 
 /// The safetensors dtypes candle holds (others are skipped; a model asking for one fails).
@@ -171,7 +211,11 @@ impl SafetensorsFile {
                 },
             );
         }
-        Ok(Self { file, entries })
+        Ok(Self {
+            file,
+            entries,
+            lora: HashMap::new(),
+        })
     }
 
     /// Bytes the floating-point tensors take once converted to `dtype`.
@@ -185,8 +229,19 @@ impl SafetensorsFile {
             .sum()
     }
 
-    /// Reads tensor `name` into a fresh buffer and converts it to `dtype` on `device`.
+    /// Reads tensor `name` into a fresh buffer and converts it to `dtype` on `device`, with
+    /// its LoRA updates merged in f32 first.
     fn read(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        match self.lora.get(name) {
+            Some(deltas) => {
+                crate::lora::merge(self.read_base(name, device)?, deltas)?.to_dtype(dtype)
+            }
+            None => self.read_base(name, device)?.to_dtype(dtype),
+        }
+    }
+
+    /// Reads tensor `name` as stored into a fresh buffer on `device`.
+    fn read_base(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
         let e = self
             .entries
             .get(name)
@@ -200,11 +255,11 @@ impl SafetensorsFile {
             // SAFETY: the u8 view covers exactly the f32 buffer; any bytes are valid f32s.
             let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), len) };
             self.read_at(bytes, e.start, name)?;
-            return Tensor::from_vec(v, e.shape.as_slice(), device)?.to_dtype(dtype);
+            return Tensor::from_vec(v, e.shape.as_slice(), device);
         }
         let mut bytes = vec![0u8; len];
         self.read_at(&mut bytes, e.start, name)?;
-        Tensor::from_raw_buffer(&bytes, e.dtype, &e.shape, device)?.to_dtype(dtype)
+        Tensor::from_raw_buffer(&bytes, e.dtype, &e.shape, device)
     }
 
     fn read_at(&self, buf: &mut [u8], at: u64, name: &str) -> candle_core::Result<()> {

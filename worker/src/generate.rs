@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use jhakaas_model_manager::image_io::{decode_image, encode_image, parameters_text};
+use jhakaas_model_manager::lora::LoraAdapter;
 use jhakaas_model_manager::params::{parse_offset, parse_size};
 use jhakaas_model_manager::{
     device, DeviceChoice, GenerateParams, ImageFormat, InitImage, LoadOptions, ModelSource,
@@ -75,6 +76,10 @@ pub struct GenerateArgs {
     /// and `encoder_noise`) instead of drawing it from the seed.
     #[arg(long)]
     latents: Option<PathBuf>,
+    /// A LoRA adapter (kohya/A1111 or diffusers/PEFT safetensors) merged into the UNet and
+    /// text encoders, as PATH[:WEIGHT] (weight 1.0 when omitted); repeat for more.
+    #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
+    loras: Vec<String>,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, env = "JHAKAAS_DEVICE", default_value = "auto")]
     device: String,
@@ -96,8 +101,18 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             .map(ModelSource::parse)
             .transpose()
             .map_err(|e| anyhow::anyhow!("invalid vae: {e}"))?,
+        loras: args
+            .loras
+            .iter()
+            .map(|l| LoraAdapter::parse(l))
+            .collect::<Result<_, _>>()?,
         ..Default::default()
     };
+    let lora_summary: Vec<String> = options
+        .loras
+        .iter()
+        .map(|l| format!("{}:{}", l.name(), l.weight))
+        .collect();
 
     let t0 = Instant::now();
     let device = device_choice.open()?;
@@ -132,13 +147,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
     let many = generation.images.len() > 1;
     for (i, img) in generation.images.iter().enumerate() {
-        let text = parameters_text(
+        let mut text = parameters_text(
             &params.prompt,
             params.negative_prompt.as_deref(),
             &generation.params,
             img.seed,
             pipeline.name(),
         );
+        if !lora_summary.is_empty() {
+            text.push_str(&format!(", Lora: {}", lora_summary.join(" ")));
+        }
         let bytes = encode_image(&img.image, format, &text)?;
         let path = output_path(args.output.as_deref(), img.seed, format, many.then_some(i));
         std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;

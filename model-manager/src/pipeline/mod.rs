@@ -44,6 +44,8 @@ pub struct LoadOptions {
     pub vae: Option<ModelSource>,
     /// Operator overrides of the model's defaults (e.g. a turbo checkpoint in a plain folder).
     pub defaults: DefaultsOverride,
+    /// LoRA adapters merged into the UNet and text encoders as they load.
+    pub loras: Vec<crate::lora::LoraAdapter>,
 }
 
 /// A loaded pipeline, ready to generate.
@@ -115,7 +117,8 @@ impl StableDiffusionPipeline {
             scheduler: scheduler_config,
             description,
         } = read_configs(source, options)?;
-        let (text, text_bytes) = TextConditioner::load(source, kind, &index, dtype, device)?;
+        let lora = crate::lora::LoraPlan::build(&options.loras, source, kind)?;
+        let (text, text_bytes) = TextConditioner::load(source, kind, &index, dtype, device, &lora)?;
         let context_dim: usize = text
             .encoders()
             .iter()
@@ -153,7 +156,14 @@ impl StableDiffusionPipeline {
                 ));
             }
         }
-        let w = weights::load(source, "unet", "diffusion_pytorch_model", dtype, device)?;
+        let w = weights::load_merged(
+            source,
+            "unet",
+            "diffusion_pytorch_model",
+            dtype,
+            device,
+            lora.deltas("unet"),
+        )?;
         let unet_bytes = w.bytes;
         let unet = weights::with_file(&w.file, UNet2DConditionModel::new(&unet_cfg, w.vb))?;
         let vae_dtype = vae_dtype(kind, &vae_cfg, dtype);

@@ -29,6 +29,7 @@ impl ModelSpec {
         LoadOptions {
             vae: self.vae.clone(),
             defaults: self.defaults,
+            loras: Vec::new(),
         }
     }
 }

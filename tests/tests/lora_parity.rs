@@ -1,0 +1,191 @@
+//! `generate --lora` reproduces diffusers' `load_lora_weights` images on the tiny SD1 fixture:
+//! a diffusers/PEFT file and a kohya file (UNet linear, 1×1 and 3×3 conv LoRAs, text-encoder
+//! LoRAs, alpha), at several weights and two at once, within mean ≤ 0.5 and max ≤ 6 of 255.
+//! Files that do not fit are refused naming the keys.
+
+use jhakaas_tests::{fixtures, image_diff, run_worker, scratch_dir};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+const MAX_MEAN: f64 = 0.5;
+const MAX_MAX: u8 = 6;
+
+#[derive(Debug, Deserialize)]
+struct Lora {
+    file: String,
+    weight: f64,
+}
+
+#[derive(Debug, Deserialize)]
+struct Case {
+    name: String,
+    base_case: String,
+    loras: Vec<Lora>,
+    image: String,
+    mean_abs_diff_vs_base: f64,
+}
+
+#[derive(Debug, Deserialize)]
+struct BaseCase {
+    name: String,
+    prompt: String,
+    negative_prompt: Option<String>,
+    width: usize,
+    height: usize,
+    steps: usize,
+    guidance_scale: f64,
+    scheduler: String,
+    noise: String,
+}
+
+fn lora_dir() -> PathBuf {
+    fixtures().join("reference").join("lora-sd1-tiny")
+}
+
+fn base_args(base: &BaseCase, out: &Path) -> Vec<String> {
+    let ref_dir = fixtures().join("reference").join("sd1-tiny");
+    let mut args: Vec<String> = vec![
+        "generate".into(),
+        "--model".into(),
+        fixtures().join("models/sd1-tiny").display().to_string(),
+        "--prompt".into(),
+        base.prompt.clone(),
+        "--width".into(),
+        base.width.to_string(),
+        "--height".into(),
+        base.height.to_string(),
+        "--steps".into(),
+        base.steps.to_string(),
+        "--guidance-scale".into(),
+        base.guidance_scale.to_string(),
+        "--scheduler".into(),
+        base.scheduler.clone(),
+        "--latents".into(),
+        ref_dir.join(&base.noise).display().to_string(),
+        "--device".into(),
+        "cpu".into(),
+        "--seed".into(),
+        "0".into(),
+        "--output".into(),
+        out.display().to_string(),
+    ];
+    if let Some(neg) = &base.negative_prompt {
+        args.extend(["--negative-prompt".into(), neg.clone()]);
+    }
+    args
+}
+
+fn base_case(name: &str) -> BaseCase {
+    let path = fixtures().join("reference/sd1-tiny/cases.json");
+    let cases: Vec<BaseCase> =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    cases.into_iter().find(|c| c.name == name).unwrap()
+}
+
+#[test]
+fn lora_images_match_diffusers_in_both_formats_at_every_weight() {
+    let cases: Vec<Case> =
+        serde_json::from_str(&std::fs::read_to_string(lora_dir().join("cases.json")).unwrap())
+            .unwrap();
+    assert!(cases.len() >= 4, "expected the full case list");
+    let out_dir = scratch_dir("lora-sd1-tiny");
+    let mut failures = Vec::new();
+    for case in &cases {
+        // The adapters change the image a lot, so matching it is no accident.
+        assert!(case.mean_abs_diff_vs_base > 2.0, "{}", case.name);
+        let base = base_case(&case.base_case);
+        let out = out_dir.join(format!("{}.png", case.name));
+        let mut args = base_args(&base, &out);
+        for l in &case.loras {
+            args.extend([
+                "--lora".into(),
+                format!("{}:{}", lora_dir().join(&l.file).display(), l.weight),
+            ]);
+        }
+        let output = run_worker(&args);
+        assert!(
+            output.status.success(),
+            "{}: generate failed: {}",
+            case.name,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let ours = image::open(&out).unwrap().to_rgb8();
+        let theirs = image::open(lora_dir().join(&case.image)).unwrap().to_rgb8();
+        let (mean, max) = image_diff(&ours, &theirs);
+        eprintln!("lora/{}: mean |diff| {mean:.4}, max {max}", case.name);
+        if mean > MAX_MEAN || max > MAX_MAX {
+            failures.push(format!("{}: mean {mean:.3} max {max}", case.name));
+        }
+    }
+    assert!(failures.is_empty(), "LoRA parity failures: {failures:?}");
+}
+
+/// A safetensors file of f32 tensors, written by hand.
+fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>)]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape) in tensors {
+        let bytes = shape.iter().product::<usize>() * 4;
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let header = serde_json::to_vec(&header).unwrap();
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend(header);
+    out.extend(std::iter::repeat_n(0u8, offset));
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn adapters_that_do_not_fit_are_refused_naming_the_keys() {
+    let base = base_case("ddim-cfg");
+    let dir = scratch_dir("lora-refused");
+    let out = dir.join("x.png");
+    let cases: [(&str, Vec<(&str, Vec<usize>)>, &str); 4] = [
+        (
+            "unknown",
+            vec![
+                ("lora_unet_input_blocks_1_1_proj_in.lora_down.weight", vec![4, 32]),
+                ("lora_unet_input_blocks_1_1_proj_in.lora_up.weight", vec![32, 4]),
+            ],
+            "lora_unet_input_blocks_1_1_proj_in",
+        ),
+        (
+            "shape",
+            vec![
+                (
+                    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
+                    vec![4, 64],
+                ),
+                (
+                    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight",
+                    vec![32, 4],
+                ),
+            ],
+            "does not fit",
+        ),
+        (
+            "loha",
+            vec![("lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a", vec![4, 4])],
+            "LoHa",
+        ),
+        ("empty", vec![("something_else", vec![1])], "something_else"),
+    ];
+    for (name, tensors, needle) in cases {
+        let file = dir.join(format!("{name}.safetensors"));
+        write_safetensors(&file, &tensors);
+        let mut args = base_args(&base, &out);
+        args.extend(["--lora".into(), file.display().to_string()]);
+        let output = run_worker(&args);
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{name}: accepted");
+        assert!(
+            err.contains("lora") && err.contains(needle),
+            "{name}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{name}: {err}");
+    }
+}
