@@ -139,12 +139,15 @@ fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>)]) {
     std::fs::write(path, out).unwrap();
 }
 
+/// A refused adapter: its name, its tensors and what the error must say.
+type RefusedCase = (&'static str, Vec<(&'static str, Vec<usize>)>, &'static str);
+
 #[test]
 fn adapters_that_do_not_fit_are_refused_naming_the_keys() {
     let base = base_case("ddim-cfg");
     let dir = scratch_dir("lora-refused");
     let out = dir.join("x.png");
-    let cases: [(&str, Vec<(&str, Vec<usize>)>, &str); 4] = [
+    let cases: [RefusedCase; 4] = [
         (
             "unknown",
             vec![

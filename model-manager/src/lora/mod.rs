@@ -29,11 +29,13 @@ impl LoraAdapter {
     /// Parses `PATH[:WEIGHT]` (weight 1.0 when omitted).
     pub fn parse(spec: &str) -> Result<Self> {
         let invalid = |reason: String| Error::invalid("lora", reason);
+        // A trailing `:NUMBER` is the weight; any other colon belongs to the path.
         let (path, weight) = match spec.rsplit_once(':') {
-            Some((p, w)) if !p.is_empty() && w.parse::<f64>().is_ok() => {
-                (p, w.parse::<f64>().unwrap_or(1.0))
-            }
-            _ => (spec, 1.0),
+            Some((p, w)) => match w.parse::<f64>() {
+                Ok(w) => (p, w),
+                Err(_) => (spec, 1.0),
+            },
+            None => (spec, 1.0),
         };
         if path.is_empty() {
             return Err(invalid(format!("`{spec}`: expected PATH[:WEIGHT]")));
