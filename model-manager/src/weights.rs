@@ -93,6 +93,15 @@ pub fn tensor_shapes(
         .collect())
 }
 
+/// The name and shape of every tensor of the safetensors file at `path`, from its header.
+pub fn file_tensor_shapes(path: &Path) -> std::result::Result<HashMap<String, Vec<usize>>, String> {
+    Ok(SafetensorsFile::open(path)?
+        .entries
+        .into_iter()
+        .map(|(name, e)| (name, e.shape))
+        .collect())
+}
+
 /// Turns a shape mismatch while building a model into a config error naming `file`.
 pub fn with_file<T>(file: &str, r: Result<T>) -> Result<T> {
     r.map_err(|e| match e {

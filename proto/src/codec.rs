@@ -18,8 +18,8 @@ pub trait WireMessage {
 macro_rules! wire {
     ($request:expr => $($t:ty),*) => { $(impl WireMessage for $t { const IS_REQUEST: bool = $request; })* };
 }
-wire!(true => v1::GenerateRequest, v1::GetJobRequest, v1::WatchJobRequest, v1::CancelJobRequest, v1::ListModelsRequest);
-wire!(false => v1::Job, v1::JobEvent, v1::ListModelsResponse);
+wire!(true => v1::GenerateRequest, v1::GetJobRequest, v1::WatchJobRequest, v1::CancelJobRequest, v1::ListModelsRequest, v1::ListLorasRequest);
+wire!(false => v1::Job, v1::JobEvent, v1::ListModelsResponse, v1::ListLorasResponse);
 
 /// Names of the request types above, for the test that checks them against the contract.
 pub const REQUEST_TYPES: &[&str] = &[
@@ -28,6 +28,7 @@ pub const REQUEST_TYPES: &[&str] = &[
     "WatchJobRequest",
     "CancelJobRequest",
     "ListModelsRequest",
+    "ListLorasRequest",
 ];
 
 /// The largest request message this process accepts, and the setting that sizes it.

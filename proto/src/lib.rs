@@ -68,6 +68,7 @@ mod tests {
                 ("WatchJob", true),
                 ("CancelJob", false),
                 ("ListModels", false),
+                ("ListLoras", false),
             ]
         );
         let request = file
@@ -91,6 +92,7 @@ mod tests {
             "output_format",
             "init_image",
             "strength",
+            "loras",
         ] {
             assert!(fields.contains(&name), "GenerateRequest lacks {name}");
         }

@@ -101,6 +101,7 @@ pub const FIELDS: &[&str] = &[
     "output_format",
     "init_image",
     "strength",
+    "loras",
     "size_conditioning",
     "latents",
 ];
@@ -135,6 +136,17 @@ fn init_image(rng: &mut Rng, png: &[u8]) -> Vec<u8> {
 /// Each field takes a hostile value with this chance (percent), else a valid one, so that both
 /// refusals of every kind and acceptances are common.
 pub const HOSTILE: u64 = 10;
+
+/// Adapter names a hostile client sends: unknown ones, paths, empty, absurd.
+const LORA_NAMES: &[&str] = &[
+    "style",
+    "",
+    "../etc/passwd",
+    "/abs",
+    ".hidden",
+    "a\\b",
+    "nul\0",
+];
 
 /// A random request; `png` is a small valid init image some requests carry.
 pub fn request(rng: &mut Rng, png: &[u8]) -> pb::GenerateRequest {
@@ -172,6 +184,16 @@ pub fn request(rng: &mut Rng, png: &[u8]) -> pb::GenerateRequest {
             (false, false) => 0.0,
         },
         init_image: init,
+        loras: if rng.chance(HOSTILE) {
+            (0..rng.below(10))
+                .map(|_| pb::LoraAdapter {
+                    name: rng.pick(LORA_NAMES).into(),
+                    weight: rng.pick(&[0.0, 1.0, -1.0, 1e9, f32::NAN, f32::INFINITY]),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
         size_conditioning: rng.chance(HOSTILE).then(|| pb::SizeConditioning {
             original_width: size(rng),
             original_height: size(rng),

@@ -6,16 +6,15 @@
 use crate::config::PipelineKind;
 use crate::error::{Error, Result};
 use crate::source::ModelSource;
-use candle_core::Tensor;
 use std::collections::{BTreeMap, HashMap};
 
-/// One update placed on a base weight.
+/// One update placed on a base weight: the adapter keys of its factors.
 pub struct Placed {
     pub folder: &'static str,
     pub weight: String,
-    pub up: Tensor,
-    pub down: Tensor,
-    pub alpha: Option<Tensor>,
+    pub up: String,
+    pub down: String,
+    pub alpha: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -92,8 +91,9 @@ impl Targets {
         Ok(Self { components })
     }
 
-    /// Places every update of an adapter file (`file` names it in errors).
-    pub fn place(&self, tensors: &HashMap<String, Tensor>, file: &str) -> Result<Vec<Placed>> {
+    /// Places every update of an adapter file from its tensors' shapes (`file` names it in
+    /// errors).
+    pub fn place(&self, tensors: &HashMap<String, Vec<usize>>, file: &str) -> Result<Vec<Placed>> {
         let invalid = |reason: String| Error::invalid("lora", format!("{file}: {reason}"));
         if let Some((key, what)) = tensors.keys().find_map(|k| {
             UNSUPPORTED
@@ -105,12 +105,12 @@ impl Targets {
                 "{what} adapters are not supported (key `{key}`); only LoRA (up/down) files are"
             )));
         }
-        let mut modules: BTreeMap<String, [Option<&Tensor>; 3]> = BTreeMap::new();
+        let mut modules: BTreeMap<String, [Option<&String>; 3]> = BTreeMap::new();
         let mut unknown = Vec::new();
-        for (key, t) in tensors {
+        for key in tensors.keys() {
             match split(key) {
                 Some((module, role)) => {
-                    modules.entry(module).or_default()[role as usize] = Some(t);
+                    modules.entry(module).or_default()[role as usize] = Some(key);
                 }
                 None => unknown.push(key.clone()),
             }
@@ -124,7 +124,7 @@ impl Targets {
             let (Some(down), Some(up)) = (down, up) else {
                 return Err(invalid(format!("`{module}` lacks its up or down factor")));
             };
-            check_fit(&c.shapes[weight], up, down)
+            check_fit(&c.shapes[weight], &tensors[*up], &tensors[*down])
                 .map_err(|why| invalid(format!("`{module}` does not fit `{weight}`: {why}")))?;
             placed.push(Placed {
                 folder: c.folder,
@@ -217,8 +217,7 @@ fn component(
 
 /// Checks `up · down` has the weight's shape (a conv LoRA may update a linear weight and the
 /// other way round when the element counts agree, as for 1×1 projections).
-fn check_fit(weight: &[usize], up: &Tensor, down: &Tensor) -> std::result::Result<(), String> {
-    let (u, d) = (up.dims(), down.dims());
+fn check_fit(weight: &[usize], u: &[usize], d: &[usize]) -> std::result::Result<(), String> {
     if u.len() < 2 || d.len() < 2 || u[1] != d[0] {
         return Err(format!("factors {u:?} and {d:?} do not multiply"));
     }

@@ -51,6 +51,14 @@ impl LoraAdapter {
         })
     }
 
+    /// The adapter's file name, as errors show it (never the server's folders).
+    fn shown(&self) -> String {
+        self.path
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
     /// The adapter's name: its file stem.
     pub fn name(&self) -> String {
         self.path
@@ -104,7 +112,8 @@ impl LoraPlan {
         }
         let targets = keys::Targets::of(source, kind)?;
         for adapter in adapters {
-            let file = adapter.path.display().to_string();
+            let file = adapter.shown();
+            let placed = place(&targets, adapter)?;
             let tensors =
                 candle_core::safetensors::load(&adapter.path, &Device::Cpu).map_err(|e| {
                     Error::invalid(
@@ -112,23 +121,33 @@ impl LoraPlan {
                         format!("{file}: not a readable safetensors file ({e})"),
                     )
                 })?;
-            let placed = targets.place(&tensors, &file)?;
+            let get = |k: &str| -> Result<Tensor> {
+                tensors
+                    .get(k)
+                    .ok_or_else(|| {
+                        Error::invalid(
+                            "lora",
+                            format!("{file}: `{k}` has a dtype candle cannot read"),
+                        )
+                    })?
+                    .to_dtype(DType::F32)
+                    .map_err(Error::Candle)
+            };
             for p in placed {
-                let rank = p.down.dim(0).map_err(Error::Candle)? as f64;
+                let (up, down) = (get(&p.up)?, get(&p.down)?);
+                let rank = down.dim(0).map_err(Error::Candle)? as f64;
                 let alpha = match &p.alpha {
-                    Some(a) => a
-                        .to_dtype(DType::F64)
-                        .and_then(|a| a.flatten_all())
-                        .and_then(|a| a.to_vec1::<f64>())
+                    Some(k) => get(k)?
+                        .flatten_all()
+                        .and_then(|a| a.to_vec1::<f32>())
                         .map_err(Error::Candle)?
                         .first()
-                        .copied()
-                        .unwrap_or(rank),
+                        .map_or(rank, |a| *a as f64),
                     None => rank,
                 };
                 let delta = Delta {
-                    up: p.up.to_dtype(DType::F32).map_err(Error::Candle)?,
-                    down: p.down.to_dtype(DType::F32).map_err(Error::Candle)?,
+                    up,
+                    down,
                     scale: adapter.weight * alpha / rank,
                 };
                 plan.deltas
@@ -144,6 +163,19 @@ impl LoraPlan {
         Ok(plan)
     }
 
+    /// Checks, from the files' headers alone, that every key of `adapters` places on a weight
+    /// of the `kind` pipeline at `source` and fits it (what [`LoraPlan::build`] would refuse).
+    pub fn check(adapters: &[LoraAdapter], source: &ModelSource, kind: PipelineKind) -> Result<()> {
+        if adapters.is_empty() {
+            return Ok(());
+        }
+        let targets = keys::Targets::of(source, kind)?;
+        for adapter in adapters {
+            place(&targets, adapter)?;
+        }
+        Ok(())
+    }
+
     /// The updates of component `folder`, by weight name.
     pub fn deltas(&self, folder: &str) -> Option<&HashMap<String, Vec<Delta>>> {
         self.deltas.get(folder)
@@ -153,6 +185,18 @@ impl LoraPlan {
     pub fn is_empty(&self) -> bool {
         self.deltas.is_empty()
     }
+}
+
+/// Where each update of `adapter` goes, from its header.
+fn place(targets: &keys::Targets, adapter: &LoraAdapter) -> Result<Vec<keys::Placed>> {
+    let file = adapter.shown();
+    let shapes = crate::weights::file_tensor_shapes(&adapter.path).map_err(|e| {
+        Error::invalid(
+            "lora",
+            format!("{file}: not a readable safetensors file ({e})"),
+        )
+    })?;
+    targets.place(&shapes, &file)
 }
 
 /// `base + Σ updates`, computed in f32 on the weight's device.

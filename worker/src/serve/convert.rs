@@ -3,8 +3,10 @@
 //! conversion of jobs and events back to protobuf.
 
 use super::jobs::{EncodedImage, Job, JobEvent, JobRequest, JobSnapshot, JobState, JobTimings};
+use super::loras::MAX_LORAS_PER_REQUEST;
 use super::models::ModelTable;
 use jhakaas_model_manager::image_io::decode_image;
+use jhakaas_model_manager::lora::{LoraAdapter, LoraPlan};
 use jhakaas_model_manager::pipeline::{random_seed, RequestLimits};
 use jhakaas_model_manager::{
     GenerateParams, ImageFormat, InitImage, Progress, SchedulerKind, SizeConditioning,
@@ -53,6 +55,7 @@ fn refused(e: jhakaas_model_manager::Error) -> Status {
                 "original_size" => "size_conditioning.original_width",
                 "target_size" => "size_conditioning.target_width",
                 "crop_top_left" => "size_conditioning.crop_top",
+                "lora" => "loras",
                 other => other,
             };
             invalid(wire, reason)
@@ -87,6 +90,7 @@ pub fn job_request(
         )
     };
     let format = output_format(req.output_format)?;
+    let loras = loras(&req.loras, models)?;
     let init_image = init_image(&req.init_image, req.strength, limits)?;
     let non_zero = |v: u32| (v != 0).then_some(v as usize);
     let g = req.guidance_scale;
@@ -110,10 +114,16 @@ pub fn job_request(
     // before it runs the job (the only check for a model whose files were not on disk).
     let seed = match models.description(&model) {
         Some(description) => {
-            description
+            let seed = description
                 .resolve(&params, &limits.request_limits())
                 .map_err(refused)?
-                .seed
+                .seed;
+            // The adapters' keys and shapes against this model's weights, from the headers.
+            if let Some(spec) = models.spec(&model) {
+                LoraPlan::check(&loras, &spec.source, description.family.kind())
+                    .map_err(refused)?;
+            }
+            seed
         }
         None => params.seed.unwrap_or_else(random_seed),
     };
@@ -124,9 +134,38 @@ pub fn job_request(
         model,
         params,
         limits: limits.request_limits(),
+        loras,
         format,
         deadline,
     })
+}
+
+/// The adapters a request names, found in the worker's LoRA folder.
+fn loras(wire: &[pb::LoraAdapter], models: &ModelTable) -> Result<Vec<LoraAdapter>, Status> {
+    if wire.len() > MAX_LORAS_PER_REQUEST {
+        return Err(invalid(
+            "loras",
+            format!("{} adapters; at most {MAX_LORAS_PER_REQUEST}", wire.len()),
+        ));
+    }
+    wire.iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let path = models.loras().find(&l.name, &format!("loras[{i}].name"))?;
+            let weight = if l.weight == 0.0 {
+                1.0
+            } else {
+                l.weight as f64
+            };
+            if !weight.is_finite() || weight.abs() > 100.0 {
+                return Err(invalid(
+                    &format!("loras[{i}].weight"),
+                    format!("{} is not a finite number within ±100", l.weight),
+                ));
+            }
+            Ok(LoraAdapter { path, weight })
+        })
+        .collect()
 }
 
 /// The model a request names (empty: the default), if this server serves it.

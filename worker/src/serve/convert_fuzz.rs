@@ -23,7 +23,10 @@ fn table() -> ModelTable {
             defaults: Default::default(),
         }],
         "tiny".into(),
-    );
+    )
+    .with_loras(super::loras::LoraLibrary::new(Some(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/reference/lora-sd1-tiny"),
+    )));
     table.describe_available();
     assert!(
         table.description("tiny").is_some(),

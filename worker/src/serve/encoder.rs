@@ -74,13 +74,21 @@ fn encode(job: &Job, generation: &Generation, mut timings: JobTimings) {
         .images
         .iter()
         .map(|img| {
-            let text = parameters_text(
+            let mut text = parameters_text(
                 prompt,
                 negative,
                 &generation.params,
                 img.seed,
                 &request.model,
             );
+            if !request.loras.is_empty() {
+                let loras: Vec<String> = request
+                    .loras
+                    .iter()
+                    .map(|l| format!("{}:{}", l.name(), l.weight))
+                    .collect();
+                text.push_str(&format!(", Lora: {}", loras.join(" ")));
+            }
             Ok(EncodedImage {
                 data: encode_image(&img.image, request.format, &text)?,
                 mime_type: request.format.mime_type(),

@@ -126,7 +126,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 /// Loads `name` and runs the engine's warm-up (one step of the smallest image, every stage).
 fn warm_up(models: &mut LoadedModels, name: &str) -> Result<(), String> {
     let started = Instant::now();
-    let pipeline = models.get(name)?;
+    let pipeline = models.get(name, &[])?;
     let loaded = started.elapsed();
     let generation = pipeline.warm_up().map_err(|e| e.to_string())?;
     tracing::info!(model = %name, ?loaded, ?generation, "model warmed up");
@@ -176,12 +176,13 @@ fn run_job(models: &mut LoadedModels, job: &Arc<Job>) -> Outcome {
         return ENDED;
     }
     let name = &job.request.model;
-    if !models.is_loaded(name) {
+    let loras = &job.request.loras;
+    if !models.is_loaded(name, loras) {
         job.emit(JobEvent::ModelLoading {
             model: name.clone(),
         });
     }
-    let pipeline = match models.get(name) {
+    let pipeline = match models.get(name, loras) {
         Ok(p) => p,
         Err(reason) => {
             let timings = job.timings_so_far(queue_wait);

@@ -34,6 +34,8 @@ pub struct JobRequest {
     /// The server's limits the job was accepted under; the engine checks them again on the
     /// resolved request.
     pub limits: RequestLimits,
+    /// LoRA adapters merged into the model for this job (none: the base model).
+    pub loras: Vec<jhakaas_model_manager::lora::LoraAdapter>,
     /// Encoding of the result images.
     pub format: ImageFormat,
     /// When the client stops caring (gRPC deadline).
@@ -436,6 +438,7 @@ mod tests {
                 ..Default::default()
             },
             limits: RequestLimits::default(),
+            loras: Vec::new(),
             format: ImageFormat::Png,
             deadline: None,
         }

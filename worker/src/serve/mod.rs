@@ -10,6 +10,7 @@ mod encoder;
 mod engine;
 mod events;
 mod jobs;
+mod loras;
 mod models;
 mod postgres;
 mod service;
@@ -133,6 +134,10 @@ pub struct ServeArgs {
     /// Most images per request.
     #[arg(long, env = "JHAKAAS_MAX_IMAGES", default_value_t = 4)]
     max_images: u32,
+    /// Folder of LoRA adapters (`NAME.safetensors`, kohya or diffusers/PEFT) that requests may
+    /// name in `loras`; a model + adapter set is merged once and cached like a model.
+    #[arg(long, env = "JHAKAAS_LORA_DIR")]
+    lora_dir: Option<PathBuf>,
     /// Largest encoded init image, in bytes.
     #[arg(long, env = "JHAKAAS_MAX_INIT_IMAGE_BYTES", default_value_t = 8 * 1024 * 1024)]
     max_init_image_bytes: usize,
@@ -359,7 +364,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let metrics = install_metrics()?;
 
     startup_check(&specs, &default_model)?;
-    let table = Arc::new(ModelTable::new(specs, default_model.clone()));
+    if let Some(dir) = &args.lora_dir {
+        if !dir.is_dir() {
+            bail!("invalid --lora-dir {}: not a folder", dir.display());
+        }
+    }
+    let table = Arc::new(
+        ModelTable::new(specs, default_model.clone())
+            .with_loras(loras::LoraLibrary::new(args.lora_dir.clone())),
+    );
     table.describe_available();
     let limits = Limits {
         max_pixels: args.max_pixels,

@@ -3,6 +3,8 @@
 //! room — beyond `--max-loaded-models`, or beyond `--memory-budget` bytes of weights.
 //! A shared status table lets `ListModels` answer without touching the engine.
 
+use super::loras::LoraLibrary;
+use jhakaas_model_manager::lora::LoraAdapter;
 use jhakaas_model_manager::pipeline::{
     describe, estimate_loaded_bytes, DefaultsOverride, ModelDescription,
 };
@@ -53,6 +55,7 @@ pub struct ModelTable {
     specs: Vec<ModelSpec>,
     default_model: String,
     status: Mutex<HashMap<String, ModelStatus>>,
+    loras: LoraLibrary,
 }
 
 impl ModelTable {
@@ -66,7 +69,19 @@ impl ModelTable {
             specs,
             default_model,
             status: Mutex::new(status),
+            loras: LoraLibrary::default(),
         }
+    }
+
+    /// The same table, with the LoRA adapters requests may name.
+    pub fn with_loras(mut self, loras: LoraLibrary) -> Self {
+        self.loras = loras;
+        self
+    }
+
+    /// The LoRA adapters requests may name.
+    pub fn loras(&self) -> &LoraLibrary {
+        &self.loras
     }
 
     /// Every registered model, in registration order.
@@ -126,19 +141,47 @@ impl ModelTable {
     }
 }
 
-/// Loaded pipelines, owned by the engine thread.
+/// A loaded pipeline: a model, merged with a set of LoRA adapters (none for the base).
+#[derive(Debug, Clone, PartialEq)]
+struct VariantKey {
+    model: String,
+    /// Adapter files and weights, in request order.
+    loras: Vec<(std::path::PathBuf, u64)>,
+}
+
+impl VariantKey {
+    fn new(model: &str, loras: &[LoraAdapter]) -> Self {
+        Self {
+            model: model.to_string(),
+            loras: loras
+                .iter()
+                .map(|l| (l.path.clone(), l.weight.to_bits()))
+                .collect(),
+        }
+    }
+
+    /// How logs and errors name it: `sd` or `sd + style:0.7`.
+    fn label(&self) -> String {
+        let mut s = self.model.clone();
+        for (path, w) in &self.loras {
+            let name = path.file_stem().unwrap_or_default().to_string_lossy();
+            s.push_str(&format!(" + {name}:{}", f64::from_bits(*w)));
+        }
+        s
+    }
+}
+
+/// The pipelines loaded on the engine thread, least recently used first: base models and
+/// their LoRA variants, all in one budget.
 pub struct LoadedModels {
     table: Arc<ModelTable>,
     device: jhakaas_model_manager::Device,
     max_loaded: usize,
     memory_budget: Option<u64>,
-    /// Most recently used last.
-    loaded: Vec<(String, Arc<StableDiffusionPipeline>)>,
-    /// Models whose last load failed: not retried before `retry_at`.
+    loaded: Vec<(VariantKey, Arc<StableDiffusionPipeline>)>,
     failures: HashMap<String, LoadFailure>,
 }
 
-/// A failed load, remembered so that every queued job for the model does not retry it.
 #[derive(Debug, Clone)]
 struct LoadFailure {
     reason: String,
@@ -146,13 +189,14 @@ struct LoadFailure {
     retry_at: std::time::Instant,
 }
 
-/// First wait before a failed model is loaded again; doubles per failure up to the maximum.
+/// Back-off after a failed load: the first retry waits this long, then twice as long per
+/// failure, up to [`LOAD_RETRY_MAX`].
 const LOAD_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(5);
 const LOAD_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl LoadedModels {
-    /// An empty cache holding at most `max_loaded` pipelines, and at most `memory_budget`
-    /// bytes of weights when given, on `device`.
+    /// An empty set of loaded models on `device`, bounded by `max_loaded` and
+    /// `memory_budget` bytes of weights.
     pub fn new(
         table: Arc<ModelTable>,
         device: jhakaas_model_manager::Device,
@@ -169,34 +213,45 @@ impl LoadedModels {
         }
     }
 
-    /// Bytes of weights loaded right now.
+    /// Bytes of weights loaded now.
     pub fn loaded_bytes(&self) -> u64 {
         self.loaded.iter().map(|(_, p)| p.weight_bytes()).sum()
     }
 
     fn evict_oldest(&mut self) {
         let (evicted, p) = self.loaded.remove(0);
-        tracing::info!(model = %evicted, bytes = p.weight_bytes(), "evicting least recently used model");
-        self.table.update(&evicted, |s| {
-            s.loaded = false;
-            s.loaded_bytes = 0;
-        });
+        tracing::info!(model = %evicted.label(), bytes = p.weight_bytes(), "evicting least recently used model");
+        if evicted.loras.is_empty() {
+            self.table.update(&evicted.model, |s| {
+                s.loaded = false;
+                s.loaded_bytes = 0;
+            });
+        }
     }
 
-    /// Whether `name` is loaded.
-    pub fn is_loaded(&self, name: &str) -> bool {
-        self.loaded.iter().any(|(n, _)| n == name)
+    /// Whether `name` with `loras` is loaded.
+    pub fn is_loaded(&self, name: &str, loras: &[LoraAdapter]) -> bool {
+        let key = VariantKey::new(name, loras);
+        self.loaded.iter().any(|(k, _)| *k == key)
     }
 
-    /// The pipeline for `name`, loading it (and evicting the least recently used) if needed.
-    pub fn get(&mut self, name: &str) -> Result<Arc<StableDiffusionPipeline>, String> {
-        if let Some(i) = self.loaded.iter().position(|(n, _)| n == name) {
+    /// The pipeline of `name` merged with `loras` (none: the base model), loading it (and
+    /// evicting the least recently used) if needed. A load that failed is not retried until
+    /// its back-off passes; nothing is evicted for a load whose files do not even read.
+    pub fn get(
+        &mut self,
+        name: &str,
+        loras: &[LoraAdapter],
+    ) -> Result<Arc<StableDiffusionPipeline>, String> {
+        let key = VariantKey::new(name, loras);
+        let label = key.label();
+        if let Some(i) = self.loaded.iter().position(|(k, _)| *k == key) {
             let entry = self.loaded.remove(i);
             let pipeline = entry.1.clone();
             self.loaded.push(entry);
             return Ok(pipeline);
         }
-        if let Some(f) = self.failures.get(name) {
+        if let Some(f) = self.failures.get(&label) {
             let now = std::time::Instant::now();
             if now < f.retry_at {
                 return Err(format!(
@@ -211,15 +266,16 @@ impl LoadedModels {
             .spec(name)
             .ok_or_else(|| format!("model `{name}` is not registered"))?
             .clone();
-        let options = spec.load_options();
+        let mut options = spec.load_options();
+        options.loras = loras.to_vec();
         // Before anything is evicted: the configs and every weight file's header must read
-        // (this also sizes the model for the budget).
+        // (this also sizes the model for the budget; a variant is a full copy).
         let needed = estimate_loaded_bytes(&spec.source, &self.device, &options)
-            .map_err(|e| self.load_failed(name, e.to_string()))?;
+            .map_err(|e| self.load_failed(&label, e.to_string()))?;
         if let Some(budget) = self.memory_budget {
             if needed > budget {
                 return Err(self.load_failed(
-                    name,
+                    &label,
                     format!(
                         "it needs {} of weights, more than the whole memory budget of {}",
                         human_bytes(needed),
@@ -238,18 +294,20 @@ impl LoadedModels {
         match StableDiffusionPipeline::load_with(&spec.source, &self.device, &options) {
             Ok(p) => {
                 let p = Arc::new(p);
-                tracing::info!(model = %name, source = %spec.source, elapsed = ?started.elapsed(), "model loaded");
-                self.failures.remove(name);
-                self.table.update(name, |s| {
-                    s.loaded = true;
-                    s.description = Some(p.description().clone());
-                    s.loaded_bytes = p.weight_bytes();
-                    s.error = None;
-                });
-                self.loaded.push((name.to_string(), p.clone()));
+                tracing::info!(model = %label, source = %spec.source, elapsed = ?started.elapsed(), "model loaded");
+                self.failures.remove(&label);
+                if loras.is_empty() {
+                    self.table.update(name, |s| {
+                        s.loaded = true;
+                        s.description = Some(p.description().clone());
+                        s.loaded_bytes = p.weight_bytes();
+                        s.error = None;
+                    });
+                }
+                self.loaded.push((key, p.clone()));
                 Ok(p)
             }
-            Err(e) => Err(self.load_failed(name, e.to_string())),
+            Err(e) => Err(self.load_failed(&label, e.to_string())),
         }
     }
 
@@ -261,7 +319,9 @@ impl LoadedModels {
             .saturating_mul(1 << (attempts - 1).min(16))
             .min(LOAD_RETRY_MAX);
         tracing::error!(model = %name, error = %reason, attempts, retry_in = ?wait, "model failed to load");
-        self.table.update(name, |s| s.error = Some(msg.clone()));
+        if self.table.spec(name).is_some() {
+            self.table.update(name, |s| s.error = Some(msg.clone()));
+        }
         self.failures.insert(
             name.to_string(),
             LoadFailure {

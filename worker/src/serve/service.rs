@@ -127,6 +127,17 @@ impl pb::worker_server::Worker for WorkerService {
         ))
     }
 
+    async fn list_loras(
+        &self,
+        _: Request<pb::ListLorasRequest>,
+    ) -> Result<Response<pb::ListLorasResponse>, Status> {
+        let loras = self.models.loras().clone();
+        let loras = tokio::task::spawn_blocking(move || loras.list())
+            .await
+            .map_err(|e| Status::internal(format!("listing adapters stopped: {e}")))?;
+        Ok(Response::new(pb::ListLorasResponse { loras }))
+    }
+
     async fn list_models(
         &self,
         _: Request<pb::ListModelsRequest>,
