@@ -1,6 +1,7 @@
-//! `generate --lora` reproduces diffusers' `load_lora_weights` images on the tiny SD1 fixture:
-//! a diffusers/PEFT file and a kohya file (UNet linear, 1×1 and 3×3 conv LoRAs, text-encoder
-//! LoRAs, alpha), at several weights and two at once, within mean ≤ 0.5 and max ≤ 6 of 255.
+//! `generate --lora` reproduces diffusers' `load_lora_weights` images on the tiny SD1 and SDXL
+//! fixtures: a diffusers/PEFT file and a kohya file (UNet linear, 1×1 and 3×3 conv LoRAs,
+//! text-encoder LoRAs — both SDXL encoders — and alpha), at several weights and two at once,
+//! within mean ≤ 0.5 and max ≤ 6 of 255.
 //! Files that do not fit are refused naming the keys.
 
 use jhakaas_tests::{fixtures, image_diff, run_worker, scratch_dir};
@@ -38,16 +39,22 @@ struct BaseCase {
     noise: String,
 }
 
-fn lora_dir() -> PathBuf {
-    fixtures().join("reference").join("lora-sd1-tiny")
+fn lora_dir(pipeline: &str) -> PathBuf {
+    fixtures()
+        .join("reference")
+        .join(format!("lora-{pipeline}"))
 }
 
-fn base_args(base: &BaseCase, out: &Path) -> Vec<String> {
-    let ref_dir = fixtures().join("reference").join("sd1-tiny");
+fn base_args(pipeline: &str, base: &BaseCase, out: &Path) -> Vec<String> {
+    let ref_dir = fixtures().join("reference").join(pipeline);
     let mut args: Vec<String> = vec![
         "generate".into(),
         "--model".into(),
-        fixtures().join("models/sd1-tiny").display().to_string(),
+        fixtures()
+            .join("models")
+            .join(pipeline)
+            .display()
+            .to_string(),
         "--prompt".into(),
         base.prompt.clone(),
         "--width".into(),
@@ -75,31 +82,48 @@ fn base_args(base: &BaseCase, out: &Path) -> Vec<String> {
     args
 }
 
-fn base_case(name: &str) -> BaseCase {
-    let path = fixtures().join("reference/sd1-tiny/cases.json");
+fn base_case(pipeline: &str, name: &str) -> BaseCase {
+    let path = fixtures()
+        .join("reference")
+        .join(pipeline)
+        .join("cases.json");
     let cases: Vec<BaseCase> =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     cases.into_iter().find(|c| c.name == name).unwrap()
 }
 
 #[test]
-fn lora_images_match_diffusers_in_both_formats_at_every_weight() {
-    let cases: Vec<Case> =
-        serde_json::from_str(&std::fs::read_to_string(lora_dir().join("cases.json")).unwrap())
-            .unwrap();
+fn sd1_lora_images_match_diffusers_in_both_formats_at_every_weight() {
+    run_cases("sd1-tiny");
+}
+
+#[test]
+fn sdxl_lora_images_match_diffusers_with_both_text_encoders() {
+    run_cases("sdxl-tiny");
+}
+
+fn run_cases(pipeline: &str) {
+    let cases: Vec<Case> = serde_json::from_str(
+        &std::fs::read_to_string(lora_dir(pipeline).join("cases.json")).unwrap(),
+    )
+    .unwrap();
     assert!(cases.len() >= 4, "expected the full case list");
-    let out_dir = scratch_dir("lora-sd1-tiny");
+    let out_dir = scratch_dir(&format!("lora-{pipeline}"));
     let mut failures = Vec::new();
     for case in &cases {
         // The adapters change the image a lot, so matching it is no accident.
         assert!(case.mean_abs_diff_vs_base > 2.0, "{}", case.name);
-        let base = base_case(&case.base_case);
+        let base = base_case(pipeline, &case.base_case);
         let out = out_dir.join(format!("{}.png", case.name));
-        let mut args = base_args(&base, &out);
+        let mut args = base_args(pipeline, &base, &out);
         for l in &case.loras {
             args.extend([
                 "--lora".into(),
-                format!("{}:{}", lora_dir().join(&l.file).display(), l.weight),
+                format!(
+                    "{}:{}",
+                    lora_dir(pipeline).join(&l.file).display(),
+                    l.weight
+                ),
             ]);
         }
         let output = run_worker(&args);
@@ -110,9 +134,14 @@ fn lora_images_match_diffusers_in_both_formats_at_every_weight() {
             String::from_utf8_lossy(&output.stderr)
         );
         let ours = image::open(&out).unwrap().to_rgb8();
-        let theirs = image::open(lora_dir().join(&case.image)).unwrap().to_rgb8();
+        let theirs = image::open(lora_dir(pipeline).join(&case.image))
+            .unwrap()
+            .to_rgb8();
         let (mean, max) = image_diff(&ours, &theirs);
-        eprintln!("lora/{}: mean |diff| {mean:.4}, max {max}", case.name);
+        eprintln!(
+            "lora/{pipeline}/{}: mean |diff| {mean:.4}, max {max}",
+            case.name
+        );
         if mean > MAX_MEAN || max > MAX_MAX {
             failures.push(format!("{}: mean {mean:.3} max {max}", case.name));
         }
@@ -144,7 +173,7 @@ type RefusedCase = (&'static str, Vec<(&'static str, Vec<usize>)>, &'static str)
 
 #[test]
 fn adapters_that_do_not_fit_are_refused_naming_the_keys() {
-    let base = base_case("ddim-cfg");
+    let base = base_case("sd1-tiny", "ddim-cfg");
     let dir = scratch_dir("lora-refused");
     let out = dir.join("x.png");
     let cases: [RefusedCase; 4] = [
@@ -180,7 +209,7 @@ fn adapters_that_do_not_fit_are_refused_naming_the_keys() {
     for (name, tensors, needle) in cases {
         let file = dir.join(format!("{name}.safetensors"));
         write_safetensors(&file, &tensors);
-        let mut args = base_args(&base, &out);
+        let mut args = base_args("sd1-tiny", &base, &out);
         args.extend(["--lora".into(), file.display().to_string()]);
         let output = run_worker(&args);
         let err = String::from_utf8_lossy(&output.stderr);
