@@ -181,6 +181,10 @@ fn component(
     text_encoder: bool,
 ) -> Result<Component> {
     let shapes = crate::weights::tensor_shapes(source, folder, stem)?;
+    // kohya's SDXL LoRAs name UNet modules as Stability's original code did.
+    let sgm = (!text_encoder).then(|| {
+        super::sgm::Layout::from_modules(shapes.keys().filter_map(|n| n.strip_suffix(".weight")))
+    });
     let mut aliases = HashMap::new();
     for (name, shape) in &shapes {
         let Some(module) = name.strip_suffix(".weight").filter(|_| shape.len() >= 2) else {
@@ -205,6 +209,11 @@ fn component(
             }
             for k in kohya {
                 aliases.insert(format!("{k}_{}", m.replace('.', "_")), name.clone());
+            }
+        }
+        if let Some(s) = sgm.as_ref().and_then(|l| l.sgm_name(module)) {
+            for k in kohya {
+                aliases.insert(format!("{k}_{}", s.replace('.', "_")), name.clone());
             }
         }
     }

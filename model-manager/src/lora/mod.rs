@@ -8,6 +8,7 @@
 //! Merged weights are never unmerged: a variant is its own load.
 
 mod keys;
+mod sgm;
 
 use crate::config::PipelineKind;
 use crate::error::{Error, Result};
