@@ -2,6 +2,7 @@
 //! `jhakaas-worker` binary, and how to compare images the way the parity criterion is stated
 //! (mean and max absolute difference on 0–255).
 
+pub mod cases;
 pub mod hostile;
 pub mod postgres;
 pub mod server;

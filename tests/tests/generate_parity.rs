@@ -2,35 +2,9 @@
 //! fixture case: mean absolute difference ≤ 0.5 and max ≤ 6 on 0–255.
 
 use jhakaas_tests::{fixtures, image_diff, run_worker, scratch_dir};
-use serde::Deserialize;
 
 const MAX_MEAN: f64 = 0.5;
 const MAX_MAX: u8 = 6;
-
-#[derive(Debug, Deserialize)]
-struct Case {
-    name: String,
-    pipeline: String,
-    prompt: String,
-    negative_prompt: Option<String>,
-    width: usize,
-    height: usize,
-    steps: usize,
-    guidance_scale: f64,
-    scheduler: String,
-    num_images: usize,
-    strength: Option<f64>,
-    init_image: Option<String>,
-    /// SDXL size conditioning, `[height, width]` / `[top, left]` as diffusers takes them.
-    #[serde(default)]
-    original_size: Option<[usize; 2]>,
-    #[serde(default)]
-    crops_coords_top_left: Option<[usize; 2]>,
-    #[serde(default)]
-    target_size: Option<[usize; 2]>,
-    noise: String,
-    image: serde_json::Value,
-}
 
 fn run_pipeline_cases(pipeline: &str) {
     run_cases(pipeline, 10);
@@ -38,9 +12,7 @@ fn run_pipeline_cases(pipeline: &str) {
 
 fn run_cases(pipeline: &str, min_cases: usize) {
     let ref_dir = fixtures().join("reference").join(pipeline);
-    let cases: Vec<Case> =
-        serde_json::from_str(&std::fs::read_to_string(ref_dir.join("cases.json")).unwrap())
-            .unwrap();
+    let cases = jhakaas_tests::cases::load(pipeline);
     assert!(
         cases.len() >= min_cases,
         "{pipeline}: expected the full case list"
@@ -50,57 +22,7 @@ fn run_cases(pipeline: &str, min_cases: usize) {
     for case in &cases {
         assert_eq!(case.pipeline, pipeline);
         let out = out_dir.join(format!("{}.png", case.name));
-        let mut args: Vec<String> = vec![
-            "generate".into(),
-            "--model".into(),
-            fixtures()
-                .join("models")
-                .join(pipeline)
-                .display()
-                .to_string(),
-            "--prompt".into(),
-            case.prompt.clone(),
-            "--width".into(),
-            case.width.to_string(),
-            "--height".into(),
-            case.height.to_string(),
-            "--steps".into(),
-            case.steps.to_string(),
-            "--guidance-scale".into(),
-            case.guidance_scale.to_string(),
-            "--scheduler".into(),
-            case.scheduler.clone(),
-            "--num-images".into(),
-            case.num_images.to_string(),
-            "--latents".into(),
-            ref_dir.join(&case.noise).display().to_string(),
-            "--device".into(),
-            "cpu".into(),
-            "--seed".into(),
-            "0".into(),
-            "--output".into(),
-            out.display().to_string(),
-        ];
-        if let Some(neg) = &case.negative_prompt {
-            args.extend(["--negative-prompt".into(), neg.clone()]);
-        }
-        if let Some([h, w]) = case.original_size {
-            args.extend(["--original-size".into(), format!("{w}x{h}")]);
-        }
-        if let Some([top, left]) = case.crops_coords_top_left {
-            args.extend(["--crop-top-left".into(), format!("{top},{left}")]);
-        }
-        if let Some([h, w]) = case.target_size {
-            args.extend(["--target-size".into(), format!("{w}x{h}")]);
-        }
-        if let (Some(init), Some(strength)) = (&case.init_image, case.strength) {
-            args.extend([
-                "--init-image".into(),
-                ref_dir.join(init).display().to_string(),
-                "--strength".into(),
-                strength.to_string(),
-            ]);
-        }
+        let args = case.cli_args(&out);
         let output = run_worker(&args);
         assert!(
             output.status.success(),

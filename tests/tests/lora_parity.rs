@@ -26,70 +26,10 @@ struct Case {
     mean_abs_diff_vs_base: f64,
 }
 
-#[derive(Debug, Deserialize)]
-struct BaseCase {
-    name: String,
-    prompt: String,
-    negative_prompt: Option<String>,
-    width: usize,
-    height: usize,
-    steps: usize,
-    guidance_scale: f64,
-    scheduler: String,
-    noise: String,
-}
-
 fn lora_dir(pipeline: &str) -> PathBuf {
     fixtures()
         .join("reference")
         .join(format!("lora-{pipeline}"))
-}
-
-fn base_args(pipeline: &str, base: &BaseCase, out: &Path) -> Vec<String> {
-    let ref_dir = fixtures().join("reference").join(pipeline);
-    let mut args: Vec<String> = vec![
-        "generate".into(),
-        "--model".into(),
-        fixtures()
-            .join("models")
-            .join(pipeline)
-            .display()
-            .to_string(),
-        "--prompt".into(),
-        base.prompt.clone(),
-        "--width".into(),
-        base.width.to_string(),
-        "--height".into(),
-        base.height.to_string(),
-        "--steps".into(),
-        base.steps.to_string(),
-        "--guidance-scale".into(),
-        base.guidance_scale.to_string(),
-        "--scheduler".into(),
-        base.scheduler.clone(),
-        "--latents".into(),
-        ref_dir.join(&base.noise).display().to_string(),
-        "--device".into(),
-        "cpu".into(),
-        "--seed".into(),
-        "0".into(),
-        "--output".into(),
-        out.display().to_string(),
-    ];
-    if let Some(neg) = &base.negative_prompt {
-        args.extend(["--negative-prompt".into(), neg.clone()]);
-    }
-    args
-}
-
-fn base_case(pipeline: &str, name: &str) -> BaseCase {
-    let path = fixtures()
-        .join("reference")
-        .join(pipeline)
-        .join("cases.json");
-    let cases: Vec<BaseCase> =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    cases.into_iter().find(|c| c.name == name).unwrap()
 }
 
 #[test]
@@ -113,9 +53,9 @@ fn run_cases(pipeline: &str) {
     for case in &cases {
         // The adapters change the image a lot, so matching it is no accident.
         assert!(case.mean_abs_diff_vs_base > 2.0, "{}", case.name);
-        let base = base_case(pipeline, &case.base_case);
+        let base = jhakaas_tests::cases::find(pipeline, &case.base_case);
         let out = out_dir.join(format!("{}.png", case.name));
-        let mut args = base_args(pipeline, &base, &out);
+        let mut args = base.cli_args(&out);
         for l in &case.loras {
             args.extend([
                 "--lora".into(),
@@ -173,17 +113,18 @@ type RefusedCase = (&'static str, Vec<(&'static str, Vec<usize>)>, &'static str)
 
 #[test]
 fn adapters_that_do_not_fit_are_refused_naming_the_keys() {
-    let base = base_case("sd1-tiny", "ddim-cfg");
+    let base = jhakaas_tests::cases::find("sd1-tiny", "ddim-cfg");
     let dir = scratch_dir("lora-refused");
     let out = dir.join("x.png");
     let cases: [RefusedCase; 4] = [
         (
             "unknown",
+            // An SDXL adapter's second text encoder: nothing of the kind in an SD1 model.
             vec![
-                ("lora_unet_input_blocks_1_1_proj_in.lora_down.weight", vec![4, 32]),
-                ("lora_unet_input_blocks_1_1_proj_in.lora_up.weight", vec![32, 4]),
+                ("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", vec![4, 32]),
+                ("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", vec![37, 4]),
             ],
-            "lora_unet_input_blocks_1_1_proj_in",
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1",
         ),
         (
             "shape",
@@ -209,7 +150,7 @@ fn adapters_that_do_not_fit_are_refused_naming_the_keys() {
     for (name, tensors, needle) in cases {
         let file = dir.join(format!("{name}.safetensors"));
         write_safetensors(&file, &tensors);
-        let mut args = base_args("sd1-tiny", &base, &out);
+        let mut args = base.cli_args(&out);
         args.extend(["--lora".into(), file.display().to_string()]);
         let output = run_worker(&args);
         let err = String::from_utf8_lossy(&output.stderr);

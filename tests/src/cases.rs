@@ -1,0 +1,109 @@
+//! The committed pipeline cases (`tests/fixtures/reference/<pipeline>/cases.json`) and the
+//! `jhakaas-worker generate` arguments that replay one with diffusers' recorded noise.
+
+use crate::fixtures;
+use serde::Deserialize;
+use std::path::Path;
+
+/// One case diffusers ran (see the fixture scripts for the fields' meaning).
+#[derive(Debug, Deserialize)]
+pub struct FixtureCase {
+    pub name: String,
+    pub pipeline: String,
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub scheduler: String,
+    pub num_images: usize,
+    pub strength: Option<f64>,
+    pub init_image: Option<String>,
+    /// SDXL size conditioning, `[height, width]` / `[top, left]` as diffusers takes them.
+    #[serde(default)]
+    pub original_size: Option<[usize; 2]>,
+    #[serde(default)]
+    pub crops_coords_top_left: Option<[usize; 2]>,
+    #[serde(default)]
+    pub target_size: Option<[usize; 2]>,
+    pub noise: String,
+    pub image: serde_json::Value,
+}
+
+/// Every case of `pipeline`.
+pub fn load(pipeline: &str) -> Vec<FixtureCase> {
+    let path = fixtures()
+        .join("reference")
+        .join(pipeline)
+        .join("cases.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Case `name` of `pipeline`.
+pub fn find(pipeline: &str, name: &str) -> FixtureCase {
+    load(pipeline)
+        .into_iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no case {name} for {pipeline}"))
+}
+
+impl FixtureCase {
+    /// `generate` arguments replaying this case on the CPU with its recorded noise, writing
+    /// `out`.
+    pub fn cli_args(&self, out: &Path) -> Vec<String> {
+        let ref_dir = fixtures().join("reference").join(&self.pipeline);
+        let model = fixtures().join("models").join(&self.pipeline);
+        let mut args: Vec<String> = [
+            "generate",
+            "--model",
+            &model.display().to_string(),
+            "--prompt",
+            &self.prompt,
+            "--width",
+            &self.width.to_string(),
+            "--height",
+            &self.height.to_string(),
+            "--steps",
+            &self.steps.to_string(),
+            "--guidance-scale",
+            &self.guidance_scale.to_string(),
+            "--scheduler",
+            &self.scheduler,
+            "--num-images",
+            &self.num_images.to_string(),
+            "--latents",
+            &ref_dir.join(&self.noise).display().to_string(),
+            "--device",
+            "cpu",
+            "--seed",
+            "0",
+            "--output",
+            &out.display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec();
+        if let Some(neg) = &self.negative_prompt {
+            args.extend(["--negative-prompt".into(), neg.clone()]);
+        }
+        if let Some([h, w]) = self.original_size {
+            args.extend(["--original-size".into(), format!("{w}x{h}")]);
+        }
+        if let Some([top, left]) = self.crops_coords_top_left {
+            args.extend(["--crop-top-left".into(), format!("{top},{left}")]);
+        }
+        if let Some([h, w]) = self.target_size {
+            args.extend(["--target-size".into(), format!("{w}x{h}")]);
+        }
+        if let (Some(init), Some(strength)) = (&self.init_image, self.strength) {
+            args.extend([
+                "--init-image".into(),
+                ref_dir.join(init).display().to_string(),
+                "--strength".into(),
+                strength.to_string(),
+            ]);
+        }
+        args
+    }
+}
