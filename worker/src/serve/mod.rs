@@ -298,6 +298,7 @@ async fn job_backend(
             max_queue: args.max_queue,
             result_ttl: args.result_ttl,
             max_retained_jobs: args.max_retained_jobs,
+            max_retained_bytes: args.max_retained_bytes,
             lease: args.job_lease,
             max_attempts: args.job_max_attempts.max(1),
             poll: args.job_poll.max(Duration::from_millis(5)),

@@ -36,6 +36,8 @@ pub struct PgConfig {
     pub result_ttl: Duration,
     /// At most this many finished jobs are kept (the oldest go first).
     pub max_retained_jobs: usize,
+    /// At most this many bytes of finished jobs' events (their images) are kept.
+    pub max_retained_bytes: u64,
     /// A running job's lease; a pod renews it every third of this, and a job whose lease
     /// expires goes back to the queue.
     pub lease: Duration,
@@ -242,7 +244,13 @@ async fn maintain_once(pool: &PgPool, config: &PgConfig) -> Result<(), sqlx::Err
     for (id, failed) in lost {
         tracing::warn!(job_id = %id, failed, "a job's lease expired; its worker is gone");
     }
-    sql::sweep(pool, config.result_ttl, config.max_retained_jobs).await?;
+    sql::sweep(
+        pool,
+        config.result_ttl,
+        config.max_retained_jobs,
+        config.max_retained_bytes,
+    )
+    .await?;
     let (queued, running) = sql::counts(pool).await?;
     metrics::gauge!("jhakaas_queue_depth").set(queued as f64);
     metrics::gauge!("jhakaas_jobs_running").set(running as f64);

@@ -385,8 +385,14 @@ pub async fn expire_leases(pool: &PgPool, max_attempts: u32) -> sqlx::Result<Vec
     Ok(lost)
 }
 
-/// Deletes finished jobs past the TTL, then the oldest beyond `max_jobs`.
-pub async fn sweep(pool: &PgPool, ttl: Duration, max_jobs: usize) -> sqlx::Result<u64> {
+/// Deletes finished jobs past the TTL, then the oldest beyond `max_jobs`, then the oldest
+/// while their events (images included) take more than `max_bytes`.
+pub async fn sweep(
+    pool: &PgPool,
+    ttl: Duration,
+    max_jobs: usize,
+    max_bytes: u64,
+) -> sqlx::Result<u64> {
     let old = sqlx::query(
         "DELETE FROM jhakaas_jobs WHERE finished_at < now() - make_interval(secs => $1)",
     )
@@ -400,7 +406,20 @@ pub async fn sweep(pool: &PgPool, ttl: Duration, max_jobs: usize) -> sqlx::Resul
     .bind(max_jobs as i64)
     .execute(pool)
     .await?;
-    Ok(old.rows_affected() + over.rows_affected())
+    let heavy = sqlx::query(
+        "DELETE FROM jhakaas_jobs WHERE id IN ( \
+           SELECT id FROM ( \
+             SELECT j.id, sum(b.bytes) OVER (ORDER BY j.finished_at DESC, j.id) AS kept \
+             FROM jhakaas_jobs j \
+             JOIN (SELECT job_id, sum(octet_length(event)) AS bytes \
+                   FROM jhakaas_job_events GROUP BY job_id) b ON b.job_id = j.id \
+             WHERE j.finished_at IS NOT NULL) t \
+           WHERE t.kept > $1)",
+    )
+    .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
+    .execute(pool)
+    .await?;
+    Ok(old.rows_affected() + over.rows_affected() + heavy.rows_affected())
 }
 
 /// Events of job `id` after `after`, oldest first, as `(n, event, terminal)`.

@@ -33,6 +33,7 @@ fn config(lease_ms: u64) -> PgConfig {
         max_queue: 3,
         result_ttl: Duration::from_secs(600),
         max_retained_jobs: 100,
+        max_retained_bytes: 1 << 30,
         lease: Duration::from_millis(lease_ms),
         max_attempts: 2,
         poll: Duration::from_millis(20),
@@ -263,4 +264,51 @@ async fn drain_hands_the_running_job_back_and_leaves_the_queue() {
         )),
         "0"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_go_after_their_ttl_or_when_the_caps_are_reached() {
+    let pg = Postgres::start();
+    let jobs = store(&pg, 5000).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let a = jobs.submit(accepted(&format!("keep-{i}"))).await.unwrap();
+        let job = claim(&jobs).await;
+        job.emit(JobEvent::Completed {
+            images: Arc::new(vec![EncodedImage {
+                data: vec![7; 1000],
+                mime_type: "image/png",
+                width: 64,
+                height: 64,
+                seed: 5,
+            }]),
+            timings: JobTimings::default(),
+        });
+        done(&jobs, &job).await;
+        ids.push(a.job_id);
+    }
+    let count = || pg.query("SELECT count(*) FROM jhakaas_jobs");
+    // Under every cap: nothing goes.
+    sql::sweep(&jobs.pool, Duration::from_secs(600), 10, 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(count(), "3");
+    // Room for two jobs' events: the oldest goes.
+    sql::sweep(&jobs.pool, Duration::from_secs(600), 10, 2500)
+        .await
+        .unwrap();
+    assert_eq!(count(), "2");
+    assert!(jobs.get(&ids[0]).await.is_err(), "the oldest was kept");
+    // One finished job at most.
+    sql::sweep(&jobs.pool, Duration::from_secs(600), 1, 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(count(), "1");
+    assert!(jobs.get(&ids[2]).await.is_ok(), "the newest went");
+    // Past the TTL: gone, with its events.
+    sql::sweep(&jobs.pool, Duration::ZERO, 10, 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(count(), "0");
+    assert_eq!(pg.query("SELECT count(*) FROM jhakaas_job_events"), "0");
 }
