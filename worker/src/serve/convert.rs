@@ -65,8 +65,9 @@ fn refused(e: jhakaas_model_manager::Error) -> Status {
 }
 
 /// Validates a request. Unknown models are NOT_FOUND, everything else INVALID_ARGUMENT.
+/// Borrows the request, so a caller keeping the wire form copies no init image.
 pub fn job_request(
-    req: pb::GenerateRequest,
+    req: &pb::GenerateRequest,
     models: &ModelTable,
     limits: &Limits,
     deadline: Option<Instant>,
@@ -95,8 +96,8 @@ pub fn job_request(
     let non_zero = |v: u32| (v != 0).then_some(v as usize);
     let g = req.guidance_scale;
     let mut params = GenerateParams {
-        prompt: req.prompt,
-        negative_prompt: (!req.negative_prompt.is_empty()).then_some(req.negative_prompt),
+        prompt: req.prompt.clone(),
+        negative_prompt: (!req.negative_prompt.is_empty()).then(|| req.negative_prompt.clone()),
         width: non_zero(req.width),
         height: non_zero(req.height),
         steps: non_zero(req.steps),
@@ -130,7 +131,7 @@ pub fn job_request(
     // Fixed at acceptance, so the job reports it from the start and a rerun gives the same image.
     params.seed = Some(seed);
     Ok(JobRequest {
-        request_id: req.request_id,
+        request_id: req.request_id.clone(),
         model,
         params,
         limits: limits.request_limits(),

@@ -65,7 +65,7 @@ fn random_requests_never_panic_never_escape_a_limit_and_every_refusal_names_a_fi
                 ..req.clone()
             }
         );
-        let outcome = std::panic::catch_unwind(|| job_request(req, &table, &limits, None));
+        let outcome = std::panic::catch_unwind(|| job_request(&req, &table, &limits, None));
         let result = outcome.unwrap_or_else(|_| panic!("case {case} panicked: {shown}"));
         match result {
             Ok(job) => {

@@ -19,7 +19,7 @@ impl WorkerService {
     ) -> Result<Accepted, Status> {
         let (models, limits) = (self.models.clone(), self.limits);
         tokio::task::spawn_blocking(move || {
-            let request = convert::job_request(wire.clone(), &models, &limits, deadline)?;
+            let request = convert::job_request(&wire, &models, &limits, deadline)?;
             wire.seed = request.params.seed;
             Ok(Accepted { request, wire })
         })

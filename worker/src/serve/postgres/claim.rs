@@ -111,7 +111,7 @@ impl PgSource {
         let validated = pb::GenerateRequest::decode(request.as_slice())
             .map_err(|e| format!("the stored request does not decode: {e}"))
             .and_then(|wire| {
-                convert::job_request(wire, &self.models, &self.limits, deadline)
+                convert::job_request(&wire, &self.models, &self.limits, deadline)
                     .map_err(|s| s.message().to_string())
             });
         let request = match validated {

@@ -49,7 +49,7 @@ fn accepted(request_id: &str) -> Accepted {
         ..Default::default()
     };
     let request =
-        crate::serve::convert::job_request(wire.clone(), &table(), &limits(), None).unwrap();
+        crate::serve::convert::job_request(&wire, &table(), &limits(), None).unwrap();
     Accepted { request, wire }
 }
 
