@@ -2,12 +2,13 @@
 //! order, plus the queue position while the job waits.
 
 use super::sql;
+use super::wake::{Notice, Wake};
 use crate::serve::backend::EventStream;
 use jhakaas_proto::v1 as pb;
 use prost::Message;
 use sqlx::postgres::PgPool;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
@@ -18,13 +19,14 @@ pub struct Owner {
     pub deadline: Option<Instant>,
 }
 
-/// Streams job `id`'s events until its terminal one, reading the log whenever `woken`
-/// changes (a `NOTIFY`) and at least every `poll`.
+/// Streams job `id`'s events until its terminal one, reading the log when a notice concerns
+/// the job (a `NOTIFY` for its events, or a queue change while it waits) and at least every
+/// `poll`.
 pub fn stream(
     pool: PgPool,
     id: String,
     owner: Option<Owner>,
-    mut woken: watch::Receiver<u64>,
+    mut notices: broadcast::Receiver<Notice>,
     poll: Duration,
 ) -> EventStream {
     let (tx, rx) = mpsc::channel(64);
@@ -43,7 +45,7 @@ pub fn stream(
         let mut last_position = None;
         let mut expired = false;
         loop {
-            match forward(&pool, &id, &mut last_n, &mut last_position, &tx).await {
+            let queued = match forward(&pool, &id, &mut last_n, &mut last_position, &tx).await {
                 Ok(Forwarded::Terminal { cancelled }) => {
                     if owns
                         && cancelled
@@ -57,7 +59,7 @@ pub fn stream(
                     }
                     return;
                 }
-                Ok(Forwarded::More) => {}
+                Ok(Forwarded::More { queued }) => queued,
                 Ok(Forwarded::ClientGone) => {
                     if owns {
                         cancel("client disconnected").await;
@@ -68,7 +70,7 @@ pub fn stream(
                     let _ = tx.send(Err(status)).await;
                     return;
                 }
-            }
+            };
             if owns && !expired && deadline.is_some_and(|d| Instant::now() >= d) {
                 expired = true;
                 cancel("deadline exceeded").await;
@@ -76,7 +78,7 @@ pub fn stream(
             }
             tokio::select! {
                 _ = tokio::time::sleep(poll) => {}
-                _ = woken.changed() => {}
+                _ = Wake::until_relevant(&mut notices, &id, queued) => {}
                 _ = tx.closed() => {
                     if owns {
                         cancel("client disconnected").await;
@@ -92,8 +94,8 @@ pub fn stream(
 enum Forwarded {
     /// The terminal event went out (`cancelled`: it was a cancellation).
     Terminal { cancelled: bool },
-    /// The job goes on.
-    More,
+    /// The job goes on (`queued`: it still waits in the queue).
+    More { queued: bool },
     /// The client stopped listening.
     ClientGone,
 }
@@ -140,5 +142,7 @@ async fn forward(
             return Ok(Forwarded::ClientGone);
         }
     }
-    Ok(Forwarded::More)
+    Ok(Forwarded::More {
+        queued: state == "queued",
+    })
 }

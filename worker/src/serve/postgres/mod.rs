@@ -166,7 +166,7 @@ impl JobBackend for PgJobs {
             self.pool.clone(),
             id,
             new.then_some(events::Owner { deadline }),
-            self.wake.events(),
+            self.wake.notices(),
             self.config.poll,
         ))
     }
@@ -185,7 +185,7 @@ impl JobBackend for PgJobs {
             self.pool.clone(),
             id.to_string(),
             None,
-            self.wake.events(),
+            self.wake.notices(),
             self.config.poll,
         ))
     }

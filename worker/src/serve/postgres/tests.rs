@@ -48,8 +48,7 @@ fn accepted(request_id: &str) -> Accepted {
         seed: Some(5),
         ..Default::default()
     };
-    let request =
-        crate::serve::convert::job_request(&wire, &table(), &limits(), None).unwrap();
+    let request = crate::serve::convert::job_request(&wire, &table(), &limits(), None).unwrap();
     Accepted { request, wire }
 }
 

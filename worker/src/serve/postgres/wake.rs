@@ -1,18 +1,30 @@
 //! Wake-ups from the database: one `LISTEN` connection per pod turns `NOTIFY`s into a wake
-//! for the idle engine (a job was queued) and for watchers (a job's events or the queue
-//! changed). A wake-up lost while the listener reconnects costs one poll interval, no more.
+//! for the idle engine (a job was queued) and for the watchers a change concerns (their job's
+//! events, or the queue while their job waits)//! changed). A wake-up lost while the listener reconnects costs one poll interval, no more.
 
 use crate::serve::events::lock;
 use sqlx::postgres::{PgListener, PgPool};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::broadcast;
+
+/// What changed, as a watcher hears it.
+#[derive(Debug, Clone)]
+pub enum Notice {
+    /// A job entered or left the queue (queue positions may have moved).
+    Queue,
+    /// This job's event log grew.
+    Events(Arc<str>),
+}
+
+/// Notices buffered per watcher; one that falls behind re-reads its job (as on a wake).
+const NOTICES: usize = 256;
 
 /// The pod's wake-ups.
 pub struct Wake {
     queue: Mutex<u64>,
     queue_changed: Condvar,
-    events: watch::Sender<u64>,
+    notices: broadcast::Sender<Notice>,
 }
 
 impl Wake {
@@ -21,7 +33,7 @@ impl Wake {
         let wake = Arc::new(Wake {
             queue: Mutex::new(0),
             queue_changed: Condvar::new(),
-            events: watch::channel(0).0,
+            notices: broadcast::channel(NOTICES).0,
         });
         tokio::spawn(listen(pool.clone(), wake.clone()));
         wake
@@ -40,9 +52,24 @@ impl Wake {
             .wait_timeout_while(guard, timeout, |g| *g == seen);
     }
 
-    /// A receiver that changes whenever any job's events or the queue change.
-    pub fn events(&self) -> watch::Receiver<u64> {
-        self.events.subscribe()
+    /// A receiver of every notice; [`Wake::until_relevant`] filters it for one job.
+    pub fn notices(&self) -> broadcast::Receiver<Notice> {
+        self.notices.subscribe()
+    }
+
+    /// Waits for a notice that concerns job `id`: its own events, or (while it is `queued`)
+    /// a queue change. A receiver that lagged returns at once, so nothing is missed.
+    pub async fn until_relevant(rx: &mut broadcast::Receiver<Notice>, id: &str, queued: bool) {
+        loop {
+            match rx.recv().await {
+                Ok(Notice::Events(job)) if &*job == id => return,
+                Ok(Notice::Queue) if queued => return,
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => return,
+                // The listener is gone: only the poll wakes the watcher now.
+                Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+            }
+        }
     }
 
     fn queue_woke(&self) {
@@ -50,8 +77,9 @@ impl Wake {
         self.queue_changed.notify_all();
     }
 
-    fn events_woke(&self) {
-        self.events.send_modify(|g| *g += 1);
+    fn notify(&self, notice: Notice) {
+        // No watcher subscribed is fine.
+        let _ = self.notices.send(notice);
     }
 }
 
@@ -78,8 +106,10 @@ async fn listen(pool: PgPool, wake: Arc<Wake>) {
                 Ok(n) => {
                     if n.channel() == "jhakaas_jobs" {
                         wake.queue_woke();
+                        wake.notify(Notice::Queue);
+                    } else {
+                        wake.notify(Notice::Events(n.payload().into()));
                     }
-                    wake.events_woke();
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "job store LISTEN connection lost; reconnecting");
