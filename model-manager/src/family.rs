@@ -21,19 +21,26 @@ pub struct TextEncoderSlot {
     pub tokenizer: &'static str,
     /// Whether it is a `CLIPTextModelWithProjection` (gives the pooled embedding).
     pub with_projection: bool,
+    /// How kohya/A1111 LoRA files prefix its modules (`lora_te_…`, `lora_te2_…`).
+    pub kohya_prefixes: &'static [&'static str],
 }
 
 const SD_TEXT: &[TextEncoderSlot] = &[TextEncoderSlot {
     folder: "text_encoder",
     tokenizer: "tokenizer",
     with_projection: false,
+    kohya_prefixes: &["lora_te", "lora_te1"],
 }];
 const SDXL_TEXT: &[TextEncoderSlot] = &[
-    SD_TEXT[0],
+    TextEncoderSlot {
+        kohya_prefixes: &["lora_te1", "lora_te"],
+        ..SD_TEXT[0]
+    },
     TextEncoderSlot {
         folder: "text_encoder_2",
         tokenizer: "tokenizer_2",
         with_projection: true,
+        kohya_prefixes: &["lora_te2"],
     },
 ];
 
@@ -157,12 +164,6 @@ impl ModelFamily {
 impl fmt::Display for ModelFamily {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-impl PartialEq<&str> for ModelFamily {
-    fn eq(&self, other: &&str) -> bool {
-        self.name() == *other
     }
 }
 

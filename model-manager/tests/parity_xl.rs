@@ -183,7 +183,7 @@ fn sdxl_vae_matches_diffusers_and_keeps_its_scaling_factor() {
 #[test]
 fn families_and_defaults_follow_the_checkpoint() {
     let xl = pipeline("sdxl-tiny");
-    assert_eq!(xl.family(), "sdxl");
+    assert_eq!(xl.family().name(), "sdxl");
     let d = xl.defaults();
     // diffusers' SDXL defaults: sample_size × 8, 50 steps, guidance 5, the checkpoint's Euler.
     assert_eq!((d.width, d.height, d.steps), (64, 64, 50));
@@ -192,7 +192,7 @@ fn families_and_defaults_follow_the_checkpoint() {
     let turbo = pipeline("sdxl-turbo-tiny");
     assert_eq!(turbo.defaults().scheduler.to_string(), "euler-a");
     let sd_turbo = pipeline("sd-turbo-tiny");
-    assert_eq!(sd_turbo.family(), "sd2");
+    assert_eq!(sd_turbo.family().name(), "sd2");
     assert_eq!(
         sd_turbo.defaults().guidance_scale,
         7.5,

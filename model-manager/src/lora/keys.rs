@@ -47,6 +47,7 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     (".diff", "full-weight difference (LyCORIS diff)"),
 ];
 
+#[derive(Debug)]
 struct Component {
     folder: &'static str,
     shapes: HashMap<String, Vec<usize>>,
@@ -54,17 +55,11 @@ struct Component {
     aliases: HashMap<String, String>,
 }
 
-/// The weights an adapter may update: the UNet's and each text encoder's.
+/// The weights an adapter may update (the UNet's and each text encoder's), with every name
+/// an adapter may give them; read once per model from its weight files' headers.
+#[derive(Debug)]
 pub struct Targets {
     components: Vec<Component>,
-}
-
-/// kohya prefixes of a pipeline's text encoders, in order.
-fn kohya_text_prefixes(kind: PipelineKind) -> &'static [&'static [&'static str]] {
-    match kind {
-        PipelineKind::StableDiffusion => &[&["lora_te", "lora_te1"]],
-        PipelineKind::StableDiffusionXl => &[&["lora_te1", "lora_te"], &["lora_te2"]],
-    }
 }
 
 impl Targets {
@@ -78,13 +73,13 @@ impl Targets {
             &["lora_unet"],
             false,
         )?];
-        for (slot, kohya) in kind.text_encoders().iter().zip(kohya_text_prefixes(kind)) {
+        for slot in kind.text_encoders() {
             components.push(component(
                 source,
                 slot.folder,
                 "model",
                 &[slot.folder],
-                kohya,
+                slot.kohya_prefixes,
                 true,
             )?);
         }
