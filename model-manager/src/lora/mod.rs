@@ -10,6 +10,8 @@
 mod keys;
 mod sgm;
 
+pub use keys::Targets as LoraTargets;
+
 use crate::config::PipelineKind;
 use crate::error::{Error, Result};
 use crate::source::ModelSource;
@@ -164,15 +166,11 @@ impl LoraPlan {
         Ok(plan)
     }
 
-    /// Checks, from the files' headers alone, that every key of `adapters` places on a weight
-    /// of the `kind` pipeline at `source` and fits it (what [`LoraPlan::build`] would refuse).
-    pub fn check(adapters: &[LoraAdapter], source: &ModelSource, kind: PipelineKind) -> Result<()> {
-        if adapters.is_empty() {
-            return Ok(());
-        }
-        let targets = keys::Targets::of(source, kind)?;
+    /// Checks, from the adapter files' headers alone, that every key of `adapters` places on
+    /// one of `targets`' weights and fits it (what [`LoraPlan::build`] would refuse).
+    pub fn check(adapters: &[LoraAdapter], targets: &LoraTargets) -> Result<()> {
         for adapter in adapters {
-            place(&targets, adapter)?;
+            place(targets, adapter)?;
         }
         Ok(())
     }
@@ -189,7 +187,7 @@ impl LoraPlan {
 }
 
 /// Where each update of `adapter` goes, from its header.
-fn place(targets: &keys::Targets, adapter: &LoraAdapter) -> Result<Vec<keys::Placed>> {
+fn place(targets: &LoraTargets, adapter: &LoraAdapter) -> Result<Vec<keys::Placed>> {
     let file = adapter.shown();
     let shapes = crate::weights::file_tensor_shapes(&adapter.path).map_err(|e| {
         Error::invalid(

@@ -120,9 +120,11 @@ pub fn job_request(
                 .map_err(refused)?
                 .seed;
             // The adapters' keys and shapes against this model's weights, from the headers.
-            if let Some(spec) = models.spec(&model) {
-                LoraPlan::check(&loras, &spec.source, description.family.kind())
+            if !loras.is_empty() {
+                let targets = models
+                    .lora_targets(&model, description.family.kind())
                     .map_err(refused)?;
+                LoraPlan::check(&loras, &targets).map_err(refused)?;
             }
             seed
         }

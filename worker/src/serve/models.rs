@@ -3,8 +3,10 @@
 //! room — beyond `--max-loaded-models`, or beyond `--memory-budget` bytes of weights.
 //! A shared status table lets `ListModels` answer without touching the engine.
 
+use super::events::lock;
 use super::loras::LoraLibrary;
-use jhakaas_model_manager::lora::LoraAdapter;
+use jhakaas_model_manager::config::PipelineKind;
+use jhakaas_model_manager::lora::{LoraAdapter, LoraTargets};
 use jhakaas_model_manager::pipeline::{
     describe, estimate_loaded_bytes, DefaultsOverride, ModelDescription,
 };
@@ -56,6 +58,9 @@ pub struct ModelTable {
     default_model: String,
     status: Mutex<HashMap<String, ModelStatus>>,
     loras: LoraLibrary,
+    /// Per model, the weights LoRA adapters may update (read once, on the first request with
+    /// adapters).
+    lora_targets: Mutex<HashMap<String, Arc<LoraTargets>>>,
 }
 
 impl ModelTable {
@@ -70,6 +75,7 @@ impl ModelTable {
             default_model,
             status: Mutex::new(status),
             loras: LoraLibrary::default(),
+            lora_targets: Mutex::new(HashMap::new()),
         }
     }
 
@@ -82,6 +88,24 @@ impl ModelTable {
     /// The LoRA adapters requests may name.
     pub fn loras(&self) -> &LoraLibrary {
         &self.loras
+    }
+
+    /// The weights of model `name` (a `kind` pipeline) that adapters may update, read from
+    /// its headers the first time and kept.
+    pub fn lora_targets(
+        &self,
+        name: &str,
+        kind: PipelineKind,
+    ) -> jhakaas_model_manager::Result<Arc<LoraTargets>> {
+        if let Some(t) = lock(&self.lora_targets).get(name) {
+            return Ok(t.clone());
+        }
+        let spec = self
+            .spec(name)
+            .ok_or_else(|| jhakaas_model_manager::Error::invalid("model", "not registered"))?;
+        let targets = Arc::new(LoraTargets::of(&spec.source, kind)?);
+        lock(&self.lora_targets).insert(name.to_string(), targets.clone());
+        Ok(targets)
     }
 
     /// Every registered model, in registration order.
