@@ -82,15 +82,10 @@ pub fn tensor_shapes(
     stem: &str,
 ) -> Result<HashMap<String, Vec<usize>>> {
     let (plain, path) = locate(source, folder, stem)?;
-    let file = SafetensorsFile::open(&path).map_err(|reason| Error::Config {
+    file_tensor_shapes(&path).map_err(|reason| Error::Config {
         file: plain,
         reason,
-    })?;
-    Ok(file
-        .entries
-        .into_iter()
-        .map(|(name, e)| (name, e.shape))
-        .collect())
+    })
 }
 
 /// The name and shape of every tensor of the safetensors file at `path`, from its header.
