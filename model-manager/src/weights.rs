@@ -236,34 +236,49 @@ impl SafetensorsFile {
     /// Reads tensor `name` into a fresh buffer and converts it to `dtype` on `device`, with
     /// its LoRA updates merged in f32 first.
     fn read(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-        match self.lora.get(name) {
-            Some(deltas) => {
-                crate::lora::merge(self.read_base(name, device)?, deltas)?.to_dtype(dtype)
-            }
-            None => self.read_base(name, device)?.to_dtype(dtype),
+        if let Some(deltas) = self.lora.get(name) {
+            return crate::lora::merge(self.read_base(name, device)?, deltas)?.to_dtype(dtype);
         }
+        let e = self.entry(name)?;
+        if e.dtype == DType::F16 && dtype == DType::F32 && device.is_cpu() {
+            // Widened in parallel (candle's `to_dtype` runs on one core).
+            let v: Vec<half::f16> = self.read_vec(e, name)?;
+            return Tensor::from_vec(crate::kernels::held::widen(&v), e.shape.as_slice(), device);
+        }
+        self.read_base(name, device)?.to_dtype(dtype)
+    }
+
+    fn entry(&self, name: &str) -> candle_core::Result<&Entry> {
+        self.entries
+            .get(name)
+            .ok_or_else(|| candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            })
     }
 
     /// Reads tensor `name` as stored into a fresh buffer on `device`.
     fn read_base(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
-        let e = self
-            .entries
-            .get(name)
-            .ok_or_else(|| candle_core::Error::CannotFindTensor {
-                path: name.to_string(),
-            })?;
-        let len = (e.end - e.start) as usize;
+        let e = self.entry(name)?;
         if e.dtype == DType::F32 && device.is_cpu() {
             // Straight into the f32 buffer the tensor keeps.
-            let mut v = vec![0f32; len / 4];
-            // SAFETY: the u8 view covers exactly the f32 buffer; any bytes are valid f32s.
-            let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), len) };
-            self.read_at(bytes, e.start, name)?;
+            let v: Vec<f32> = self.read_vec(e, name)?;
             return Tensor::from_vec(v, e.shape.as_slice(), device);
         }
-        let mut bytes = vec![0u8; len];
+        let mut bytes = vec![0u8; (e.end - e.start) as usize];
         self.read_at(&mut bytes, e.start, name)?;
         Tensor::from_raw_buffer(&bytes, e.dtype, &e.shape, device)
+    }
+
+    /// The bytes of `e` read straight into a buffer of `T` (a float type of `e`'s width).
+    fn read_vec<T: Copy + Default>(&self, e: &Entry, name: &str) -> candle_core::Result<Vec<T>> {
+        let len = (e.end - e.start) as usize;
+        debug_assert_eq!(std::mem::size_of::<T>(), e.dtype.size_in_bytes());
+        let mut v = vec![T::default(); len / std::mem::size_of::<T>()];
+        // SAFETY: the u8 view covers exactly the buffer; callers pick a float `T` of the
+        // stored width, for which any bytes are a valid value.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), len) };
+        self.read_at(bytes, e.start, name)?;
+        Ok(v)
     }
 
     fn read_at(&self, buf: &mut [u8], at: u64, name: &str) -> candle_core::Result<()> {

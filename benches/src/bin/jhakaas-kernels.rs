@@ -3,6 +3,9 @@
 //! math), one JSON line per case; `benches/kernels/torch_kernels.py` times PyTorch on the same
 //! shapes and `compare_kernels.py` joins both into a table.
 //!
+//! Conv and linear cases are also timed with the weights rounded to f16 values, which the
+//! layers hold in f16 and widen in blocks (`ours_f16_ms`: a model shipped in fp16).
+//!
 //! Usage: jhakaas-kernels [CASES_JSON] [REPEATS] [ours] (`ours`: skip the references, for
 //! profiling our kernels alone)
 
@@ -38,20 +41,33 @@ fn vb(t: Vec<(&str, Tensor)>) -> VarBuilder<'static> {
     VarBuilder::from_tensors(map, DType::F32, &Device::Cpu)
 }
 
-fn report(kind: &str, case: &[usize], ours: f64, reference: f64) {
-    println!(
-        r#"{{"kind": "{kind}", "case": {case:?}, "ours_ms": {ours:.3}, "reference_ms": {}}}"#,
-        if reference.is_nan() {
+/// `t` rounded to f16 values (still f32): what an fp16 model file holds once upcast.
+fn f16_exact(t: Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(DType::F16)?.to_dtype(DType::F32)?)
+}
+
+fn report(kind: &str, case: &[usize], ours: f64, reference: f64, ours_f16: Option<f64>) {
+    let ms = |v: f64| {
+        if v.is_nan() {
             "null".to_string()
         } else {
-            format!("{reference:.3}")
+            format!("{v:.3}")
         }
+    };
+    let f16 = ours_f16.map_or(String::new(), |v| format!(r#", "ours_f16_ms": {}"#, ms(v)));
+    println!(
+        r#"{{"kind": "{kind}", "case": {case:?}, "ours_ms": {ours:.3}, "reference_ms": {}{f16}}}"#,
+        ms(reference)
     );
 }
 
 fn main() -> Result<()> {
     // As the worker does.
     jhakaas_model_manager::kernels::retain_freed_memory();
+    // f16-exact weights (the `ours_f16_ms` timings) are held in f16, the others stay f32.
+    jhakaas_model_manager::kernels::held::set_cpu_weights(
+        jhakaas_model_manager::kernels::held::CpuWeights::F16,
+    );
     let args: Vec<String> = std::env::args().collect();
     let path = args
         .get(1)
@@ -85,36 +101,47 @@ fn main() -> Result<()> {
         let &[b, i, o, k, s, p, h, w] = c.as_slice() else {
             anyhow::bail!("conv case {c:?}")
         };
-        let conv = layers::conv2d(
-            i,
-            o,
-            k,
-            s,
-            p,
-            vb(vec![
-                ("weight", randn(&[o, i, k, k])?),
-                ("bias", randn(&[o])?),
-            ]),
-        )?;
+        let weight = randn(&[o, i, k, k])?;
+        let bias = randn(&[o])?;
+        let build = |weight: Tensor| {
+            layers::conv2d(
+                i,
+                o,
+                k,
+                s,
+                p,
+                vb(vec![("weight", weight), ("bias", bias.clone())]),
+            )
+        };
+        let conv = build(weight.clone())?;
+        let conv16 = build(f16_exact(weight)?)?;
         let x = randn(&[b, i, h, w])?;
         let ours = time_ms(repeats, || Ok(conv.forward(&x)?))?;
+        let ours_f16 = time_ms(repeats, || Ok(conv16.forward(&x)?))?;
         let reference = time_ms(reference_repeats, || Ok(conv.forward_reference(&x, None)?))?;
-        report("conv", &c, ours, reference);
+        report("conv", &c, ours, reference, Some(ours_f16));
     }
     for c in list("linear") {
         let &[rows, i, o] = c.as_slice() else {
             anyhow::bail!("linear case {c:?}")
         };
-        let lin = layers::linear(
-            i,
-            o,
-            true,
-            vb(vec![("weight", randn(&[o, i])?), ("bias", randn(&[o])?)]),
-        )?;
+        let weight = randn(&[o, i])?;
+        let bias = randn(&[o])?;
+        let build = |weight: Tensor| {
+            layers::linear(
+                i,
+                o,
+                true,
+                vb(vec![("weight", weight), ("bias", bias.clone())]),
+            )
+        };
+        let lin = build(weight.clone())?;
+        let lin16 = build(f16_exact(weight)?)?;
         let x = randn(&[rows, i])?;
         let ours = time_ms(repeats, || Ok(lin.forward(&x)?))?;
+        let ours_f16 = time_ms(repeats, || Ok(lin16.forward(&x)?))?;
         let reference = time_ms(reference_repeats, || Ok(lin.forward_reference(&x, None)?))?;
-        report("linear", &c, ours, reference);
+        report("linear", &c, ours, reference, Some(ours_f16));
     }
     for c in list("attention") {
         let &[b, h, lq, lk, d] = c.as_slice() else {
@@ -138,7 +165,7 @@ fn main() -> Result<()> {
                 AttentionPrecision::F32,
             )?)
         })?;
-        report("attention", &c, ours, reference);
+        report("attention", &c, ours, reference, None);
     }
     for c in list("group_norm") {
         let &[b, ch, g, h, w] = c.as_slice() else {
@@ -153,7 +180,7 @@ fn main() -> Result<()> {
         let x = randn(&[b, ch, h, w])?;
         let ours = time_ms(repeats, || Ok(norm.forward_silu(&x)?))?;
         let reference = time_ms(reference_repeats, || Ok(norm.forward_reference(&x, true)?))?;
-        report("group_norm_silu", &c, ours, reference);
+        report("group_norm_silu", &c, ours, reference, None);
     }
     Ok(())
 }

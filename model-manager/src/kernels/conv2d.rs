@@ -6,7 +6,8 @@
 //! The reference is candle's `conv2d` plus the broadcast adds ([`crate::layers::Conv2d`]).
 
 use super::cpu::{cpu_f32, uninit_vec, with_values, SendPtr};
-use super::cpu_gemm::{gemm, parallelism, Mat, MatMut};
+use super::cpu_gemm::{parallelism, Mat, MatMut};
+use super::held::{gemm_weight_lhs, weight, Weight};
 use super::winograd;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -112,7 +113,7 @@ impl CustomOp2 for FusedConv2d {
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geometry(xl, wl)?;
         let x = cpu_f32(xs, xl, "input")?;
-        let w = cpu_f32(ws, wl, "weight")?;
+        let w = weight(ws, wl, "weight")?;
         let out_len = g.b * g.o * g.n();
         // Every element is written by `init_output` before the gemms accumulate into it.
         let mut out = uninit_vec(out_len);
@@ -179,7 +180,7 @@ fn init_output(out: &mut [f32], g: Geometry, bias: Option<&[f32]>, addend: Optio
 
 /// Small outputs: one im2col matrix `[C·k·k, B·N]` for the whole batch, one gemm into
 /// `[O, B·N]`, then added into the NCHW output.
-unsafe fn batch_folded(x: &[f32], w: &[f32], out: &mut [f32], g: Geometry) {
+unsafe fn batch_folded(x: &[f32], w: Weight, out: &mut [f32], g: Geometry) {
     let (n, kdim, cols) = (g.n(), g.kdim(), g.b * g.n());
     let plane = g.c * g.h * g.w;
     // Every column block is written by `fill_tile` (one per image) before the gemm reads it.
@@ -197,7 +198,7 @@ unsafe fn batch_folded(x: &[f32], w: &[f32], out: &mut [f32], g: Geometry) {
     }
     // Written by the gemm (no accumulation) before it is read.
     let mut prod = uninit_vec(g.o * cols);
-    gemm(
+    gemm_weight_lhs(
         g.o,
         cols,
         kdim,
@@ -207,17 +208,12 @@ unsafe fn batch_folded(x: &[f32], w: &[f32], out: &mut [f32], g: Geometry) {
             cs: 1,
         },
         false,
-        Mat {
-            ptr: w.as_ptr(),
-            rs: kdim as isize,
-            cs: 1,
-        },
+        w,
         Mat {
             ptr: col.as_ptr(),
             rs: cols as isize,
             cs: 1,
         },
-        1.0,
         parallelism(),
     );
     out.par_chunks_mut(n).enumerate().for_each(|(row, dst)| {
@@ -232,10 +228,10 @@ unsafe fn batch_folded(x: &[f32], w: &[f32], out: &mut [f32], g: Geometry) {
 }
 
 /// 1×1, stride 1: `out[b] += W (O×C) · x[b] (C×N)`.
-unsafe fn pointwise(x: &[f32], w: &[f32], out: &mut [f32], g: Geometry) {
+unsafe fn pointwise(x: &[f32], w: Weight, out: &mut [f32], g: Geometry) {
     let n = g.n();
     for b in 0..g.b {
-        gemm(
+        gemm_weight_lhs(
             g.o,
             n,
             g.c,
@@ -245,17 +241,12 @@ unsafe fn pointwise(x: &[f32], w: &[f32], out: &mut [f32], g: Geometry) {
                 cs: 1,
             },
             true,
-            Mat {
-                ptr: w.as_ptr(),
-                rs: g.c as isize,
-                cs: 1,
-            },
+            w,
             Mat {
                 ptr: x.as_ptr().add(b * g.c * n),
                 rs: n as isize,
                 cs: 1,
             },
-            1.0,
             parallelism(),
         );
     }
@@ -263,7 +254,7 @@ unsafe fn pointwise(x: &[f32], w: &[f32], out: &mut [f32], g: Geometry) {
 
 /// General case: per batch item and tile of output rows, fill the im2col tile
 /// `[C·k·k, rows·Wo]` and accumulate `W (O × C·k·k) · tile` into the output rows.
-unsafe fn im2col_gemm(x: &[f32], w: &[f32], out: &mut [f32], g: Geometry) {
+unsafe fn im2col_gemm(x: &[f32], w: Weight, out: &mut [f32], g: Geometry) {
     let (n, kdim) = (g.n(), g.kdim());
     let rows_per_tile = (TILE_ELEMS / (kdim * g.wo)).clamp(1, g.ho);
     // Each tile is fully written by `fill_tile` before the gemm reads it.
@@ -275,7 +266,7 @@ unsafe fn im2col_gemm(x: &[f32], w: &[f32], out: &mut [f32], g: Geometry) {
             let rows = rows_per_tile.min(g.ho - oy0);
             let tile_n = rows * g.wo;
             fill_tile(xb, &mut col[..kdim * tile_n], g, oy0, rows, tile_n, 0);
-            gemm(
+            gemm_weight_lhs(
                 g.o,
                 tile_n,
                 kdim,
@@ -285,17 +276,12 @@ unsafe fn im2col_gemm(x: &[f32], w: &[f32], out: &mut [f32], g: Geometry) {
                     cs: 1,
                 },
                 true,
-                Mat {
-                    ptr: w.as_ptr(),
-                    rs: kdim as isize,
-                    cs: 1,
-                },
+                w,
                 Mat {
                     ptr: col.as_ptr(),
                     rs: tile_n as isize,
                     cs: 1,
                 },
-                1.0,
                 parallelism(),
             );
             oy0 += rows;

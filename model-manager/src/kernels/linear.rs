@@ -1,10 +1,12 @@
 //! A linear layer on the CPU: `x · Wᵀ + bias (+ residual)` as one gemm on the weight held
-//! transposed (`[in, out]`, which the gemm reads without repacking), accumulating into an output
+//! transposed (`[in, out]`, which the gemm reads without repacking; f32, or f16 widened in
+//! blocks), accumulating into an output
 //! that starts as the bias (and the residual, fused). The reference is the candle matmul plus
 //! the adds ([`crate::layers::Linear`]).
 
 use super::cpu::{cpu_f32, uninit_vec, with_values};
-use super::cpu_gemm::{gemm, parallelism, Mat, MatMut};
+use super::cpu_gemm::{parallelism, Mat, MatMut};
+use super::held::{gemm_weight_rhs, weight};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -35,7 +37,7 @@ impl CustomOp2 for FusedLinear {
             candle_core::bail!("linear: input {:?} does not end in {in_dim}", xl.shape());
         }
         let x = cpu_f32(xs, xl, "linear input")?;
-        let w = cpu_f32(ws, wl, "linear weight")?;
+        let w = weight(ws, wl, "linear weight")?;
         let rows = x.len() / in_dim.max(1);
         let mut shape = dims.to_vec();
         *shape.last_mut().unwrap() = out_dim;
@@ -71,9 +73,9 @@ impl CustomOp2 for FusedLinear {
             Some(t) => with_values(t, "linear bias", out_dim, |b| fill(Some(b), &mut out))??,
             None => fill(None, &mut out)?,
         }
-        // SAFETY: `x` is rows×in, `w` out×in, `out` rows×out and initialised.
+        // SAFETY: `x` is rows×in, `w` in×out, `out` rows×out and initialised.
         unsafe {
-            gemm(
+            gemm_weight_rhs(
                 rows,
                 out_dim,
                 in_dim,
@@ -88,12 +90,7 @@ impl CustomOp2 for FusedLinear {
                     rs: in_dim as isize,
                     cs: 1,
                 },
-                Mat {
-                    ptr: w.as_ptr(),
-                    rs: out_dim as isize,
-                    cs: 1,
-                },
-                1.0,
+                w,
                 parallelism(),
             );
         }

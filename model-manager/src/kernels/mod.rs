@@ -20,6 +20,7 @@ mod cpu_gemm;
 mod cuda;
 pub mod geglu;
 pub mod group_norm;
+pub mod held;
 pub mod layout;
 pub mod linear;
 mod microkernel;

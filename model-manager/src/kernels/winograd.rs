@@ -7,6 +7,7 @@
 
 use super::cpu::{uninit_vec, SendPtr};
 use super::cpu_gemm::{gemm, parallelism, Mat, MatMut};
+use super::held::Weight;
 use super::simd;
 use rayon::prelude::*;
 
@@ -48,7 +49,7 @@ pub(crate) fn worth_it(s: &Shape) -> bool {
 }
 
 /// `U[ξ][i] = (G g Gᵀ)[ξ]` for every filter `g = w[i]` (`i` over O·C, 3×3 each).
-pub(crate) fn transform_filters(w: &[f32], filters: usize) -> Vec<f32> {
+pub(crate) fn transform_filters(w: Weight, filters: usize) -> Vec<f32> {
     // Every element is written: each task fills its range of filters in all 16 planes.
     let mut u = uninit_vec(16 * filters);
     let ptr = SendPtr(u.as_mut_ptr());
@@ -59,7 +60,9 @@ pub(crate) fn transform_filters(w: &[f32], filters: usize) -> Vec<f32> {
             let n = FILTERS_PER_TASK.min(filters - i0);
             // Taps as 9 contiguous planes, then the 16 transformed planes.
             let mut taps = vec![0f32; 9 * n];
-            for (i, g) in w[i0 * 9..(i0 + n) * 9].chunks_exact(9).enumerate() {
+            let mut wide = vec![0f32; 9 * n];
+            w.widen_into(i0 * 9, &mut wide);
+            for (i, g) in wide.chunks_exact(9).enumerate() {
                 for (k, &v) in g.iter().enumerate() {
                     taps[k * n + i] = v;
                 }

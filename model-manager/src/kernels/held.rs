@@ -1,0 +1,512 @@
+//! Weights as the CPU kernels hold them. By default in f32; with [`CpuWeights::F16`] (the CLI's
+//! `--cpu-weights f16`) a linear or conv weight whose values are all exactly f16 (a model
+//! shipped as `*.fp16.safetensors`, which `fetch` prefers) stays in f16. The math stays f32: an
+//! f16 weight is widened block by block right before the gemm reads it, so the images are
+//! those of the upcast weights while the resident weights (and the bytes a load writes) are
+//! halved — at the price of the widening pass (see `benches/results/`).
+
+use super::cpu::uninit_vec;
+use super::cpu_gemm::{gemm, Mat, MatMut};
+use super::{path, Path};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
+use gemm::Parallelism;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Elements of one widened f16 block (16 MiB of f32). Smaller blocks that stay in L2 were
+/// slower: the gemm's per-call cost outweighed the cache misses (`jhakaas-kernels`).
+const BLOCK_ELEMS: usize = 4 << 20;
+
+/// The widest block of columns a right-hand weight is widened in.
+const MAX_BLOCK_COLS: usize = 1024;
+
+/// How the CPU kernels hold weights that a model file stores in f16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuWeights {
+    /// Upcast to f32 at load (the fastest steps).
+    #[default]
+    F32,
+    /// Kept in f16 where lossless and widened as used (half the memory and load).
+    F16,
+}
+
+impl std::str::FromStr for CpuWeights {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            other => Err(crate::Error::invalid(
+                "cpu-weights",
+                format!("`{other}` is not one of f32, f16"),
+            )),
+        }
+    }
+}
+
+static HALF: AtomicBool = AtomicBool::new(false);
+
+/// Sets how the CPU kernels hold f16 weights, process-wide (the CLI's `--cpu-weights`); models
+/// loaded afterwards follow it.
+pub fn set_cpu_weights(choice: CpuWeights) {
+    HALF.store(choice == CpuWeights::F16, Ordering::Relaxed);
+}
+
+/// The process-wide [`CpuWeights`].
+pub fn cpu_weights() -> CpuWeights {
+    if HALF.load(Ordering::Relaxed) {
+        CpuWeights::F16
+    } else {
+        CpuWeights::F32
+    }
+}
+
+thread_local! {
+    /// Set while [`in_f32`] builds a model on this thread.
+    static FORCE_F32: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `build` with every weight it holds in f32, whatever [`cpu_weights`] says (a model
+/// whose layers are faster in f32 than the memory is worth).
+pub fn in_f32<R>(build: impl FnOnce() -> R) -> R {
+    /// Restores the flag even if `build` panics.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCE_F32.with(|f| f.set(self.0));
+        }
+    }
+    let _restore = Restore(FORCE_F32.with(|f| f.replace(true)));
+    build()
+}
+
+/// `t` as the CPU kernels keep it: with [`CpuWeights::F16`] (outside [`in_f32`]), in f16 when
+/// that loses nothing and our CPU kernels run on it; otherwise unchanged.
+pub fn hold(t: Tensor) -> Result<Tensor> {
+    if FORCE_F32.with(|f| f.get()) {
+        return Ok(t);
+    }
+    hold_as(cpu_weights(), t)
+}
+
+/// [`hold`] for an explicit choice (tests and benchmarks compare both side by side).
+pub fn hold_as(choice: CpuWeights, t: Tensor) -> Result<Tensor> {
+    if choice == CpuWeights::F32
+        || t.dtype() != DType::F32
+        || path(t.device(), DType::F32) != Path::Cpu
+    {
+        return Ok(t);
+    }
+    let lossless = {
+        let (storage, layout) = t.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(s) => match weight(s, layout, "weight") {
+                Ok(Weight::F32(v)) => v.par_chunks(1 << 14).all(|chunk| {
+                    chunk
+                        .iter()
+                        .all(|&x| f16::from_f32(x).to_f32().to_bits() == x.to_bits())
+                }),
+                _ => false,
+            },
+            _ => false,
+        }
+    };
+    if !lossless {
+        return Ok(t);
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*storage else {
+        unreachable!("checked above");
+    };
+    let Weight::F32(v) = weight(s, layout, "weight")? else {
+        unreachable!("checked above");
+    };
+    let mut half = vec![f16::ZERO; v.len()];
+    half.par_chunks_mut(1 << 14)
+        .zip(v.par_chunks(1 << 14))
+        .for_each(|(dst, src)| dst.convert_from_f32_slice(src));
+    Tensor::from_vec(half, t.shape(), t.device())
+}
+
+/// `v` widened to f32 in parallel: how an f16 file is read for an f32 model on the CPU
+/// (candle's own conversion runs on one core).
+pub fn widen(v: &[f16]) -> Vec<f32> {
+    // Every element is written: the chunks of `out` and `v` pair up one to one.
+    let mut out = uninit_vec(v.len());
+    out.par_chunks_mut(1 << 14)
+        .zip(v.par_chunks(1 << 14))
+        .for_each(|(dst, src)| widen_slice(src, dst));
+    out
+}
+
+/// A contiguous weight as held: f32, or f16 widened before use.
+#[derive(Debug, Clone, Copy)]
+pub enum Weight<'a> {
+    /// Used as it is.
+    F32(&'a [f32]),
+    /// Widened to f32 block by block.
+    F16(&'a [f16]),
+}
+
+impl Weight<'_> {
+    /// `dst[i] = self[start + i]` as f32.
+    pub fn widen_into(&self, start: usize, dst: &mut [f32]) {
+        match self {
+            Weight::F32(w) => dst.copy_from_slice(&w[start..start + dst.len()]),
+            Weight::F16(w) => widen_slice(&w[start..start + dst.len()], dst),
+        }
+    }
+}
+
+/// `dst = src` widened to f32, 16 (AVX-512) or 8 (F16C) values per instruction.
+fn widen_slice(src: &[f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::simd::{isa, Isa};
+        if isa() == Isa::Avx512 {
+            // SAFETY: AVX-512F detected; equal lengths checked above.
+            return unsafe { x86::widen_avx512(src, dst) };
+        }
+        if std::is_x86_feature_detected!("f16c") && std::is_x86_feature_detected!("avx") {
+            // SAFETY: F16C and AVX detected; equal lengths checked above.
+            return unsafe { x86::widen_f16c(src, dst) };
+        }
+    }
+    src.convert_to_f32_slice(dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX-512F must be available; `src` and `dst` have the same length.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn widen_avx512(src: &[f16], dst: &mut [f32]) {
+        let n = src.len();
+        let mut i = 0;
+        while i + 16 <= n {
+            let h = _mm256_loadu_si256(src.as_ptr().add(i).cast());
+            _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+            i += 16;
+        }
+        for j in i..n {
+            dst[j] = src[j].to_f32();
+        }
+    }
+
+    /// # Safety
+    /// F16C and AVX must be available; `src` and `dst` have the same length.
+    #[target_feature(enable = "avx,f16c")]
+    pub unsafe fn widen_f16c(src: &[f16], dst: &mut [f32]) {
+        let n = src.len();
+        let mut i = 0;
+        while i + 8 <= n {
+            let h = _mm_loadu_si128(src.as_ptr().add(i).cast());
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            i += 8;
+        }
+        for j in i..n {
+            dst[j] = src[j].to_f32();
+        }
+    }
+}
+
+/// The contiguous values of a weight's storage, f32 or f16.
+pub fn weight<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Weight<'a>> {
+    if !l.is_contiguous() {
+        candle_core::bail!("{what} must be contiguous");
+    }
+    let range = l.start_offset()..l.start_offset() + l.shape().elem_count();
+    match s {
+        CpuStorage::F32(v) => Ok(Weight::F32(&v[range])),
+        CpuStorage::F16(v) => Ok(Weight::F16(&v[range])),
+        other => candle_core::bail!("{what}: held in {:?}, not f32 or f16", other.dtype()),
+    }
+}
+
+/// Widens rows `r0..r1`, columns `c0..c1` of the row-major `cols`-wide weight `w` into `dst`
+/// (`c1 - c0` wide), rows in parallel.
+fn widen_block(
+    w: Weight,
+    cols: usize,
+    (r0, r1): (usize, usize),
+    (c0, c1): (usize, usize),
+    dst: &mut [f32],
+) {
+    let width = c1 - c0;
+    dst[..(r1 - r0) * width]
+        .par_chunks_mut(width)
+        .with_min_len(16)
+        .enumerate()
+        .for_each(|(i, row)| w.widen_into((r0 + i) * cols + c0, row));
+}
+
+/// `dst (m×n) = [dst +] lhs (m×k) · w (k×n)` where `w` is a row-major weight.
+///
+/// # Safety
+/// As [`gemm`]: every element the strides reach must be valid, `dst` writable and unaliased.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_weight_rhs(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: MatMut,
+    accumulate: bool,
+    lhs: Mat,
+    w: Weight,
+    par: Parallelism,
+) {
+    let w16 = match w {
+        Weight::F32(w) => {
+            let rhs = Mat {
+                ptr: w.as_ptr(),
+                rs: n as isize,
+                cs: 1,
+            };
+            return gemm(m, n, k, dst, accumulate, lhs, rhs, 1.0, par);
+        }
+        Weight::F16(_) => w,
+    };
+    let nc = n.min(MAX_BLOCK_COLS);
+    let kc = split(k, (BLOCK_ELEMS / nc).max(64));
+    // Written by `widen_block` before each gemm reads it.
+    let mut block = uninit_vec(kc * nc);
+    for n0 in (0..n).step_by(nc) {
+        let nw = nc.min(n - n0);
+        for k0 in (0..k).step_by(kc) {
+            let kw = kc.min(k - k0);
+            widen_block(w16, n, (k0, k0 + kw), (n0, n0 + nw), &mut block);
+            gemm(
+                m,
+                nw,
+                kw,
+                MatMut {
+                    ptr: dst.ptr.offset(n0 as isize * dst.cs),
+                    ..dst
+                },
+                accumulate || k0 > 0,
+                Mat {
+                    ptr: lhs.ptr.offset(k0 as isize * lhs.cs),
+                    ..lhs
+                },
+                Mat {
+                    ptr: block.as_ptr(),
+                    rs: nw as isize,
+                    cs: 1,
+                },
+                1.0,
+                par,
+            );
+        }
+    }
+}
+
+/// `dst (m×n) = [dst +] w (m×k) · rhs (k×n)` where `w` is a row-major weight.
+///
+/// # Safety
+/// As [`gemm`]: every element the strides reach must be valid, `dst` writable and unaliased.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_weight_lhs(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: MatMut,
+    accumulate: bool,
+    w: Weight,
+    rhs: Mat,
+    par: Parallelism,
+) {
+    let w16 = match w {
+        Weight::F32(w) => {
+            let lhs = Mat {
+                ptr: w.as_ptr(),
+                rs: k as isize,
+                cs: 1,
+            };
+            return gemm(m, n, k, dst, accumulate, lhs, rhs, 1.0, par);
+        }
+        Weight::F16(_) => w,
+    };
+    // Every row of the weight in one block where it fits, so `rhs` is packed once per k-block.
+    let kc = split(k, (BLOCK_ELEMS / m.max(1)).max(64));
+    let mc = split(m, (BLOCK_ELEMS / kc).max(1));
+    // Written by `widen_block` before each gemm reads it.
+    let mut block = uninit_vec(mc * kc);
+    for m0 in (0..m).step_by(mc) {
+        let mw = mc.min(m - m0);
+        for k0 in (0..k).step_by(kc) {
+            let kw = kc.min(k - k0);
+            widen_block(w16, k, (m0, m0 + mw), (k0, k0 + kw), &mut block);
+            gemm(
+                mw,
+                n,
+                kw,
+                MatMut {
+                    ptr: dst.ptr.offset(m0 as isize * dst.rs),
+                    ..dst
+                },
+                accumulate || k0 > 0,
+                Mat {
+                    ptr: block.as_ptr(),
+                    rs: kw as isize,
+                    cs: 1,
+                },
+                Mat {
+                    ptr: rhs.ptr.offset(k0 as isize * rhs.rs),
+                    ..rhs
+                },
+                1.0,
+                par,
+            );
+        }
+    }
+}
+
+/// The largest block size `≤ max` that splits `len` into equal-ish blocks (a last block of a
+/// few elements would waste a gemm call).
+fn split(len: usize, max: usize) -> usize {
+    let blocks = len.div_ceil(max.max(1)).max(1);
+    len.div_ceil(blocks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    fn as_f16(v: &[f32]) -> Vec<f16> {
+        v.iter().map(|&x| f16::from_f32(x)).collect()
+    }
+
+    fn reference(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c0: &[f32]) -> Vec<f32> {
+        let mut c = c0.to_vec();
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for p in 0..k {
+                    s += a[i * k + p] as f64 * b[p * n + j] as f64;
+                }
+                c[i * n + j] += s as f32;
+            }
+        }
+        c
+    }
+
+    /// Both f16 gemms against the f64 product of the widened weight, over shapes that take
+    /// several row, column and depth blocks (and blocks of unequal size).
+    #[test]
+    fn f16_weight_gemms_match_the_widened_product() {
+        for &(m, n, k) in &[(3, 5, 7), (77, 1500, 300), (1300, 9, 700), (40, 2100, 130)] {
+            let a = values(m * k, 1);
+            let b = values(k * n, 2);
+            let c0 = values(m * n, 3);
+            // The weight side rounded to f16, as a held weight is.
+            let b16 = as_f16(&b);
+            let b_wide: Vec<f32> = b16.iter().map(|x| x.to_f32()).collect();
+            let want = reference(m, n, k, &a, &b_wide, &c0);
+            let mut got = c0.clone();
+            unsafe {
+                gemm_weight_rhs(
+                    m,
+                    n,
+                    k,
+                    MatMut {
+                        ptr: got.as_mut_ptr(),
+                        rs: n as isize,
+                        cs: 1,
+                    },
+                    true,
+                    Mat {
+                        ptr: a.as_ptr(),
+                        rs: k as isize,
+                        cs: 1,
+                    },
+                    Weight::F16(&b16),
+                    Parallelism::Rayon(2),
+                )
+            };
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (g - w).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-3, "rhs {m}×{n}×{k}: max error {err}");
+
+            let a16 = as_f16(&a);
+            let a_wide: Vec<f32> = a16.iter().map(|x| x.to_f32()).collect();
+            let want = reference(m, n, k, &a_wide, &b, &vec![0.0; m * n]);
+            let mut got = vec![f32::NAN; m * n];
+            unsafe {
+                gemm_weight_lhs(
+                    m,
+                    n,
+                    k,
+                    MatMut {
+                        ptr: got.as_mut_ptr(),
+                        rs: n as isize,
+                        cs: 1,
+                    },
+                    false,
+                    Weight::F16(&a16),
+                    Mat {
+                        ptr: b.as_ptr(),
+                        rs: n as isize,
+                        cs: 1,
+                    },
+                    Parallelism::Rayon(2),
+                )
+            };
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (g - w).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-3, "lhs {m}×{n}×{k}: max error {err}");
+        }
+    }
+
+    #[test]
+    fn only_weights_that_are_exactly_f16_are_held_in_f16() {
+        let dev = Device::Cpu;
+        let exact: Vec<f32> = as_f16(&values(4096, 5))
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        let exact_t = Tensor::from_vec(exact.clone(), (64, 64), &dev).unwrap();
+        let held = hold_as(CpuWeights::F16, exact_t.clone()).unwrap();
+        assert_eq!(held.dtype(), DType::F16);
+        assert_eq!(
+            held.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            exact
+        );
+        let mut lossy = exact;
+        lossy[4000] += 1e-6;
+        let kept = hold_as(
+            CpuWeights::F16,
+            Tensor::from_vec(lossy, (64, 64), &dev).unwrap(),
+        );
+        assert_eq!(kept.unwrap().dtype(), DType::F32);
+        // The default keeps f32.
+        assert_eq!(
+            hold_as(CpuWeights::F32, exact_t).unwrap().dtype(),
+            DType::F32
+        );
+    }
+}
