@@ -117,13 +117,21 @@ def main() -> None:
     ap.add_argument("--target", default=str(ROOT / "target/release"))
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda runs fp16 on both sides")
     ap.add_argument("--results", default=str(ROOT / "benches/results"))
+    ap.add_argument("--weights", default="f32", choices=["f32", "fp16"],
+                    help="how the model files store the weights (fp16: what `fetch` prefers); "
+                         "on the CPU both sides still compute in f32")
+    ap.add_argument("--cpu-weights", default="f32", choices=["f32", "f16"],
+                    help="our side's --cpu-weights (f16: fp16 files stay f16 in memory)")
     a = ap.parse_args()
+    os.environ["JHAKAAS_CPU_WEIGHTS"] = a.cpu_weights  # bench-engine and the served worker
 
     target = Path(a.target)
-    model = Path(a.models) / a.arch
+    fp16_files = a.weights == "fp16" and a.device == "cpu"
+    model = Path(a.models) / (a.arch + ("-fp16" if fp16_files else ""))
     if not (model / "model_index.json").exists():
         subprocess.run([sys.executable, str(ROOT / "benches/compare/make_model.py"), "--arch", a.arch, "--out", str(model),
-                        "--tokenizer", str(ROOT / "tests/fixtures/models/sd1-tiny/tokenizer")], check=True)
+                        "--tokenizer", str(ROOT / "tests/fixtures/models/sd1-tiny/tokenizer")]
+                       + (["--fp16"] if fp16_files else []), check=True)
     h = a.size // 8
     latents = model / f"latents-{a.size}.safetensors"
     save_file({"latents": torch.randn((1, 4, h, h), generator=torch.Generator().manual_seed(0))}, str(latents))
@@ -163,9 +171,12 @@ def main() -> None:
     diff = np.abs(a_img - b_img)
     date = datetime.date.today().isoformat()
     slug = re.sub(r"[^a-z0-9]+", "-", socket.gethostname().lower()).strip("-")[:24] or "machine"
-    precision = "fp16" if a.device == "cuda" else "f32"
+    precision = "fp16" if a.device == "cuda" else ("f32, fp16 weight files" if fp16_files else "f32")
+    if a.device == "cpu":
+        precision += f", ours --cpu-weights {a.cpu_weights}"
     gpu = torch.cuda.get_device_name(0) if a.device == "cuda" else None
-    stem = Path(a.results) / f"{date}-{slug}-{a.device}-{a.arch}-{a.size}px-{a.steps}steps"
+    files = ("-fp16-files" if fp16_files else "") + ("-held-f16" if a.cpu_weights == "f16" else "")
+    stem = Path(a.results) / f"{date}-{slug}-{a.device}-{a.arch}{files}-{a.size}px-{a.steps}steps"
     cpu_model, cpu_flags = cpu_info()
     report = {"machine": machine() + (f", {gpu}" if gpu else ""), "cpu_model": cpu_model, "cpu_flags": cpu_flags,
               "our_isa": ours[0].get("isa"), "our_load_s": statistics.median(p["load_s"] for p in ours), "date": date, "device": a.device, "precision": precision, "arch": a.arch, "size": a.size, "steps": a.steps,

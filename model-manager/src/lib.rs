@@ -21,6 +21,7 @@ pub mod params;
 pub mod pipeline;
 mod replay;
 pub mod scheduler;
+pub mod sharing;
 pub mod source;
 pub mod text;
 pub mod tokenizer;

@@ -5,6 +5,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use jhakaas_model_manager::kernels::conv2d::FusedConv2d;
+use jhakaas_model_manager::kernels::held::{set_cpu_weights, CpuWeights};
 use jhakaas_model_manager::kernels::{set_kernels, KernelChoice};
 use jhakaas_model_manager::layers::{
     self, attention, attention_reference, geglu, geglu_reference, Activation, AttentionPrecision,
@@ -43,6 +44,23 @@ fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
             .unwrap()
     };
     max((&a - &b).unwrap()) / max(b).max(1.0)
+}
+
+/// `t` rounded to f16 values (kept in f32): what a model shipped in f16 holds once upcast.
+fn f16_exact(t: Tensor) -> Tensor {
+    t.to_dtype(DType::F16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+/// The dtype a layer holds its weight in: f16 exactly when the f32 weight is f16-exact.
+fn held_dtype(half: bool) -> DType {
+    if half {
+        DType::F16
+    } else {
+        DType::F32
+    }
 }
 
 fn check(what: &str, ours: &Tensor, reference: &Tensor, tol: f32) {
@@ -141,18 +159,24 @@ const CONV_CASES: &[ConvCase] = &[
 
 #[test]
 fn cpu_conv2d_matches_candle_with_fused_bias_and_addends() {
-    for (i, &(c, o, k, s, p, h, w, b)) in CONV_CASES.iter().enumerate() {
+    // f16-exact weights are held in f16; the others stay f32.
+    set_cpu_weights(CpuWeights::F16);
+    let cases = CONV_CASES.iter().enumerate();
+    for ((i, &(c, o, k, s, p, h, w, b)), half) in cases.flat_map(|c| [(c, false), (c, true)]) {
+        eprintln!("weights held in {:?}", held_dtype(half));
         let seed = 100 + i as u64 * 10;
         let scale = 1.0 / ((c * k * k) as f64).sqrt();
+        let mut weight = (randn(seed, &[o, c, k, k]) * scale).unwrap();
+        if half {
+            weight = f16_exact(weight);
+        }
         let weights = vb(
-            vec![
-                ("weight", (randn(seed, &[o, c, k, k]) * scale).unwrap()),
-                ("bias", randn(seed + 1, &[o])),
-            ],
+            vec![("weight", weight), ("bias", randn(seed + 1, &[o]))],
             DType::F32,
             &Device::Cpu,
         );
         let conv = layers::conv2d(c, o, k, s, p, weights).unwrap();
+        assert_eq!(conv.weight().dtype(), held_dtype(half));
         let x = randn(seed + 2, &[b, c, h, w]);
         let ours = conv.forward(&x).unwrap();
         let reference = conv.forward_reference(&x, None).unwrap();
@@ -206,19 +230,23 @@ fn cpu_conv2d_matches_candle_with_fused_bias_and_addends() {
 
 #[test]
 fn cpu_linear_matches_candle_nn_with_fused_bias_and_residual() {
-    for (i, &(rows, inp, out, bias)) in [
+    set_cpu_weights(CpuWeights::F16);
+    for ((i, &(rows, inp, out, bias)), half) in [
         (154, 768, 3072, true),
         (2 * 1024, 320, 320, false),
         (3, 5, 7, true),
     ]
     .iter()
     .enumerate()
+    .flat_map(|c| [(c, false), (c, true)])
     {
+        eprintln!("weights held in {:?}", held_dtype(half));
         let seed = 300 + i as u64 * 10;
-        let mut t = vec![(
-            "weight",
-            (randn(seed, &[out, inp]) * (1.0 / (inp as f64).sqrt())).unwrap(),
-        )];
+        let mut weight = (randn(seed, &[out, inp]) * (1.0 / (inp as f64).sqrt())).unwrap();
+        if half {
+            weight = f16_exact(weight);
+        }
+        let mut t = vec![("weight", weight)];
         if bias {
             t.push(("bias", randn(seed + 1, &[out])));
         }

@@ -156,3 +156,50 @@ fn model_defaults_come_from_the_checkpoint() {
     assert_eq!(d.scheduler, SchedulerKind::Ddim);
     assert_eq!(d.steps, 50);
 }
+
+#[test]
+fn lora_variants_share_the_layers_their_adapters_leave_untouched() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let source = ModelSource::Local(dir.join("models/sd1-tiny"));
+    let adapter = jhakaas_model_manager::lora::LoraAdapter::parse(
+        dir.join("reference/lora-sd1-tiny/peft.safetensors")
+            .to_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let base = StableDiffusionPipeline::load(&source, &Device::Cpu).unwrap();
+    assert_eq!(base.bytes_shared_with_base(), 0);
+    let with = |share: bool| {
+        let options = jhakaas_model_manager::pipeline::LoadOptions {
+            loras: vec![adapter.clone()],
+            share_with: share.then(|| base.shared_weights()),
+            ..Default::default()
+        };
+        StableDiffusionPipeline::load_with(&source, &Device::Cpu, &options).unwrap()
+    };
+    let (shared, copy) = (with(true), with(false));
+    assert_eq!(copy.bytes_shared_with_base(), 0);
+    assert_eq!(copy.weight_bytes(), base.weight_bytes());
+    // The VAE and every layer the adapter does not touch come from the base.
+    assert!(shared.bytes_shared_with_base() > base.weight_bytes() / 3);
+    assert_eq!(
+        shared.weight_bytes() + shared.bytes_shared_with_base(),
+        base.weight_bytes(),
+        "own + shared bytes must add up to the whole model"
+    );
+    let image = |p: &StableDiffusionPipeline| {
+        p.generate(&params(3, 1, SchedulerKind::Ddim), &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap()
+        .images
+        .remove(0)
+        .image
+    };
+    let (a, b) = (image(&shared), image(&copy));
+    assert_eq!(a, b, "sharing layers must not change a pixel");
+    assert!(
+        max_pixel_diff(&a, &image(&base)) > 2,
+        "the adapter must show"
+    );
+}

@@ -5,6 +5,7 @@
 //!
 //! Usage: jhakaas-bench-engine MODEL_DIR LATENTS PROMPT STEPS SIZE RUNS OUT_PNG START_EPOCH [DEVICE]
 //! (`JHAKAAS_KERNELS=auto|fused|reference` picks the kernels, as the worker's `--kernels`;
+//! `JHAKAAS_CPU_WEIGHTS=f32|f16` how f16 files are held, as `--cpu-weights`;
 //! `JHAKAAS_NO_RETAIN=1` keeps glibc's default of unmapping freed blocks, for A/B runs)
 
 use anyhow::{Context, Result};
@@ -45,6 +46,9 @@ fn main() -> Result<()> {
     }
     if let Ok(k) = std::env::var("JHAKAAS_KERNELS") {
         jhakaas_model_manager::kernels::set_kernels(k.parse()?);
+    }
+    if let Ok(w) = std::env::var("JHAKAAS_CPU_WEIGHTS") {
+        jhakaas_model_manager::kernels::held::set_cpu_weights(w.parse()?);
     }
     let device = a
         .get(9)

@@ -74,6 +74,9 @@ fn main() -> Result<()> {
     if let Some(k) = a.get(4) {
         set_kernels(k.parse::<KernelChoice>()?);
     }
+    if let Ok(w) = std::env::var("JHAKAAS_CPU_WEIGHTS") {
+        jhakaas_model_manager::kernels::held::set_cpu_weights(w.parse()?);
+    }
     let p = StableDiffusionPipeline::load(&ModelSource::Local(a[1].clone().into()), &device)?;
     let dtype = jhakaas_model_manager::device::working_dtype(&device);
     let context = p

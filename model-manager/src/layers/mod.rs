@@ -14,29 +14,65 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 /// A linear layer `x · Wᵀ + b` over the last dimension. The weight is held transposed,
-/// `[in, out]`, so the CPU gemm reads it without repacking it on every call.
+/// `[in, out]`, so the CPU gemm reads it without repacking it on every call, and on the CPU in
+/// f16 when that is lossless ([`kernels::held`]).
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight_t: Tensor,
     bias: Option<Tensor>,
+    /// Where the weights are in the checkpoint (the layer's prefix), for [`crate::sharing`].
+    path: String,
 }
 
 /// A linear layer, with or without bias (checkpoint keys `weight` `[out, in]`, `bias`).
+/// A LoRA variant takes it from its base when no adapter changes it ([`crate::sharing`]).
 pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    let weight_t = kernels::layout::transpose(&vb.get((out_dim, in_dim), "weight")?)?;
-    let bias = if bias {
-        Some(vb.get(out_dim, "bias")?)
-    } else {
-        None
-    };
-    Ok(Linear { weight_t, bias })
+    let path = vb.prefix();
+    let tensors = crate::sharing::layer(&path, || {
+        let weight_t = kernels::layout::transpose(&vb.get((out_dim, in_dim), "weight")?)?;
+        let mut tensors = vec![kernels::held::hold(weight_t)?];
+        if bias {
+            tensors.push(vb.get(out_dim, "bias")?);
+        }
+        Ok(tensors)
+    })?;
+    let mut tensors = tensors.into_iter();
+    Ok(Linear {
+        weight_t: tensors.next().expect("a linear layer has a weight"),
+        bias: tensors.next(),
+        path,
+    })
 }
 
 impl Linear {
     /// One linear layer computing `parts` side by side (their outputs concatenated along the
     /// last dimension), e.g. attention's q, k and v projections of one input as one gemm.
     pub fn concat(parts: &[Linear]) -> Result<Linear> {
-        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight_t).collect();
+        let paths: Vec<&str> = parts.iter().map(|p| p.path.as_str()).collect();
+        let tensors = crate::sharing::fused(&paths, || {
+            let fused = Self::concat_weights(parts)?;
+            Ok(std::iter::once(fused.weight_t).chain(fused.bias).collect())
+        })?;
+        let mut tensors = tensors.into_iter();
+        Ok(Linear {
+            weight_t: tensors.next().expect("a linear layer has a weight"),
+            bias: tensors.next(),
+            path: format!("fused({})", paths.join(",")),
+        })
+    }
+
+    fn concat_weights(parts: &[Linear]) -> Result<Linear> {
+        let dtype = parts.first().map(|p| p.weight_t.dtype());
+        let weights = if parts.iter().all(|p| Some(p.weight_t.dtype()) == dtype) {
+            parts.iter().map(|p| p.weight_t.clone()).collect()
+        } else {
+            // Held in different dtypes (one part merged with a LoRA): all in f32.
+            parts
+                .iter()
+                .map(|p| p.weight_t.to_dtype(DType::F32))
+                .collect::<Result<Vec<_>>>()?
+        };
+        let weights: Vec<&Tensor> = weights.iter().collect();
         let weight_t = kernels::layout::concat_columns(&weights)?;
         let bias = if parts.iter().all(|p| p.bias.is_some()) {
             let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
@@ -44,19 +80,29 @@ impl Linear {
         } else if parts.iter().all(|p| p.bias.is_none()) {
             None
         } else {
-            // Mixed: zeros where a part has none.
+            // Mixed: zeros (in the biases' dtype) where a part has none.
+            let dtype = parts
+                .iter()
+                .find_map(|p| p.bias.as_ref())
+                .map(Tensor::dtype);
             let biases = parts
                 .iter()
                 .map(|p| match &p.bias {
                     Some(b) => Ok(b.clone()),
-                    None => {
-                        Tensor::zeros(p.weight_t.dim(1)?, p.weight_t.dtype(), p.weight_t.device())
-                    }
+                    None => Tensor::zeros(
+                        p.weight_t.dim(1)?,
+                        dtype.unwrap_or(DType::F32),
+                        p.weight_t.device(),
+                    ),
                 })
                 .collect::<Result<Vec<_>>>()?;
             Some(Tensor::cat(&biases, 0)?)
         };
-        Ok(Linear { weight_t, bias })
+        Ok(Linear {
+            weight_t,
+            bias,
+            path: String::new(),
+        })
     }
 
     /// Width of the output.
@@ -84,7 +130,7 @@ impl Linear {
 
     /// The reference: `x · Wᵀ` as a candle matmul, then the bias and the residual.
     pub fn forward_reference(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&self.weight_t)?;
+        let y = x.broadcast_matmul(&self.weight_t.to_dtype(x.dtype())?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -102,13 +148,15 @@ impl Module for Linear {
     }
 }
 
-/// A 2D convolution with a square kernel (no dilation, no groups).
+/// A 2D convolution with a square kernel (no dilation, no groups); on the CPU the weight is
+/// held in f16 when that is lossless ([`kernels::held`]).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     inner: candle_nn::Conv2d,
 }
 
-/// A 2D convolution with a square kernel.
+/// A 2D convolution with a square kernel. A LoRA variant takes it from its base when no
+/// adapter changes it ([`crate::sharing`]).
 pub fn conv2d(
     in_c: usize,
     out_c: usize,
@@ -122,13 +170,22 @@ pub fn conv2d(
         padding,
         ..Default::default()
     };
+    let tensors = crate::sharing::layer(&vb.prefix(), || {
+        let conv = candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?;
+        let weight = kernels::held::hold(conv.weight().clone())?;
+        Ok(std::iter::once(weight)
+            .chain(conv.bias().cloned())
+            .collect())
+    })?;
+    let mut tensors = tensors.into_iter();
+    let weight = tensors.next().expect("a conv layer has a weight");
     Ok(Conv2d {
-        inner: candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?,
+        inner: candle_nn::Conv2d::new(weight, tensors.next(), cfg),
     })
 }
 
 impl Conv2d {
-    /// The weight `[O, C, k, k]`.
+    /// The weight `[O, C, k, k]`, as held (f16 on the CPU when lossless).
     pub fn weight(&self) -> &Tensor {
         self.inner.weight()
     }
@@ -171,7 +228,13 @@ impl Conv2d {
 
     /// The reference: candle's `conv2d` and bias (candle-nn's `Conv2d`), then the add.
     pub fn forward_reference(&self, x: &Tensor, addend: Option<ConvAddend>) -> Result<Tensor> {
-        let y = self.inner.forward(x)?;
+        let y = if self.inner.weight().dtype() == x.dtype() {
+            self.inner.forward(x)?
+        } else {
+            let weight = self.inner.weight().to_dtype(x.dtype())?;
+            candle_nn::Conv2d::new(weight, self.inner.bias().cloned(), *self.inner.config())
+                .forward(x)?
+        };
         match addend {
             None => Ok(y),
             Some(ConvAddend::Full(t)) => y + t,

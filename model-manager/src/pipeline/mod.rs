@@ -16,12 +16,14 @@ use crate::error::{Error, Result};
 pub use crate::params::DefaultsOverride;
 use crate::params::*;
 use crate::scheduler::{self, SchedulerConfig};
+use crate::sharing::{SharedWeights, Sharing};
 use crate::source::ModelSource;
 use crate::text::{PromptEmbeddings, TextConditioner};
 use crate::unet::UNet2DConditionModel;
 use crate::vae::AutoencoderKL;
 use crate::weights;
 use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
 
 /// diffusers' default number of steps.
 pub const DEFAULT_STEPS: usize = 50;
@@ -46,6 +48,10 @@ pub struct LoadOptions {
     pub defaults: DefaultsOverride,
     /// LoRA adapters merged into the UNet and text encoders as they load.
     pub loras: Vec<crate::lora::LoraAdapter>,
+    /// The layers of the base pipeline (its [`StableDiffusionPipeline::shared_weights`]): a
+    /// variant takes every layer its adapters leave untouched from there instead of loading
+    /// its own copy.
+    pub share_with: Option<Arc<SharedWeights>>,
 }
 
 /// A loaded pipeline, ready to generate.
@@ -61,6 +67,8 @@ pub struct StableDiffusionPipeline {
     vae_dtype: DType,
     description: ModelDescription,
     weight_bytes: u64,
+    shared: Arc<SharedWeights>,
+    shared_bytes: u64,
 }
 
 impl std::fmt::Debug for StableDiffusionPipeline {
@@ -118,7 +126,12 @@ impl StableDiffusionPipeline {
             description,
         } = read_configs(source, options)?;
         let lora = crate::lora::LoraPlan::build(&options.loras, source, kind)?;
-        let (text, text_bytes) = TextConditioner::load(source, kind, &index, dtype, device, &lora)?;
+        let share = Sharing {
+            donor: options.share_with.clone(),
+            record: Arc::new(SharedWeights::default()),
+        };
+        let (text, text_bytes, text_shared) =
+            TextConditioner::load(source, kind, &index, (dtype, device), &lora, &share)?;
         let context_dim: usize = text
             .encoders()
             .iter()
@@ -164,8 +177,11 @@ impl StableDiffusionPipeline {
             device,
             lora.deltas("unet"),
         )?;
-        let unet_bytes = w.bytes;
-        let unet = weights::with_file(&w.file, UNet2DConditionModel::new(&unet_cfg, w.vb))?;
+        let (unet, unet_shared) = share.build("unet", lora.deltas("unet"), || {
+            weights::with_file(&w.file, UNet2DConditionModel::new(&unet_cfg, w.vb))
+        });
+        let unet = unet?;
+        let unet_bytes = w.bytes.saturating_sub(unet_shared.bytes);
         let vae_dtype = vae_dtype(kind, &vae_cfg, dtype);
         let w = weights::load(
             &vae_source,
@@ -174,8 +190,13 @@ impl StableDiffusionPipeline {
             vae_dtype,
             device,
         )?;
-        let vae_bytes = w.bytes;
-        let vae = weights::with_file(&w.file, AutoencoderKL::new(&vae_cfg, w.vb))?;
+        // No adapter touches the VAE: a variant shares all of it.
+        let no_deltas: Option<&std::collections::HashMap<String, ()>> = None;
+        let (vae, vae_shared) = share.build("vae", no_deltas, || {
+            weights::with_file(&w.file, AutoencoderKL::new(&vae_cfg, w.vb))
+        });
+        let vae = vae?;
+        let vae_bytes = w.bytes.saturating_sub(vae_shared.bytes);
 
         let name = match &options.vae {
             Some(v) => format!("{source} (vae: {v})"),
@@ -193,6 +214,8 @@ impl StableDiffusionPipeline {
             vae_dtype,
             description,
             weight_bytes: text_bytes + unet_bytes + vae_bytes,
+            shared: share.record,
+            shared_bytes: text_shared + unet_shared.bytes + vae_shared.bytes,
         })
     }
 
@@ -216,9 +239,21 @@ impl StableDiffusionPipeline {
         self.kind == PipelineKind::StableDiffusionXl
     }
 
-    /// Bytes the loaded weights take on the device (in the dtypes they were loaded in).
+    /// Bytes of weights this pipeline holds on its own on the device (in the dtypes they
+    /// were loaded in; for a LoRA variant, without the layers it shares with its base).
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
+    }
+
+    /// Bytes of the layers a LoRA variant takes from its base instead of holding them (0 for
+    /// a base model).
+    pub fn bytes_shared_with_base(&self) -> u64 {
+        self.shared_bytes
+    }
+
+    /// Its layers, for loading LoRA variants that share them ([`LoadOptions::share_with`]).
+    pub fn shared_weights(&self) -> Arc<SharedWeights> {
+        self.shared.clone()
     }
 
     /// The source this pipeline was loaded from.
@@ -390,6 +425,31 @@ fn read_configs(source: &ModelSource, options: &LoadOptions) -> Result<Configs> 
     })
 }
 
+/// Bytes of the layers `loras` change, from the weight files' headers: each changed weight,
+/// times three for the fused projection (q, k and v) it may be part of.
+fn estimate_variant_bytes(
+    source: &ModelSource,
+    kind: PipelineKind,
+    dtype: DType,
+    loras: &[crate::lora::LoraAdapter],
+) -> Result<u64> {
+    let plan = crate::lora::LoraPlan::build(loras, source, kind)?;
+    let mut total = 0u64;
+    for (folder, stem) in kind.weight_files() {
+        let Some(deltas) = plan.deltas(folder) else {
+            continue;
+        };
+        let shapes = weights::tensor_shapes(source, folder, stem)?;
+        for name in deltas.keys() {
+            let elems: u64 = shapes
+                .get(name)
+                .map_or(0, |s| s.iter().map(|&d| d as u64).product());
+            total += 3 * elems * dtype.size_in_bytes() as u64;
+        }
+    }
+    Ok(total)
+}
+
 /// Family and defaults of `source` from its config files, without loading any weights.
 pub fn describe(source: &ModelSource, options: &LoadOptions) -> Result<ModelDescription> {
     Ok(read_configs(source, options)?.description)
@@ -397,6 +457,8 @@ pub fn describe(source: &ModelSource, options: &LoadOptions) -> Result<ModelDesc
 
 /// Estimates the bytes `source` will take once loaded on `device`, from the weight files'
 /// headers alone (nothing is loaded). Used to make room in a memory-budgeted cache first.
+/// A LoRA variant sharing its base's layers ([`LoadOptions::share_with`]) counts only the
+/// layers its adapters change.
 pub fn estimate_loaded_bytes(
     source: &ModelSource,
     device: &Device,
@@ -404,6 +466,9 @@ pub fn estimate_loaded_bytes(
 ) -> Result<u64> {
     let dtype = working_dtype(device);
     let configs = read_configs(source, options)?;
+    if options.share_with.is_some() && !options.loras.is_empty() {
+        return estimate_variant_bytes(source, configs.kind, dtype, &options.loras);
+    }
     // Every weight file of the family but the VAE's, which may come from elsewhere.
     let mut parts: Vec<(ModelSource, String, DType)> = configs
         .kind

@@ -33,7 +33,7 @@ impl ModelSpec {
         LoadOptions {
             vae: self.vae.clone(),
             defaults: self.defaults,
-            loras: Vec::new(),
+            ..Default::default()
         }
     }
 }
@@ -242,15 +242,29 @@ impl LoadedModels {
         self.loaded.iter().map(|(_, p)| p.weight_bytes()).sum()
     }
 
-    fn evict_oldest(&mut self) {
-        let (evicted, p) = self.loaded.remove(0);
+    /// Evicts the least recently used pipeline other than `keep` — a base model together
+    /// with its LoRA variants, which share its layers. False when nothing else is loaded.
+    fn evict_oldest_except(&mut self, keep: Option<&VariantKey>) -> bool {
+        let Some(i) = self.loaded.iter().position(|(k, _)| Some(k) != keep) else {
+            return false;
+        };
+        let (evicted, p) = self.loaded.remove(i);
         tracing::info!(model = %evicted.label(), bytes = p.weight_bytes(), "evicting least recently used model");
         if evicted.loras.is_empty() {
+            let model = evicted.model.clone();
+            self.loaded.retain(|(k, p)| {
+                let variant = k.model == model;
+                if variant {
+                    tracing::info!(model = %k.label(), bytes = p.weight_bytes(), "evicting a variant with its base");
+                }
+                !variant
+            });
             self.table.update(&evicted.model, |s| {
                 s.loaded = false;
                 s.loaded_bytes = 0;
             });
         }
+        true
     }
 
     /// Whether `name` with `loras` is loaded.
@@ -260,8 +274,11 @@ impl LoadedModels {
     }
 
     /// The pipeline of `name` merged with `loras` (none: the base model), loading it (and
-    /// evicting the least recently used) if needed. A load that failed is not retried until
-    /// its back-off passes; nothing is evicted for a load whose files do not even read.
+    /// evicting the least recently used) if needed. A variant is loaded after its base and
+    /// takes every layer its adapters leave untouched from it, so it holds (and is budgeted
+    /// for) only the layers it changes; it never evicts its own base. A load that failed is
+    /// not retried until its back-off passes; nothing is evicted for a load whose files do
+    /// not even read.
     pub fn get(
         &mut self,
         name: &str,
@@ -292,28 +309,33 @@ impl LoadedModels {
             .clone();
         let mut options = spec.load_options();
         options.loras = loras.to_vec();
+        let base = if loras.is_empty() {
+            None
+        } else {
+            Some(self.get(name, &[])?)
+        };
+        options.share_with = base.as_ref().map(|b| b.shared_weights());
+        let keep = base.as_ref().map(|_| VariantKey::new(name, &[]));
         // Before anything is evicted: the configs and every weight file's header must read
-        // (this also sizes the model for the budget; a variant is a full copy).
+        // (this also sizes the model, or the variant's own layers, for the budget).
         let needed = estimate_loaded_bytes(&spec.source, &self.device, &options)
             .map_err(|e| self.load_failed(&label, e.to_string()))?;
         if let Some(budget) = self.memory_budget {
-            if needed > budget {
+            let with_base = needed + base.as_ref().map_or(0, |b| b.weight_bytes());
+            if with_base > budget {
                 return Err(self.load_failed(
                     &label,
                     format!(
                         "it needs {} of weights, more than the whole memory budget of {}",
-                        human_bytes(needed),
+                        human_bytes(with_base),
                         human_bytes(budget)
                     ),
                 ));
             }
-            while !self.loaded.is_empty() && self.loaded_bytes() + needed > budget {
-                self.evict_oldest();
+            while self.loaded_bytes() + needed > budget && self.evict_oldest_except(keep.as_ref()) {
             }
         }
-        while self.loaded.len() >= self.max_loaded {
-            self.evict_oldest();
-        }
+        while self.loaded.len() >= self.max_loaded && self.evict_oldest_except(keep.as_ref()) {}
         let started = std::time::Instant::now();
         match StableDiffusionPipeline::load_with(&spec.source, &self.device, &options) {
             Ok(p) => {
@@ -405,6 +427,45 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fixtures() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+    }
+
+    fn spec(name: &str) -> ModelSpec {
+        ModelSpec {
+            name: name.into(),
+            source: ModelSource::Local(fixtures().join("models/sd1-tiny")),
+            vae: None,
+            defaults: DefaultsOverride::default(),
+        }
+    }
+
+    fn names(m: &LoadedModels) -> Vec<String> {
+        m.loaded.iter().map(|(k, _)| k.label()).collect()
+    }
+
+    #[test]
+    fn a_variant_shares_its_base_never_evicts_it_and_goes_with_it() {
+        let table = Arc::new(ModelTable::new(vec![spec("a"), spec("b")], "a".into()));
+        let lora = LoraAdapter::parse(
+            fixtures()
+                .join("reference/lora-sd1-tiny/peft.safetensors")
+                .to_str()
+                .unwrap(),
+        )
+        .unwrap();
+        // Room for one model only: the variant still loads next to its base.
+        let mut m = LoadedModels::new(table, jhakaas_model_manager::Device::Cpu, 1, None);
+        let variant = m.get("a", std::slice::from_ref(&lora)).unwrap();
+        assert_eq!(names(&m), ["a", "a + peft:1"]);
+        let base = m.get("a", &[]).unwrap();
+        assert!(variant.bytes_shared_with_base() > 0);
+        assert!(variant.weight_bytes() < base.weight_bytes());
+        // Another model evicts the base and, with it, its variant.
+        m.get("b", &[]).unwrap();
+        assert_eq!(names(&m), ["b"]);
+    }
 
     #[test]
     fn byte_sizes_parse_with_binary_and_decimal_units() {
