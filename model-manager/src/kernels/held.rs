@@ -100,35 +100,40 @@ pub fn hold_as(choice: CpuWeights, t: Tensor) -> Result<Tensor> {
     {
         return Ok(t);
     }
-    let lossless = {
+    let half = {
         let (storage, layout) = t.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(s) => match weight(s, layout, "weight") {
-                Ok(Weight::F32(v)) => v.par_chunks(1 << 14).all(|chunk| {
-                    chunk
-                        .iter()
-                        .all(|&x| f16::from_f32(x).to_f32().to_bits() == x.to_bits())
-                }),
-                _ => false,
-            },
-            _ => false,
+        let candle_core::Storage::Cpu(s) = &*storage else {
+            return Ok(t.clone());
+        };
+        match weight(s, layout, "weight") {
+            Ok(Weight::F32(v)) => narrow_exact(v),
+            _ => None,
         }
     };
-    if !lossless {
-        return Ok(t);
+    match half {
+        Some(half) => Tensor::from_vec(half, t.shape(), t.device()),
+        None => Ok(t),
     }
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(s) = &*storage else {
-        unreachable!("checked above");
-    };
-    let Weight::F32(v) = weight(s, layout, "weight")? else {
-        unreachable!("checked above");
-    };
+}
+
+/// `v` in f16 if every value survives the round trip, in parallel SIMD passes (narrow, then
+/// widen back and compare bits); `None` at the first value that does not.
+fn narrow_exact(v: &[f32]) -> Option<Vec<f16>> {
+    const CHUNK: usize = 1 << 12;
     let mut half = vec![f16::ZERO; v.len()];
-    half.par_chunks_mut(1 << 14)
-        .zip(v.par_chunks(1 << 14))
-        .for_each(|(dst, src)| dst.convert_from_f32_slice(src));
-    Tensor::from_vec(half, t.shape(), t.device())
+    let exact = half
+        .par_chunks_mut(CHUNK)
+        .zip(v.par_chunks(CHUNK))
+        .all(|(dst, src)| {
+            dst.convert_from_f32_slice(src);
+            let mut back = [0f32; CHUNK];
+            let back = &mut back[..src.len()];
+            widen_slice(dst, back);
+            back.iter()
+                .zip(src)
+                .all(|(b, s)| b.to_bits() == s.to_bits())
+        });
+    exact.then_some(half)
 }
 
 /// `v` widened to f32 in parallel: how an f16 file is read for an f32 model on the CPU
@@ -247,6 +252,46 @@ fn widen_block(
         .for_each(|(i, row)| w.widen_into((r0 + i) * cols + c0, row));
 }
 
+/// Widens the row-major `rows × cols` f16 weight `w` in `rb × cb` blocks and hands each to
+/// `f(block, r0, c0, rw, cw)` (the block is `cw` wide). The blocks along the gemm's depth —
+/// rows when `depth_is_rows`, else columns — run innermost, so each output block sees its
+/// first depth block before the others accumulate into it.
+fn for_each_block(
+    w: Weight,
+    (rows, cols): (usize, usize),
+    (rb, cb): (usize, usize),
+    depth_is_rows: bool,
+    mut f: impl FnMut(&[f32], usize, usize, usize, usize),
+) {
+    // Written by `widen_block` before `f` reads it.
+    let mut block = uninit_vec(rb * cb);
+    let (outer, inner) = if depth_is_rows {
+        ((cols, cb), (rows, rb))
+    } else {
+        ((rows, rb), (cols, cb))
+    };
+    for o0 in (0..outer.0).step_by(outer.1) {
+        for i0 in (0..inner.0).step_by(inner.1) {
+            let (r0, c0) = if depth_is_rows { (i0, o0) } else { (o0, i0) };
+            let (rw, cw) = (rb.min(rows - r0), cb.min(cols - c0));
+            widen_block(w, cols, (r0, r0 + rw), (c0, c0 + cw), &mut block);
+            f(&block[..rw * cw], r0, c0, rw, cw);
+        }
+    }
+}
+
+/// `w` as a row-major f32 matrix `cols` wide, if it is held in f32.
+fn as_f32(w: Weight, cols: usize) -> Option<Mat> {
+    match w {
+        Weight::F32(v) => Some(Mat {
+            ptr: v.as_ptr(),
+            rs: cols as isize,
+            cs: 1,
+        }),
+        Weight::F16(_) => None,
+    }
+}
+
 /// `dst (m×n) = [dst +] lhs (m×k) · w (k×n)` where `w` is a row-major weight.
 ///
 /// # Safety
@@ -262,49 +307,43 @@ pub unsafe fn gemm_weight_rhs(
     w: Weight,
     par: Parallelism,
 ) {
-    let w16 = match w {
-        Weight::F32(w) => {
-            let rhs = Mat {
-                ptr: w.as_ptr(),
-                rs: n as isize,
-                cs: 1,
-            };
-            return gemm(m, n, k, dst, accumulate, lhs, rhs, 1.0, par);
-        }
-        Weight::F16(_) => w,
-    };
-    let nc = n.min(MAX_BLOCK_COLS);
-    let kc = split(k, (BLOCK_ELEMS / nc).max(64));
-    // Written by `widen_block` before each gemm reads it.
-    let mut block = uninit_vec(kc * nc);
-    for n0 in (0..n).step_by(nc) {
-        let nw = nc.min(n - n0);
-        for k0 in (0..k).step_by(kc) {
-            let kw = kc.min(k - k0);
-            widen_block(w16, n, (k0, k0 + kw), (n0, n0 + nw), &mut block);
-            gemm(
-                m,
-                nw,
-                kw,
-                MatMut {
-                    ptr: dst.ptr.offset(n0 as isize * dst.cs),
-                    ..dst
-                },
-                accumulate || k0 > 0,
-                Mat {
-                    ptr: lhs.ptr.offset(k0 as isize * lhs.cs),
-                    ..lhs
-                },
-                Mat {
-                    ptr: block.as_ptr(),
-                    rs: nw as isize,
-                    cs: 1,
-                },
-                1.0,
-                par,
-            );
-        }
+    gemm_weight_rhs_in(m, n, k, dst, accumulate, lhs, w, par, BLOCK_ELEMS)
+}
+
+/// [`gemm_weight_rhs`] widening blocks of at most about `block_elems`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_weight_rhs_in(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: MatMut,
+    accumulate: bool,
+    lhs: Mat,
+    w: Weight,
+    par: Parallelism,
+    block_elems: usize,
+) {
+    if let Some(rhs) = as_f32(w, n) {
+        return gemm(m, n, k, dst, accumulate, lhs, rhs, 1.0, par);
     }
+    let nc = n.min(MAX_BLOCK_COLS);
+    let kc = split(k, (block_elems / nc).max(64));
+    for_each_block(w, (k, n), (kc, nc), true, |block, k0, n0, kw, nw| {
+        let dst = MatMut {
+            ptr: dst.ptr.offset(n0 as isize * dst.cs),
+            ..dst
+        };
+        let lhs = Mat {
+            ptr: lhs.ptr.offset(k0 as isize * lhs.cs),
+            ..lhs
+        };
+        let rhs = Mat {
+            ptr: block.as_ptr(),
+            rs: nw as isize,
+            cs: 1,
+        };
+        gemm(m, nw, kw, dst, accumulate || k0 > 0, lhs, rhs, 1.0, par);
+    });
 }
 
 /// `dst (m×n) = [dst +] w (m×k) · rhs (k×n)` where `w` is a row-major weight.
@@ -322,50 +361,44 @@ pub unsafe fn gemm_weight_lhs(
     rhs: Mat,
     par: Parallelism,
 ) {
-    let w16 = match w {
-        Weight::F32(w) => {
-            let lhs = Mat {
-                ptr: w.as_ptr(),
-                rs: k as isize,
-                cs: 1,
-            };
-            return gemm(m, n, k, dst, accumulate, lhs, rhs, 1.0, par);
-        }
-        Weight::F16(_) => w,
-    };
-    // Every row of the weight in one block where it fits, so `rhs` is packed once per k-block.
-    let kc = split(k, (BLOCK_ELEMS / m.max(1)).max(64));
-    let mc = split(m, (BLOCK_ELEMS / kc).max(1));
-    // Written by `widen_block` before each gemm reads it.
-    let mut block = uninit_vec(mc * kc);
-    for m0 in (0..m).step_by(mc) {
-        let mw = mc.min(m - m0);
-        for k0 in (0..k).step_by(kc) {
-            let kw = kc.min(k - k0);
-            widen_block(w16, k, (m0, m0 + mw), (k0, k0 + kw), &mut block);
-            gemm(
-                mw,
-                n,
-                kw,
-                MatMut {
-                    ptr: dst.ptr.offset(m0 as isize * dst.rs),
-                    ..dst
-                },
-                accumulate || k0 > 0,
-                Mat {
-                    ptr: block.as_ptr(),
-                    rs: kw as isize,
-                    cs: 1,
-                },
-                Mat {
-                    ptr: rhs.ptr.offset(k0 as isize * rhs.rs),
-                    ..rhs
-                },
-                1.0,
-                par,
-            );
-        }
+    gemm_weight_lhs_in(m, n, k, dst, accumulate, w, rhs, par, BLOCK_ELEMS)
+}
+
+/// [`gemm_weight_lhs`] widening blocks of at most about `block_elems`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_weight_lhs_in(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: MatMut,
+    accumulate: bool,
+    w: Weight,
+    rhs: Mat,
+    par: Parallelism,
+    block_elems: usize,
+) {
+    if let Some(lhs) = as_f32(w, k) {
+        return gemm(m, n, k, dst, accumulate, lhs, rhs, 1.0, par);
     }
+    // Every row of the weight in one block where it fits, so `rhs` is packed once per k-block.
+    let kc = split(k, (block_elems / m.max(1)).max(64));
+    let mc = split(m, (block_elems / kc).max(1));
+    for_each_block(w, (m, k), (mc, kc), false, |block, m0, k0, mw, kw| {
+        let dst = MatMut {
+            ptr: dst.ptr.offset(m0 as isize * dst.rs),
+            ..dst
+        };
+        let lhs = Mat {
+            ptr: block.as_ptr(),
+            rs: kw as isize,
+            cs: 1,
+        };
+        let rhs = Mat {
+            ptr: rhs.ptr.offset(k0 as isize * rhs.rs),
+            ..rhs
+        };
+        gemm(mw, n, kw, dst, accumulate || k0 > 0, lhs, rhs, 1.0, par);
+    });
 }
 
 /// The largest block size `≤ max` that splits `len` into equal-ish blocks (a last block of a
@@ -404,11 +437,14 @@ mod tests {
         c
     }
 
-    /// Both f16 gemms against the f64 product of the widened weight, over shapes that take
-    /// several row, column and depth blocks (and blocks of unequal size).
+    /// Both f16 gemms against the f64 product of the widened weight, with the production block
+    /// size and a small one, so the shapes take several row, column and depth blocks (and
+    /// blocks of unequal size).
     #[test]
     fn f16_weight_gemms_match_the_widened_product() {
-        for &(m, n, k) in &[(3, 5, 7), (77, 1500, 300), (1300, 9, 700), (40, 2100, 130)] {
+        let shapes = [(3, 5, 7), (77, 1500, 300), (1300, 9, 700), (40, 2100, 130)];
+        let cases = shapes.iter().flat_map(|&s| [(s, BLOCK_ELEMS), (s, 5000)]);
+        for ((m, n, k), block) in cases {
             let a = values(m * k, 1);
             let b = values(k * n, 2);
             let c0 = values(m * n, 3);
@@ -418,7 +454,7 @@ mod tests {
             let want = reference(m, n, k, &a, &b_wide, &c0);
             let mut got = c0.clone();
             unsafe {
-                gemm_weight_rhs(
+                gemm_weight_rhs_in(
                     m,
                     n,
                     k,
@@ -435,6 +471,7 @@ mod tests {
                     },
                     Weight::F16(&b16),
                     Parallelism::Rayon(2),
+                    block,
                 )
             };
             let err = got
@@ -442,14 +479,17 @@ mod tests {
                 .zip(&want)
                 .map(|(g, w)| (g - w).abs())
                 .fold(0f32, f32::max);
-            assert!(err < 1e-3, "rhs {m}×{n}×{k}: max error {err}");
+            assert!(
+                err < 1e-3,
+                "rhs {m}×{n}×{k} (blocks {block}): max error {err}"
+            );
 
             let a16 = as_f16(&a);
             let a_wide: Vec<f32> = a16.iter().map(|x| x.to_f32()).collect();
             let want = reference(m, n, k, &a_wide, &b, &vec![0.0; m * n]);
             let mut got = vec![f32::NAN; m * n];
             unsafe {
-                gemm_weight_lhs(
+                gemm_weight_lhs_in(
                     m,
                     n,
                     k,
@@ -466,6 +506,7 @@ mod tests {
                         cs: 1,
                     },
                     Parallelism::Rayon(2),
+                    block,
                 )
             };
             let err = got
@@ -473,7 +514,10 @@ mod tests {
                 .zip(&want)
                 .map(|(g, w)| (g - w).abs())
                 .fold(0f32, f32::max);
-            assert!(err < 1e-3, "lhs {m}×{n}×{k}: max error {err}");
+            assert!(
+                err < 1e-3,
+                "lhs {m}×{n}×{k} (blocks {block}): max error {err}"
+            );
         }
     }
 
