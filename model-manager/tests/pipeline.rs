@@ -159,12 +159,16 @@ fn model_defaults_come_from_the_checkpoint() {
 
 #[test]
 fn lora_variants_share_the_layers_their_adapters_leave_untouched() {
+    // SD1 with a PEFT file; SDXL (two text encoders) with an SGM-named kohya file.
+    check_sharing("sd1-tiny", "lora-sd1-tiny/peft.safetensors");
+    check_sharing("sdxl-tiny", "lora-sdxl-tiny/kohya-sgm.safetensors");
+}
+
+fn check_sharing(model: &str, lora: &str) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
-    let source = ModelSource::Local(dir.join("models/sd1-tiny"));
+    let source = ModelSource::Local(dir.join("models").join(model));
     let adapter = jhakaas_model_manager::lora::LoraAdapter::parse(
-        dir.join("reference/lora-sd1-tiny/peft.safetensors")
-            .to_str()
-            .unwrap(),
+        dir.join("reference").join(lora).to_str().unwrap(),
     )
     .unwrap();
     let base = StableDiffusionPipeline::load(&source, &Device::Cpu).unwrap();
@@ -181,11 +185,16 @@ fn lora_variants_share_the_layers_their_adapters_leave_untouched() {
     assert_eq!(copy.bytes_shared_with_base(), 0);
     assert_eq!(copy.weight_bytes(), base.weight_bytes());
     // The VAE and every layer the adapter does not touch come from the base.
-    assert!(shared.bytes_shared_with_base() > base.weight_bytes() / 3);
+    assert!(
+        shared.bytes_shared_with_base() > base.weight_bytes() / 3,
+        "{model}: shared {} of {}",
+        shared.bytes_shared_with_base(),
+        base.weight_bytes()
+    );
     assert_eq!(
         shared.weight_bytes() + shared.bytes_shared_with_base(),
         base.weight_bytes(),
-        "own + shared bytes must add up to the whole model"
+        "{model}: own + shared bytes must add up to the whole model"
     );
     let image = |p: &StableDiffusionPipeline| {
         p.generate(&params(3, 1, SchedulerKind::Ddim), &mut |_| {
@@ -197,9 +206,9 @@ fn lora_variants_share_the_layers_their_adapters_leave_untouched() {
         .image
     };
     let (a, b) = (image(&shared), image(&copy));
-    assert_eq!(a, b, "sharing layers must not change a pixel");
+    assert_eq!(a, b, "{model}: sharing layers must not change a pixel");
     assert!(
         max_pixel_diff(&a, &image(&base)) > 2,
-        "the adapter must show"
+        "{model}: the adapter must show"
     );
 }
