@@ -243,13 +243,62 @@ fn widen_block(
     (r0, r1): (usize, usize),
     (c0, c1): (usize, usize),
     dst: &mut [f32],
+    parallel: bool,
 ) {
     let width = c1 - c0;
-    dst[..(r1 - r0) * width]
-        .par_chunks_mut(width)
-        .with_min_len(16)
-        .enumerate()
-        .for_each(|(i, row)| w.widen_into((r0 + i) * cols + c0, row));
+    let dst = &mut dst[..(r1 - r0) * width];
+    if parallel {
+        dst.par_chunks_mut(width)
+            .with_min_len(16)
+            .enumerate()
+            .for_each(|(i, row)| w.widen_into((r0 + i) * cols + c0, row));
+    } else {
+        for (i, row) in dst.chunks_mut(width).enumerate() {
+            w.widen_into((r0 + i) * cols + c0, row);
+        }
+    }
+}
+
+/// How the blocks of one f16 gemm are spread over the threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spread {
+    /// One block at a time, each widened in parallel, each gemm using every thread: the
+    /// compute-bound shapes.
+    WithinGemms,
+    /// The output blocks (disjoint parts of the output) in parallel, each a chain of small
+    /// single-threaded gemms on L2-sized blocks: the shapes that stream the weight once
+    /// (few output rows or columns), where a per-gemm thread hand-off per block costs more
+    /// than the block's arithmetic.
+    AcrossBlocks,
+}
+
+/// The output's extent along the weight's non-depth side at or below which a gemm streams the
+/// weight (output rows for a right-hand weight, columns for a left-hand one).
+const STREAMED: usize = 256;
+
+/// Elements of one widened block in [`Spread::AcrossBlocks`] (1 MiB of f32, in L2).
+const L2_BLOCK_ELEMS: usize = 256 << 10;
+
+/// `(output blocks, depth block)` sizes for [`Spread::AcrossBlocks`] over `outer` output
+/// rows/columns of the weight and `depth` of it: at least four output blocks per thread.
+fn across_blocks(outer: usize, depth: usize) -> (usize, usize) {
+    let threads = rayon::current_num_threads().max(1);
+    let ob = split(outer, outer.div_ceil(4 * threads).max(16));
+    (ob, split(depth, (L2_BLOCK_ELEMS / ob).max(64)))
+}
+
+/// Raw output and input views that may cross into rayon tasks writing disjoint output blocks.
+#[derive(Clone, Copy)]
+struct Views(MatMut, Mat);
+// SAFETY: tasks write disjoint output blocks and only read the input.
+unsafe impl Send for Views {}
+unsafe impl Sync for Views {}
+
+impl Views {
+    /// The views (a method, so closures capture the whole `Views`).
+    fn get(&self) -> (MatMut, Mat) {
+        (self.0, self.1)
+    }
 }
 
 /// Widens the row-major `rows × cols` f16 weight `w` in `rb × cb` blocks and hands each to
@@ -261,22 +310,38 @@ fn for_each_block(
     (rows, cols): (usize, usize),
     (rb, cb): (usize, usize),
     depth_is_rows: bool,
-    mut f: impl FnMut(&[f32], usize, usize, usize, usize),
+    spread: Spread,
+    f: impl Fn(&[f32], usize, usize, usize, usize) + Sync,
 ) {
-    // Written by `widen_block` before `f` reads it.
-    let mut block = uninit_vec(rb * cb);
     let (outer, inner) = if depth_is_rows {
         ((cols, cb), (rows, rb))
     } else {
         ((rows, rb), (cols, cb))
     };
-    for o0 in (0..outer.0).step_by(outer.1) {
+    let parallel = spread == Spread::WithinGemms;
+    let chain = |o0: usize, block: &mut [f32]| {
         for i0 in (0..inner.0).step_by(inner.1) {
             let (r0, c0) = if depth_is_rows { (i0, o0) } else { (o0, i0) };
             let (rw, cw) = (rb.min(rows - r0), cb.min(cols - c0));
-            widen_block(w, cols, (r0, r0 + rw), (c0, c0 + cw), &mut block);
+            widen_block(w, cols, (r0, r0 + rw), (c0, c0 + cw), block, parallel);
             f(&block[..rw * cw], r0, c0, rw, cw);
         }
+    };
+    match spread {
+        Spread::WithinGemms => {
+            // Written by `widen_block` before `f` reads it.
+            let mut block = uninit_vec(rb * cb);
+            for o0 in (0..outer.0).step_by(outer.1) {
+                chain(o0, &mut block);
+            }
+        }
+        Spread::AcrossBlocks => (0..outer.0.div_ceil(outer.1))
+            .into_par_iter()
+            .for_each(|ob| {
+                // Written by `widen_block` before `f` reads it.
+                let mut block = uninit_vec(rb * cb);
+                chain(ob * outer.1, &mut block);
+            }),
     }
 }
 
@@ -307,10 +372,11 @@ pub unsafe fn gemm_weight_rhs(
     w: Weight,
     par: Parallelism,
 ) {
-    gemm_weight_rhs_in(m, n, k, dst, accumulate, lhs, w, par, BLOCK_ELEMS)
+    gemm_weight_rhs_in(m, n, k, dst, accumulate, lhs, w, par, None)
 }
 
-/// [`gemm_weight_rhs`] widening blocks of at most about `block_elems`.
+/// [`gemm_weight_rhs`]; `within` forces [`Spread::WithinGemms`] with blocks of about that many
+/// elements (tests), `None` picks the spread from the shape.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_weight_rhs_in(
     m: usize,
@@ -321,29 +387,45 @@ unsafe fn gemm_weight_rhs_in(
     lhs: Mat,
     w: Weight,
     par: Parallelism,
-    block_elems: usize,
+    within: Option<usize>,
 ) {
     if let Some(rhs) = as_f32(w, n) {
         return gemm(m, n, k, dst, accumulate, lhs, rhs, 1.0, par);
     }
-    let nc = n.min(MAX_BLOCK_COLS);
-    let kc = split(k, (block_elems / nc).max(64));
-    for_each_block(w, (k, n), (kc, nc), true, |block, k0, n0, kw, nw| {
-        let dst = MatMut {
-            ptr: dst.ptr.offset(n0 as isize * dst.cs),
-            ..dst
-        };
-        let lhs = Mat {
-            ptr: lhs.ptr.offset(k0 as isize * lhs.cs),
-            ..lhs
-        };
-        let rhs = Mat {
-            ptr: block.as_ptr(),
-            rs: nw as isize,
-            cs: 1,
-        };
-        gemm(m, nw, kw, dst, accumulate || k0 > 0, lhs, rhs, 1.0, par);
-    });
+    let (spread, nc, kc, par) = if m <= STREAMED && within.is_none() {
+        let (nc, kc) = across_blocks(n, k);
+        (Spread::AcrossBlocks, nc, kc, Parallelism::None)
+    } else {
+        let block_elems = within.unwrap_or(BLOCK_ELEMS);
+        let nc = n.min(MAX_BLOCK_COLS);
+        let kc = split(k, (block_elems / nc).max(64));
+        (Spread::WithinGemms, nc, kc, par)
+    };
+    let views = Views(dst, lhs);
+    for_each_block(
+        w,
+        (k, n),
+        (kc, nc),
+        true,
+        spread,
+        |block, k0, n0, kw, nw| {
+            let (dst, lhs) = views.get();
+            let dst = MatMut {
+                ptr: dst.ptr.offset(n0 as isize * dst.cs),
+                ..dst
+            };
+            let lhs = Mat {
+                ptr: lhs.ptr.offset(k0 as isize * lhs.cs),
+                ..lhs
+            };
+            let rhs = Mat {
+                ptr: block.as_ptr(),
+                rs: nw as isize,
+                cs: 1,
+            };
+            gemm(m, nw, kw, dst, accumulate || k0 > 0, lhs, rhs, 1.0, par);
+        },
+    );
 }
 
 /// `dst (m×n) = [dst +] w (m×k) · rhs (k×n)` where `w` is a row-major weight.
@@ -361,10 +443,11 @@ pub unsafe fn gemm_weight_lhs(
     rhs: Mat,
     par: Parallelism,
 ) {
-    gemm_weight_lhs_in(m, n, k, dst, accumulate, w, rhs, par, BLOCK_ELEMS)
+    gemm_weight_lhs_in(m, n, k, dst, accumulate, w, rhs, par, None)
 }
 
-/// [`gemm_weight_lhs`] widening blocks of at most about `block_elems`.
+/// [`gemm_weight_lhs`]; `within` forces [`Spread::WithinGemms`] with blocks of about that many
+/// elements (tests), `None` picks the spread from the shape.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_weight_lhs_in(
     m: usize,
@@ -375,30 +458,50 @@ unsafe fn gemm_weight_lhs_in(
     w: Weight,
     rhs: Mat,
     par: Parallelism,
-    block_elems: usize,
+    within: Option<usize>,
 ) {
     if let Some(lhs) = as_f32(w, k) {
         return gemm(m, n, k, dst, accumulate, lhs, rhs, 1.0, par);
     }
     // Every row of the weight in one block where it fits, so `rhs` is packed once per k-block.
-    let kc = split(k, (block_elems / m.max(1)).max(64));
-    let mc = split(m, (block_elems / kc).max(1));
-    for_each_block(w, (m, k), (mc, kc), false, |block, m0, k0, mw, kw| {
-        let dst = MatMut {
-            ptr: dst.ptr.offset(m0 as isize * dst.rs),
-            ..dst
-        };
-        let lhs = Mat {
-            ptr: block.as_ptr(),
-            rs: kw as isize,
-            cs: 1,
-        };
-        let rhs = Mat {
-            ptr: rhs.ptr.offset(k0 as isize * rhs.rs),
-            ..rhs
-        };
-        gemm(mw, n, kw, dst, accumulate || k0 > 0, lhs, rhs, 1.0, par);
-    });
+    let (spread, mc, kc, par) = if n <= STREAMED && within.is_none() {
+        let (mc, kc) = across_blocks(m, k);
+        (Spread::AcrossBlocks, mc, kc, Parallelism::None)
+    } else {
+        let block_elems = within.unwrap_or(BLOCK_ELEMS);
+        let kc = split(k, (block_elems / m.max(1)).max(64));
+        (
+            Spread::WithinGemms,
+            split(m, (block_elems / kc).max(1)),
+            kc,
+            par,
+        )
+    };
+    let views = Views(dst, rhs);
+    for_each_block(
+        w,
+        (m, k),
+        (mc, kc),
+        false,
+        spread,
+        |block, m0, k0, mw, kw| {
+            let (dst, rhs) = views.get();
+            let dst = MatMut {
+                ptr: dst.ptr.offset(m0 as isize * dst.rs),
+                ..dst
+            };
+            let lhs = Mat {
+                ptr: block.as_ptr(),
+                rs: kw as isize,
+                cs: 1,
+            };
+            let rhs = Mat {
+                ptr: rhs.ptr.offset(k0 as isize * rhs.rs),
+                ..rhs
+            };
+            gemm(mw, n, kw, dst, accumulate || k0 > 0, lhs, rhs, 1.0, par);
+        },
+    );
 }
 
 /// The largest block size `≤ max` that splits `len` into equal-ish blocks (a last block of a
@@ -437,13 +540,20 @@ mod tests {
         c
     }
 
-    /// Both f16 gemms against the f64 product of the widened weight, with the production block
-    /// size and a small one, so the shapes take several row, column and depth blocks (and
-    /// blocks of unequal size).
+    /// Both f16 gemms against the f64 product of the widened weight, as the shape picks the
+    /// spread (streamed shapes: blocks across threads) and forced within gemms with small
+    /// blocks, so every path takes several row, column and depth blocks (of unequal size).
     #[test]
     fn f16_weight_gemms_match_the_widened_product() {
-        let shapes = [(3, 5, 7), (77, 1500, 300), (1300, 9, 700), (40, 2100, 130)];
-        let cases = shapes.iter().flat_map(|&s| [(s, BLOCK_ELEMS), (s, 5000)]);
+        let shapes = [
+            (3, 5, 7),
+            (77, 1500, 300),
+            (1300, 9, 700),
+            (40, 2100, 130),
+            (4, 64, 40000),
+            (64, 4, 40000),
+        ];
+        let cases = shapes.iter().flat_map(|&s| [(s, None), (s, Some(5000))]);
         for ((m, n, k), block) in cases {
             let a = values(m * k, 1);
             let b = values(k * n, 2);
@@ -479,10 +589,7 @@ mod tests {
                 .zip(&want)
                 .map(|(g, w)| (g - w).abs())
                 .fold(0f32, f32::max);
-            assert!(
-                err < 1e-3,
-                "rhs {m}×{n}×{k} (blocks {block}): max error {err}"
-            );
+            assert!(err < 1e-3, "rhs {m}×{n}×{k} ({block:?}): max error {err}");
 
             let a16 = as_f16(&a);
             let a_wide: Vec<f32> = a16.iter().map(|x| x.to_f32()).collect();
@@ -514,10 +621,7 @@ mod tests {
                 .zip(&want)
                 .map(|(g, w)| (g - w).abs())
                 .fold(0f32, f32::max);
-            assert!(
-                err < 1e-3,
-                "lhs {m}×{n}×{k} (blocks {block}): max error {err}"
-            );
+            assert!(err < 1e-3, "lhs {m}×{n}×{k} ({block:?}): max error {err}");
         }
     }
 
