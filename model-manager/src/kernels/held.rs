@@ -3,7 +3,8 @@
 //! shipped as `*.fp16.safetensors`, which `fetch` prefers) stays in f16. The math stays f32: an
 //! f16 weight is widened block by block right before the gemm reads it, so the images are
 //! those of the upcast weights while the resident weights (and the bytes a load writes) are
-//! halved — at the price of the widening pass (see `benches/results/`).
+//! halved; the widening pass costs compute-bound gemms ~5% and the weight-streaming ones
+//! nothing (they read half the bytes; `benches/results/2026-12-01-cpu-fp16-files/`).
 
 use super::cpu::uninit_vec;
 use super::cpu_gemm::{gemm, Mat, MatMut};
@@ -26,7 +27,7 @@ const MAX_BLOCK_COLS: usize = 1024;
 /// How the CPU kernels hold weights that a model file stores in f16.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CpuWeights {
-    /// Upcast to f32 at load (the fastest steps).
+    /// Upcast to f32 at load.
     #[default]
     F32,
     /// Kept in f16 where lossless and widened as used (half the memory and load).
