@@ -23,16 +23,6 @@ impl SharedWeights {
             .get(key)
             .cloned()
     }
-
-    /// Number of layers registered.
-    pub fn len(&self) -> usize {
-        self.layers.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// Whether no layer is registered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// The component being built on this thread.
@@ -70,25 +60,17 @@ thread_local! {
     static SCOPE: RefCell<Option<Scope>> = const { RefCell::new(None) };
 }
 
-/// What building one component shared with its donor.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Shared {
-    /// Layers taken from the donor.
-    pub layers: usize,
-    /// Bytes of the tensors taken from the donor (not held a second time).
-    pub bytes: u64,
-}
-
 /// Builds a pipeline component (`component`: its folder, e.g. `unet`) with `build`, taking
 /// untouched layers from `donor` and registering every layer it keeps into `record`.
-/// `touched` names the component's tensors that adapters change.
+/// `touched` names the component's tensors that adapters change. Also returns the bytes of
+/// the tensors taken from the donor (not held a second time).
 pub fn build_component<R>(
     component: &str,
     donor: Option<Arc<SharedWeights>>,
     touched: impl IntoIterator<Item = String>,
     record: &SharedWeights,
     build: impl FnOnce() -> R,
-) -> (R, Shared) {
+) -> (R, u64) {
     let scope = Scope {
         component: component.to_string(),
         donor,
@@ -113,12 +95,11 @@ pub fn build_component<R>(
         .with(|s| s.borrow_mut().take())
         .expect("scope set above");
     drop(clear);
-    let mut shared = Shared::default();
+    let mut shared = 0;
     let mut layers = record.layers.lock().unwrap_or_else(|e| e.into_inner());
     for (key, (tensors, from_donor)) in scope.record {
         if from_donor {
-            shared.layers += 1;
-            shared.bytes += tensors
+            shared += tensors
                 .iter()
                 .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
                 .sum::<u64>();
@@ -189,7 +170,7 @@ impl Sharing {
         component: &str,
         deltas: Option<&HashMap<String, D>>,
         build: impl FnOnce() -> R,
-    ) -> (R, Shared) {
+    ) -> (R, u64) {
         let touched = deltas.into_iter().flat_map(|d| d.keys().cloned());
         build_component(component, self.donor.clone(), touched, &self.record, build)
     }

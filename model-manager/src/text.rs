@@ -144,8 +144,8 @@ impl TextConditioner {
                 })
             });
             let model = model?;
-            bytes += w.bytes.saturating_sub(shared.bytes);
-            shared_bytes += shared.bytes;
+            bytes += w.bytes.saturating_sub(shared);
+            shared_bytes += shared;
             encoders.push(TextEncoder {
                 folder,
                 tokenizer,

@@ -145,6 +145,15 @@ impl Targets {
         Ok(placed)
     }
 
+    /// Elements of `folder`'s weight `weight` (0 if it has none of that name).
+    pub fn elements(&self, folder: &str, weight: &str) -> u64 {
+        self.components
+            .iter()
+            .filter(|c| c.folder == folder)
+            .find_map(|c| c.shapes.get(weight))
+            .map_or(0, |s| s.iter().map(|&d| d as u64).product())
+    }
+
     fn lookup(&self, module: &str) -> Option<(&Component, &String)> {
         self.components
             .iter()

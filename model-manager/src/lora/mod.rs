@@ -175,6 +175,21 @@ impl LoraPlan {
         Ok(())
     }
 
+    /// Elements of the base weights `adapters` change, each counted once, from the adapter
+    /// files' headers alone (what [`LoraPlan::build`] would merge into).
+    pub fn changed_elements(adapters: &[LoraAdapter], targets: &LoraTargets) -> Result<u64> {
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0;
+        for adapter in adapters {
+            for p in place(targets, adapter)? {
+                if seen.insert((p.folder, p.weight.clone())) {
+                    total += targets.elements(p.folder, &p.weight);
+                }
+            }
+        }
+        Ok(total)
+    }
+
     /// The updates of component `folder`, by weight name.
     pub fn deltas(&self, folder: &str) -> Option<&HashMap<String, Vec<Delta>>> {
         self.deltas.get(folder)

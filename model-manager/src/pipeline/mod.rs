@@ -181,7 +181,7 @@ impl StableDiffusionPipeline {
             weights::with_file(&w.file, UNet2DConditionModel::new(&unet_cfg, w.vb))
         });
         let unet = unet?;
-        let unet_bytes = w.bytes.saturating_sub(unet_shared.bytes);
+        let unet_bytes = w.bytes.saturating_sub(unet_shared);
         let vae_dtype = vae_dtype(kind, &vae_cfg, dtype);
         let w = weights::load(
             &vae_source,
@@ -196,7 +196,7 @@ impl StableDiffusionPipeline {
             weights::with_file(&w.file, AutoencoderKL::new(&vae_cfg, w.vb))
         });
         let vae = vae?;
-        let vae_bytes = w.bytes.saturating_sub(vae_shared.bytes);
+        let vae_bytes = w.bytes.saturating_sub(vae_shared);
 
         let name = match &options.vae {
             Some(v) => format!("{source} (vae: {v})"),
@@ -215,7 +215,7 @@ impl StableDiffusionPipeline {
             description,
             weight_bytes: text_bytes + unet_bytes + vae_bytes,
             shared: share.record,
-            shared_bytes: text_shared + unet_shared.bytes + vae_shared.bytes,
+            shared_bytes: text_shared + unet_shared + vae_shared,
         })
     }
 
@@ -425,29 +425,17 @@ fn read_configs(source: &ModelSource, options: &LoadOptions) -> Result<Configs> 
     })
 }
 
-/// Bytes of the layers `loras` change, from the weight files' headers: each changed weight,
-/// times three for the fused projection (q, k and v) it may be part of.
+/// Bytes of the layers `loras` change, from the weight and adapter files' headers: each
+/// changed weight, times three for the fused projection (q, k and v) it may be part of.
 fn estimate_variant_bytes(
     source: &ModelSource,
     kind: PipelineKind,
     dtype: DType,
     loras: &[crate::lora::LoraAdapter],
 ) -> Result<u64> {
-    let plan = crate::lora::LoraPlan::build(loras, source, kind)?;
-    let mut total = 0u64;
-    for (folder, stem) in kind.weight_files() {
-        let Some(deltas) = plan.deltas(folder) else {
-            continue;
-        };
-        let shapes = weights::tensor_shapes(source, folder, stem)?;
-        for name in deltas.keys() {
-            let elems: u64 = shapes
-                .get(name)
-                .map_or(0, |s| s.iter().map(|&d| d as u64).product());
-            total += 3 * elems * dtype.size_in_bytes() as u64;
-        }
-    }
-    Ok(total)
+    let targets = crate::lora::LoraTargets::of(source, kind)?;
+    let elements = crate::lora::LoraPlan::changed_elements(loras, &targets)?;
+    Ok(3 * elements * dtype.size_in_bytes() as u64)
 }
 
 /// Family and defaults of `source` from its config files, without loading any weights.
