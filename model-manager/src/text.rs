@@ -101,6 +101,13 @@ fn tokenizer_dir(source: &ModelSource, folder: &str) -> Result<std::path::PathBu
     Ok(dir)
 }
 
+/// Runs `f` (loading a text encoder, or counting its bytes) with its weights held in f32
+/// whatever `--cpu-weights` says: their 77-token gemms are compute-bound and the widening pass
+/// made text encoding 1.2× slower for 0.17 GB (SD 1.5).
+pub(crate) fn weights_scope<R>(f: impl FnOnce() -> R) -> R {
+    crate::kernels::held::in_f32(f)
+}
+
 impl TextConditioner {
     /// Loads the text encoders of a `kind` pipeline, taking the layers `lora` leaves
     /// untouched from `share`'s donor; also returns the bytes of the weights they hold on
@@ -125,18 +132,18 @@ impl TextConditioner {
                 &tokenizer_dir(source, tok_folder)?,
                 cfg.max_position_embeddings,
             )?;
-            let w = crate::weights::load_merged(
-                source,
-                folder,
-                "model",
-                dtype,
-                device,
-                lora.deltas(folder),
-            )?;
-            // In f32 whatever `--cpu-weights` says: their 77-token gemms are compute-bound
-            // and the widening pass made text encoding 1.2× slower for 0.17 GB (SD 1.5).
+            let w = weights_scope(|| {
+                crate::weights::load_merged(
+                    source,
+                    folder,
+                    "model",
+                    dtype,
+                    device,
+                    lora.deltas(folder),
+                )
+            })?;
             let (model, shared) = share.build(folder, lora.deltas(folder), || {
-                crate::kernels::held::in_f32(|| {
+                weights_scope(|| {
                     crate::weights::with_file(
                         &w.file,
                         ClipTextModel::new(&cfg, w.vb, with_projection, &cfg_file),

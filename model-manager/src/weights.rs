@@ -3,6 +3,7 @@
 //! and the bytes they take once loaded in the working dtype (what the model cache budgets with).
 
 use crate::error::{Error, Result};
+use crate::kernels::cpu::{uninit_vec, Plain};
 use crate::source::ModelSource;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -58,7 +59,7 @@ pub fn load_merged(
     };
     let mut tensors = SafetensorsFile::open(&path).map_err(config_error)?;
     tensors.lora = lora.cloned().unwrap_or_default();
-    let bytes = tensors.loaded_bytes(dtype);
+    let bytes = tensors.loaded_bytes(dtype, device);
     let vb = VarBuilder::from_backend(Box::new(tensors), dtype, device.clone());
     Ok(LoadedWeights {
         vb,
@@ -108,10 +109,15 @@ pub fn with_file<T>(file: &str, r: Result<T>) -> Result<T> {
     })
 }
 
-/// Bytes of the floating-point tensors of a safetensors file once converted to `dtype`, read
-/// from its header alone.
-pub fn loaded_bytes(path: &Path, dtype: DType) -> std::result::Result<u64, String> {
-    Ok(SafetensorsFile::open(path)?.loaded_bytes(dtype))
+/// Bytes of the floating-point tensors of a safetensors file once loaded in `dtype` on
+/// `device` (weights held in f16 counted so, [`SafetensorsFile::loaded_bytes`]), read from its
+/// header alone.
+pub fn loaded_bytes(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> std::result::Result<u64, String> {
+    Ok(SafetensorsFile::open(path)?.loaded_bytes(dtype, device))
 }
 
 /// Where one tensor's bytes are.
@@ -222,13 +228,21 @@ impl SafetensorsFile {
         })
     }
 
-    /// Bytes the floating-point tensors take once converted to `dtype`.
-    fn loaded_bytes(&self, dtype: DType) -> u64 {
+    /// Bytes the floating-point tensors take once loaded in `dtype` on `device`. Where the CPU
+    /// holds weights in f16 ([`crate::kernels::held::holds_f16`]), a matrix or filter (rank ≥ 2:
+    /// the linear and conv weights) stored in f16 and not merged with a LoRA counts 2 bytes.
+    fn loaded_bytes(&self, dtype: DType, device: &Device) -> u64 {
+        let held_f16 = dtype == DType::F32 && crate::kernels::held::holds_f16(device);
         self.entries
-            .values()
-            .filter(|e| e.dtype.is_float())
-            .map(|e| {
-                e.shape.iter().map(|&d| d as u64).product::<u64>() * dtype.size_in_bytes() as u64
+            .iter()
+            .filter(|(_, e)| e.dtype.is_float())
+            .map(|(name, e)| {
+                let stays_f16 = held_f16
+                    && e.dtype == DType::F16
+                    && e.shape.len() >= 2
+                    && !self.lora.contains_key(name);
+                let width = if stays_f16 { DType::F16 } else { dtype };
+                e.shape.iter().map(|&d| d as u64).product::<u64>() * width.size_in_bytes() as u64
             })
             .sum()
     }
@@ -240,6 +254,15 @@ impl SafetensorsFile {
             return crate::lora::merge(self.read_base(name, device)?, deltas)?.to_dtype(dtype);
         }
         let e = self.entry(name)?;
+        if e.dtype == DType::F16
+            && dtype == DType::F32
+            && device.is_cpu()
+            && crate::kernels::held::stored_f16_wanted()
+        {
+            // A weight the CPU kernels hold in f16: straight into its buffer as stored.
+            let v: Vec<half::f16> = self.read_vec(e, name)?;
+            return Tensor::from_vec(v, e.shape.as_slice(), device);
+        }
         if e.dtype == DType::F16 && dtype == DType::F32 && device.is_cpu() {
             // Widened in parallel (candle's `to_dtype` runs on one core).
             let v: Vec<half::f16> = self.read_vec(e, name)?;
@@ -270,21 +293,33 @@ impl SafetensorsFile {
     }
 
     /// The bytes of `e` read straight into a buffer of `T` (a float type of `e`'s width).
-    fn read_vec<T: Copy + Default>(&self, e: &Entry, name: &str) -> candle_core::Result<Vec<T>> {
+    fn read_vec<T: Plain>(&self, e: &Entry, name: &str) -> candle_core::Result<Vec<T>> {
         let len = (e.end - e.start) as usize;
         debug_assert_eq!(std::mem::size_of::<T>(), e.dtype.size_in_bytes());
-        let mut v = vec![T::default(); len / std::mem::size_of::<T>()];
-        // SAFETY: the u8 view covers exactly the buffer; callers pick a float `T` of the
+        // Every byte is written by the read below (or the buffer is dropped on error).
+        let mut v = uninit_vec::<T>(len / std::mem::size_of::<T>());
+        // SAFETY: the u8 view covers exactly the buffer; callers pick a `Plain` `T` of the
         // stored width, for which any bytes are a valid value.
         let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), len) };
         self.read_at(bytes, e.start, name)?;
         Ok(v)
     }
 
+    /// Fills `buf` from byte `at` of the file; a large tensor in parallel chunks, so that
+    /// every core copies (and faults in) its share of the fresh buffer.
     fn read_at(&self, buf: &mut [u8], at: u64, name: &str) -> candle_core::Result<()> {
-        self.file
-            .read_exact_at(buf, at)
-            .map_err(|err| candle_core::Error::Msg(format!("reading tensor `{name}`: {err}")))
+        use rayon::prelude::*;
+        const CHUNK: usize = 4 << 20;
+        let error = |err: std::io::Error| {
+            candle_core::Error::Msg(format!("reading tensor `{name}`: {err}"))
+        };
+        if buf.len() <= 2 * CHUNK {
+            return self.file.read_exact_at(buf, at).map_err(error);
+        }
+        buf.par_chunks_mut(CHUNK)
+            .enumerate()
+            .try_for_each(|(i, chunk)| self.file.read_exact_at(chunk, at + (i * CHUNK) as u64))
+            .map_err(error)
     }
 }
 

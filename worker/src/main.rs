@@ -26,11 +26,11 @@ struct Cli {
     /// `reference` (plain candle math, for A/B runs and as an escape hatch).
     #[arg(long, global = true, env = "JHAKAAS_KERNELS", default_value = "auto", value_parser = ["auto", "fused", "reference"])]
     kernels: String,
-    /// How the CPU holds weights a model file stores in f16: `f32` (upcast at load) or `f16`
-    /// (kept in f16 where lossless and widened as used: the same images in about half the
-    /// memory, loaded in about half the time; weight-streaming layers faster, compute-bound
-    /// gemms ~5% slower).
-    #[arg(long, global = true, env = "JHAKAAS_CPU_WEIGHTS", default_value = "f32", value_parser = ["f32", "f16"])]
+    /// How the CPU holds weights a model file stores in f16: `f16` (kept in f16 where lossless
+    /// and widened as used: the same images in about half the memory, loaded in about half the
+    /// time; weight-streaming layers faster, compute-bound gemms ~5% slower) or `f32` (upcast
+    /// at load). Weights f16 cannot hold exactly stay f32 either way.
+    #[arg(long, global = true, env = "JHAKAAS_CPU_WEIGHTS", default_value = "f16", value_parser = ["f32", "f16"])]
     cpu_weights: String,
     #[command(subcommand)]
     command: Command,

@@ -200,7 +200,7 @@ pub(crate) fn attention_cpu(
     let inner = heads * d;
     let (kt, vp) = pack_keys_values(k, v, dims);
     // Every element is written exactly once below (each task owns a row block of one head).
-    let mut out = uninit_vec(b * lq * inner);
+    let mut out = uninit_vec::<f32>(b * lq * inner);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let q_blocks = lq.div_ceil(BLOCK_Q);
     (0..b * heads * q_blocks).into_par_iter().for_each_init(

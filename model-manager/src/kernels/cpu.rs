@@ -5,24 +5,41 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Tensor};
 
 /// A raw pointer that may cross into rayon tasks writing disjoint parts of one buffer.
-#[derive(Debug, Clone, Copy)]
-pub struct SendPtr(pub *mut f32);
+#[derive(Debug)]
+pub struct SendPtr<T = f32>(pub *mut T);
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
 // SAFETY: users only write disjoint elements from different tasks.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
 
-impl SendPtr {
+impl<T> SendPtr<T> {
     /// The pointer (a method, so closures capture the whole `SendPtr`, not its field).
-    pub fn get(&self) -> *mut f32 {
+    pub fn get(&self) -> *mut T {
         self.0
     }
 }
 
-/// A `Vec<f32>` of `len` elements whose contents the caller overwrites before reading.
-pub fn uninit_vec(len: usize) -> Vec<f32> {
+/// Element types for which every bit pattern is a valid value (so a buffer may be handed out
+/// before it is written).
+///
+/// # Safety
+/// Implementors must have no invalid bit patterns and no drop glue.
+pub unsafe trait Plain: Copy + Send + Sync + 'static {}
+// SAFETY: IEEE floats of every width accept any bits.
+unsafe impl Plain for f32 {}
+// SAFETY: as above.
+unsafe impl Plain for half::f16 {}
+
+/// A `Vec` of `len` elements whose contents the caller overwrites before reading.
+pub fn uninit_vec<T: Plain>(len: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(len);
-    // SAFETY: f32 has no invalid bit patterns; every caller writes each element before it is
-    // read (documented at each use).
+    // SAFETY: `T: Plain` has no invalid bit patterns; every caller writes each element before
+    // it is read (documented at each use).
     #[allow(clippy::uninit_vec)]
     unsafe {
         v.set_len(len)

@@ -38,7 +38,7 @@ impl CustomOp1 for FusedGeglu {
         let (rows, n, shape) = dims(l)?;
         let x = cpu_f32(s, l, "geglu input")?;
         // Every element is written once: each task owns whole output rows.
-        let mut out = uninit_vec(rows * n);
+        let mut out = uninit_vec::<f32>(rows * n);
         let ptr = SendPtr(out.as_mut_ptr());
         let rows_per_task = (16384 / n.max(1)).max(1);
         (0..rows.div_ceil(rows_per_task))

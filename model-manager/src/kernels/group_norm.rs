@@ -109,7 +109,7 @@ pub(crate) fn group_norm_cpu(
     let per_group = channels / op.groups;
     let group_len = per_group * spatial;
     // Every element is written once: each task owns one group's contiguous range.
-    let mut out = uninit_vec(x.len());
+    let mut out = uninit_vec::<f32>(x.len());
     let out_ptr = SendPtr(out.as_mut_ptr());
     (0..b * op.groups).into_par_iter().for_each(|task| {
         let g = task % op.groups;

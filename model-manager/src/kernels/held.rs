@@ -1,10 +1,13 @@
-//! Weights as the CPU kernels hold them. By default in f32; with [`CpuWeights::F16`] (the CLI's
+//! Weights as the CPU kernels hold them. By default ([`CpuWeights::F16`], the CLI's
 //! `--cpu-weights f16`) a linear or conv weight whose values are all exactly f16 (a model
-//! shipped as `*.fp16.safetensors`, which `fetch` prefers) stays in f16. The math stays f32: an
-//! f16 weight is widened block by block right before the gemm reads it, so the images are
-//! those of the upcast weights while the resident weights (and the bytes a load writes) are
-//! halved; the widening pass costs compute-bound gemms ~5% and the weight-streaming ones
-//! nothing (they read half the bytes; `benches/results/2026-12-01-cpu-fp16-files/`).
+//! shipped as `*.fp16.safetensors`, which `fetch` prefers) stays in f16, read from the file
+//! straight into the buffer it is held in; `--cpu-weights f32` upcasts it at load. The math
+//! stays f32: an f16 weight is widened block by block right before the gemm reads it, so the
+//! images are those of the upcast weights while the resident weights (and the bytes a load
+//! writes) are halved; the widening pass costs compute-bound gemms ~5% and the
+//! weight-streaming ones nothing (they read half the bytes;
+//! `benches/results/2026-12-01-cpu-fp16-files/`). Weights f16 cannot hold exactly (an f32
+//! checkpoint, a LoRA merge) stay f32 either way.
 
 use super::cpu::uninit_vec;
 use super::cpu_gemm::{gemm, Mat, MatMut};
@@ -28,9 +31,9 @@ const MAX_BLOCK_COLS: usize = 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CpuWeights {
     /// Upcast to f32 at load.
-    #[default]
     F32,
-    /// Kept in f16 where lossless and widened as used (half the memory and load).
+    /// Kept in f16 where lossless and widened as used (half the memory and load; the default).
+    #[default]
     F16,
 }
 
@@ -48,7 +51,8 @@ impl std::str::FromStr for CpuWeights {
     }
 }
 
-static HALF: AtomicBool = AtomicBool::new(false);
+/// Whether [`CpuWeights::F16`] is chosen (the default).
+static HALF: AtomicBool = AtomicBool::new(true);
 
 /// Sets how the CPU kernels hold f16 weights, process-wide (the CLI's `--cpu-weights`); models
 /// loaded afterwards follow it.
@@ -84,13 +88,21 @@ pub fn in_f32<R>(build: impl FnOnce() -> R) -> R {
     build()
 }
 
+/// Whether weights built now on this thread for `device` are held in f16 where lossless: the
+/// one owner of that rule ([`hold`], [`get_weight`] and the cache's byte estimate ask it).
+pub fn holds_f16(device: &candle_core::Device) -> bool {
+    !FORCE_F32.with(|f| f.get())
+        && cpu_weights() == CpuWeights::F16
+        && path(device, DType::F32) == Path::Cpu
+}
+
 /// `t` as the CPU kernels keep it: with [`CpuWeights::F16`] (outside [`in_f32`]), in f16 when
 /// that loses nothing and our CPU kernels run on it; otherwise unchanged.
 pub fn hold(t: Tensor) -> Result<Tensor> {
-    if FORCE_F32.with(|f| f.get()) {
+    if !holds_f16(t.device()) {
         return Ok(t);
     }
-    hold_as(cpu_weights(), t)
+    hold_as(CpuWeights::F16, t)
 }
 
 /// [`hold`] for an explicit choice (tests and benchmarks compare both side by side).
@@ -115,6 +127,40 @@ pub fn hold_as(choice: CpuWeights, t: Tensor) -> Result<Tensor> {
         Some(half) => Tensor::from_vec(half, t.shape(), t.device()),
         None => Ok(t),
     }
+}
+
+thread_local! {
+    /// Set while [`get_weight`] reads a weight that may stay f16 as stored.
+    static STORED_F16_WANTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Reads the linear or conv weight `name` of `vb`. Where [`holds_f16`], a tensor the file
+/// stores in f16 comes back in f16 as stored (read straight into the held buffer, no widening
+/// and narrowing back); otherwise it comes back in `vb`'s dtype. Pass the result to [`hold`].
+pub fn get_weight(
+    vb: &candle_nn::VarBuilder,
+    shape: impl Into<candle_core::Shape>,
+    name: &str,
+) -> Result<Tensor> {
+    if vb.dtype() != DType::F32 || !holds_f16(vb.device()) {
+        return vb.get(shape, name);
+    }
+    /// Clears the request even if the read panics.
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            STORED_F16_WANTED.with(|f| f.set(false));
+        }
+    }
+    STORED_F16_WANTED.with(|f| f.set(true));
+    let _clear = Clear;
+    vb.get(shape, name)
+}
+
+/// For weight backends: whether the f32 tensor being read may be returned in f16 when the file
+/// stores it so ([`get_weight`] is reading a weight that will be held in f16).
+pub fn stored_f16_wanted() -> bool {
+    STORED_F16_WANTED.with(|f| f.get())
 }
 
 /// `v` in f16 if every value survives the round trip, in parallel SIMD passes (narrow, then

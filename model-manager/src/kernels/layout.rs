@@ -1,32 +1,42 @@
 //! Reshaping weights once at load on the CPU, in parallel and cache-blocked: transposing a
 //! matrix and concatenating matrices side by side (candle's strided copies run on one core and
-//! took a third of the load time). Other devices and dtypes use the candle ops.
+//! took a third of the load time). f32 and f16 (weights held in f16, [`super::held`]) take
+//! these paths; other devices and dtypes use the candle ops.
 
-use super::cpu::{cpu_f32, uninit_vec, SendPtr};
-use candle_core::{DType, Result, Tensor};
+use super::cpu::{uninit_vec, Plain, SendPtr};
+use candle_core::{Result, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Side of the square blocks the transpose moves at once.
 const BLOCK: usize = 64;
 
-fn is_cpu_f32(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32
+/// Whether `t` is a CPU tensor in a dtype these paths handle.
+fn is_cpu_plain(t: &Tensor) -> bool {
+    use candle_core::DType;
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F16)
 }
 
 /// `tᵀ` of a 2D tensor, contiguous.
 pub fn transpose(t: &Tensor) -> Result<Tensor> {
-    if !is_cpu_f32(t) {
+    if !is_cpu_plain(t) {
         return t.t()?.contiguous();
     }
+    match t.dtype() {
+        candle_core::DType::F16 => transposed::<half::f16>(&t.contiguous()?),
+        _ => transposed::<f32>(&t.contiguous()?),
+    }
+}
+
+/// `tᵀ` of a contiguous 2D CPU tensor of element type `T`.
+fn transposed<T: Plain + WithDType>(t: &Tensor) -> Result<Tensor> {
     let (rows, cols) = t.dims2()?;
-    let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(s) = &*storage else {
         candle_core::bail!("transpose: expected a CPU tensor");
     };
-    let src = cpu_f32(s, layout, "transpose input")?;
+    let src = &T::cpu_storage_as_slice(s)?[layout.start_offset()..][..rows * cols];
     // Every element is written: each task fills whole output rows `c0..c0+BLOCK`.
-    let mut out = uninit_vec(rows * cols);
+    let mut out = uninit_vec::<T>(rows * cols);
     let ptr = SendPtr(out.as_mut_ptr());
     (0..cols.div_ceil(BLOCK)).into_par_iter().for_each(|cb| {
         let c0 = cb * BLOCK;
@@ -41,13 +51,16 @@ pub fn transpose(t: &Tensor) -> Result<Tensor> {
             }
         }
     });
-    drop(storage);
     Tensor::from_vec(out, (cols, rows), t.device())
 }
 
 /// `[A | B | …]`: 2D tensors with the same number of rows, side by side.
 pub fn concat_columns(parts: &[&Tensor]) -> Result<Tensor> {
-    if !parts.iter().all(|t| is_cpu_f32(t)) {
+    let dtype = parts.first().map(|t| t.dtype());
+    if !parts
+        .iter()
+        .all(|t| is_cpu_plain(t) && Some(t.dtype()) == dtype)
+    {
         return Tensor::cat(parts, 1);
     }
     let rows = parts.first().map(|t| t.dim(0)).transpose()?.unwrap_or(0);
@@ -55,20 +68,29 @@ pub fn concat_columns(parts: &[&Tensor]) -> Result<Tensor> {
         .iter()
         .map(|t| t.contiguous())
         .collect::<Result<_>>()?;
-    let widths: Vec<usize> = parts.iter().map(|t| t.dim(1)).collect::<Result<_>>()?;
     if parts.iter().any(|t| t.dim(0).ok() != Some(rows)) {
         candle_core::bail!("concat_columns: parts have different numbers of rows");
     }
+    match dtype {
+        Some(candle_core::DType::F16) => concatenated::<half::f16>(&parts, rows),
+        _ => concatenated::<f32>(&parts, rows),
+    }
+}
+
+/// [`concat_columns`] of contiguous `rows`-row CPU tensors, all of element type `T`.
+fn concatenated<T: Plain + WithDType>(parts: &[Tensor], rows: usize) -> Result<Tensor> {
+    let widths: Vec<usize> = parts.iter().map(|t| t.dim(1)).collect::<Result<_>>()?;
     let total: usize = widths.iter().sum();
     // Every element is written: each row is filled from every part.
-    let mut out = uninit_vec(rows * total);
+    let mut out = uninit_vec::<T>(rows * total);
     let mut offset = 0;
     for (t, &w) in parts.iter().zip(&widths) {
         let (storage, layout) = t.storage_and_layout();
         let candle_core::Storage::Cpu(s) = &*storage else {
             candle_core::bail!("concat_columns: expected a CPU tensor");
         };
-        let src = cpu_f32(s, layout, "concat_columns input")?;
+        let src = T::cpu_storage_as_slice(s)?;
+        let src = &src[layout.start_offset()..layout.start_offset() + rows * w];
         out.par_chunks_mut(total)
             .zip(src.par_chunks(w.max(1)))
             .for_each(|(dst, row)| dst[offset..offset + w].copy_from_slice(row));
@@ -98,5 +120,34 @@ mod tests {
         let c = concat_columns(&[&a, &b]).unwrap();
         let want = Tensor::cat(&[&a, &b], 1).unwrap();
         assert_eq!(c.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+    }
+
+    #[test]
+    fn f16_transpose_and_concat_match_candle_and_stay_f16() {
+        let f16 = |rows: usize, cols: usize| {
+            Tensor::arange(0f32, (rows * cols) as f32, &Device::Cpu)
+                .unwrap()
+                .reshape((rows, cols))
+                .unwrap()
+                .to_dtype(candle_core::DType::F16)
+                .unwrap()
+        };
+        let (a, b) = (f16(70, 130), f16(70, 5));
+        let t = transpose(&a).unwrap();
+        assert_eq!(t.dtype(), candle_core::DType::F16);
+        let want = a.t().unwrap().contiguous().unwrap();
+        assert_eq!(
+            t.to_vec2::<half::f16>().unwrap(),
+            want.to_vec2::<half::f16>().unwrap()
+        );
+        let c = concat_columns(&[&a, &b]).unwrap();
+        assert_eq!(c.dtype(), candle_core::DType::F16);
+        let want = Tensor::cat(&[&a, &b], 1).unwrap();
+        assert_eq!(
+            c.to_vec2::<half::f16>().unwrap(),
+            want.to_vec2::<half::f16>().unwrap()
+        );
+        // Mixed dtypes fall back to candle's concatenation, which refuses them.
+        assert!(concat_columns(&[&a, &b.to_dtype(candle_core::DType::F32).unwrap()]).is_err());
     }
 }

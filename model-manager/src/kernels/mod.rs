@@ -14,7 +14,7 @@
 pub mod activation;
 pub mod attention;
 pub mod conv2d;
-mod cpu;
+pub(crate) mod cpu;
 mod cpu_gemm;
 #[cfg(feature = "cuda")]
 mod cuda;

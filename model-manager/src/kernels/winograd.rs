@@ -51,7 +51,7 @@ pub(crate) fn worth_it(s: &Shape) -> bool {
 /// `U[ξ][i] = (G g Gᵀ)[ξ]` for every filter `g = w[i]` (`i` over O·C, 3×3 each).
 pub(crate) fn transform_filters(w: Weight, filters: usize) -> Vec<f32> {
     // Every element is written: each task fills its range of filters in all 16 planes.
-    let mut u = uninit_vec(16 * filters);
+    let mut u = uninit_vec::<f32>(16 * filters);
     let ptr = SendPtr(u.as_mut_ptr());
     (0..filters.div_ceil(FILTERS_PER_TASK))
         .into_par_iter()
@@ -114,7 +114,7 @@ pub(crate) unsafe fn conv3x3(x: &[f32], u: &[f32], out: &mut [f32], s: Shape) {
     let chunk = rows_per_chunk * s.tiles_x();
     // Both buffers are fully written (transform_input, then the gemms) before being read.
     let mut v = uninit_vec(16 * s.c * chunk);
-    let mut m = uninit_vec(16 * s.o * chunk);
+    let mut m = uninit_vec::<f32>(16 * s.o * chunk);
     let mut r0 = 0;
     while r0 < tile_rows {
         let rows = rows_per_chunk.min(tile_rows - r0);

@@ -29,7 +29,8 @@ pub struct Linear {
 pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let path = vb.prefix();
     let tensors = crate::sharing::layer(&path, || {
-        let weight_t = kernels::layout::transpose(&vb.get((out_dim, in_dim), "weight")?)?;
+        let weight = kernels::held::get_weight(&vb, (out_dim, in_dim), "weight")?;
+        let weight_t = kernels::layout::transpose(&weight)?;
         let mut tensors = vec![kernels::held::hold(weight_t)?];
         if bias {
             tensors.push(vb.get(out_dim, "bias")?);
@@ -171,11 +172,8 @@ pub fn conv2d(
         ..Default::default()
     };
     let tensors = crate::sharing::layer(&vb.prefix(), || {
-        let conv = candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?;
-        let weight = kernels::held::hold(conv.weight().clone())?;
-        Ok(std::iter::once(weight)
-            .chain(conv.bias().cloned())
-            .collect())
+        let weight = kernels::held::get_weight(&vb, (out_c, in_c, kernel, kernel), "weight")?;
+        Ok(vec![kernels::held::hold(weight)?, vb.get(out_c, "bias")?])
     })?;
     let mut tensors = tensors.into_iter();
     let weight = tensors.next().expect("a conv layer has a weight");

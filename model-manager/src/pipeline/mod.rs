@@ -480,7 +480,17 @@ pub fn estimate_loaded_bytes(
             &format!("{stem}.safetensors"),
             &format!("{stem}.fp16.safetensors"),
         ])?;
-        total += weights::loaded_bytes(&path, dt).map_err(|reason| Error::Config {
+        let bytes = if configs
+            .kind
+            .text_encoders()
+            .iter()
+            .any(|t| stem.starts_with(&format!("{}/", t.folder)))
+        {
+            crate::text::weights_scope(|| weights::loaded_bytes(&path, dt, device))
+        } else {
+            weights::loaded_bytes(&path, dt, device)
+        };
+        total += bytes.map_err(|reason| Error::Config {
             file: format!("{stem}.safetensors"),
             reason,
         })?;
