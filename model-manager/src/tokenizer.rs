@@ -19,6 +19,9 @@ const CLIP_WORD_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{
 #[derive(Debug, Clone)]
 pub struct ClipTokenizer {
     inner: Tokenizer,
+    /// `inner` without truncation and padding, to count a prompt's tokens (built once: a
+    /// clone per prompt copied the whole vocabulary, ~5 ms).
+    untruncated: Tokenizer,
     max_length: usize,
     pad_id: u32,
 }
@@ -60,6 +63,14 @@ impl ClipTokenizer {
                 "the pad token is not in the vocabulary",
             )
         })?;
+        let mut untruncated = inner.clone();
+        untruncated
+            .with_truncation(None)
+            .map_err(|e| Error::Config {
+                file: name("tokenizer"),
+                reason: e.to_string(),
+            })?;
+        untruncated.with_padding(None);
         inner
             .with_truncation(Some(TruncationParams {
                 max_length,
@@ -79,6 +90,7 @@ impl ClipTokenizer {
         }));
         Ok(Self {
             inner,
+            untruncated,
             max_length,
             pad_id,
         })
@@ -97,12 +109,8 @@ impl ClipTokenizer {
 
     /// Number of tokens `text` has before truncation (BOS/EOS included), to warn about cuts.
     pub fn untruncated_len(&self, text: &str) -> Result<usize> {
-        let mut plain = self.inner.clone();
-        plain
-            .with_truncation(None)
-            .map_err(|e| Error::invalid("prompt", e.to_string()))?;
-        plain.with_padding(None);
-        Ok(plain
+        Ok(self
+            .untruncated
             .encode(text, true)
             .map_err(|e| Error::invalid("prompt", e.to_string()))?
             .len())

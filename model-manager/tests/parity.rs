@@ -50,6 +50,20 @@ fn tokenizer_matches_transformers() {
 }
 
 #[test]
+fn untruncated_len_counts_bos_and_eos_and_sees_past_the_cut() {
+    let tok = ClipTokenizer::from_dir(&fixtures().join("models/sd1-tiny/tokenizer"), 77).unwrap();
+    assert_eq!(tok.untruncated_len("").unwrap(), 2);
+    // BOS, eight words, EOS.
+    let prompt = "a photograph of an astronaut riding a horse";
+    assert_eq!(tok.untruncated_len(prompt).unwrap(), 10);
+    let long = "a very long prompt ".repeat(30);
+    assert_eq!(tok.untruncated_len(&long).unwrap(), 2 + 4 * 30);
+    // Counting leaves the truncating, padding encoder as it was.
+    assert_eq!(tok.encode(&long).unwrap().len(), 77);
+    assert_eq!(tok.encode(prompt).unwrap().len(), 77);
+}
+
+#[test]
 fn text_encoder_matches_transformers_with_and_without_key_prefix() {
     // sd1-tiny spells its keys `text_model.…` with a position_ids buffer (published
     // checkpoints), sd2-tiny without the prefix (transformers 5).
