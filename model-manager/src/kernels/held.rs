@@ -164,22 +164,30 @@ pub fn stored_f16_wanted() -> bool {
 }
 
 /// `v` in f16 if every value survives the round trip, in parallel SIMD passes (narrow, then
-/// widen back and compare bits); `None` at the first value that does not.
+/// widen back and compare bits); `None` at the first value that does not. The first block is
+/// checked before anything is allocated: an f32 checkpoint's weights fail there, at no cost.
 fn narrow_exact(v: &[f32]) -> Option<Vec<f16>> {
     const CHUNK: usize = 1 << 12;
-    let mut half = vec![f16::ZERO; v.len()];
+    /// Narrows `src` into `dst`; whether every value came back bit for bit.
+    fn narrowed_exactly(src: &[f32], dst: &mut [f16]) -> bool {
+        dst.convert_from_f32_slice(src);
+        let mut back = [0f32; CHUNK];
+        let back = &mut back[..src.len()];
+        widen_slice(dst, back);
+        back.iter()
+            .zip(src)
+            .all(|(b, s)| b.to_bits() == s.to_bits())
+    }
+    let head = &v[..v.len().min(CHUNK)];
+    if !narrowed_exactly(head, &mut [f16::ZERO; CHUNK][..head.len()]) {
+        return None;
+    }
+    // Every element is written: the chunks of `half` and `v` pair up one to one.
+    let mut half = uninit_vec::<f16>(v.len());
     let exact = half
         .par_chunks_mut(CHUNK)
         .zip(v.par_chunks(CHUNK))
-        .all(|(dst, src)| {
-            dst.convert_from_f32_slice(src);
-            let mut back = [0f32; CHUNK];
-            let back = &mut back[..src.len()];
-            widen_slice(dst, back);
-            back.iter()
-                .zip(src)
-                .all(|(b, s)| b.to_bits() == s.to_bits())
-        });
+        .all(|(dst, src)| narrowed_exactly(src, dst));
     exact.then_some(half)
 }
 
@@ -698,10 +706,30 @@ mod tests {
             Tensor::from_vec(lossy, (64, 64), &dev).unwrap(),
         );
         assert_eq!(kept.unwrap().dtype(), DType::F32);
-        // The default keeps f32.
+        // `--cpu-weights f32` keeps f32.
         assert_eq!(
             hold_as(CpuWeights::F32, exact_t).unwrap().dtype(),
             DType::F32
         );
+    }
+
+    #[test]
+    fn one_lossy_value_anywhere_keeps_a_weight_f32() {
+        // Several check blocks and a ragged tail; the first block is checked on its own first.
+        let len = 3 * 4096 + 100;
+        let exact: Vec<f32> = as_f16(&values(len, 9)).iter().map(|x| x.to_f32()).collect();
+        let tensor = |v: Vec<f32>| Tensor::from_vec(v, len, &Device::Cpu).unwrap();
+        let held = hold_as(CpuWeights::F16, tensor(exact.clone())).unwrap();
+        assert_eq!(
+            held.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
+            exact
+        );
+        for at in [0, 4095, 4096, 2 * 4096 + 17, len - 1] {
+            let mut lossy = exact.clone();
+            lossy[at] = f32::from_bits(lossy[at].to_bits() ^ 1);
+            let kept = hold_as(CpuWeights::F16, tensor(lossy.clone())).unwrap();
+            assert_eq!(kept.dtype(), DType::F32, "lossy value at {at}");
+            assert_eq!(kept.to_vec1::<f32>().unwrap(), lossy);
+        }
     }
 }
