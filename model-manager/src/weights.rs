@@ -254,19 +254,15 @@ impl SafetensorsFile {
             return crate::lora::merge(self.read_base(name, device)?, deltas)?.to_dtype(dtype);
         }
         let e = self.entry(name)?;
-        if e.dtype == DType::F16
-            && dtype == DType::F32
-            && device.is_cpu()
-            && crate::kernels::held::stored_f16_wanted()
-        {
-            // A weight the CPU kernels hold in f16: straight into its buffer as stored.
-            let v: Vec<half::f16> = self.read_vec(e, name)?;
-            return Tensor::from_vec(v, e.shape.as_slice(), device);
-        }
         if e.dtype == DType::F16 && dtype == DType::F32 && device.is_cpu() {
-            // Widened in parallel (candle's `to_dtype` runs on one core).
             let v: Vec<half::f16> = self.read_vec(e, name)?;
-            return Tensor::from_vec(crate::kernels::held::widen(&v), e.shape.as_slice(), device);
+            return if crate::kernels::held::stored_f16_wanted() {
+                // A weight the CPU kernels hold in f16: kept in the buffer it was read into.
+                Tensor::from_vec(v, e.shape.as_slice(), device)
+            } else {
+                // Widened in parallel (candle's `to_dtype` runs on one core).
+                Tensor::from_vec(crate::kernels::held::widen(&v), e.shape.as_slice(), device)
+            };
         }
         self.read_base(name, device)?.to_dtype(dtype)
     }

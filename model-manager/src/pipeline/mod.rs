@@ -458,12 +458,23 @@ pub fn estimate_loaded_bytes(
         return estimate_variant_bytes(source, configs.kind, dtype, &options.loras);
     }
     // Every weight file of the family but the VAE's, which may come from elsewhere.
-    let mut parts: Vec<(ModelSource, String, DType)> = configs
+    // (source, stem, dtype, whether it is a text encoder's).
+    let is_text = |folder: &str| {
+        configs
+            .kind
+            .text_encoders()
+            .iter()
+            .any(|t| t.folder == folder)
+    };
+    let mut parts: Vec<(ModelSource, String, DType, bool)> = configs
         .kind
         .weight_files()
         .into_iter()
         .filter(|(folder, _)| *folder != "vae")
-        .map(|(folder, stem)| (source.clone(), format!("{folder}/{stem}"), dtype))
+        .map(|(folder, stem)| {
+            let stem_path = format!("{folder}/{stem}");
+            (source.clone(), stem_path, dtype, is_text(folder))
+        })
         .collect();
     let vae_folder = configs.vae_folder;
     let vae_dtype = vae_dtype(configs.kind, &configs.vae, dtype);
@@ -473,19 +484,14 @@ pub fn estimate_loaded_bytes(
     } else {
         format!("{vae_folder}/diffusion_pytorch_model")
     };
-    parts.push((vae_source, vae_stem, vae_dtype));
+    parts.push((vae_source, vae_stem, vae_dtype, false));
     let mut total = 0;
-    for (src, stem, dt) in parts {
+    for (src, stem, dt, text) in parts {
         let path = src.first_of(&[
             &format!("{stem}.safetensors"),
             &format!("{stem}.fp16.safetensors"),
         ])?;
-        let bytes = if configs
-            .kind
-            .text_encoders()
-            .iter()
-            .any(|t| stem.starts_with(&format!("{}/", t.folder)))
-        {
+        let bytes = if text {
             crate::text::weights_scope(|| weights::loaded_bytes(&path, dt, device))
         } else {
             weights::loaded_bytes(&path, dt, device)
