@@ -108,12 +108,18 @@ impl Job {
 
     /// Asks the engine to stop this job at its next step; the first reason given wins.
     /// Returns whether this call was the first.
+    ///
+    /// The reason is written before the flag is raised (both under the reason's lock), so
+    /// whoever sees [`Job::cancel_requested`] reads the reason given: the engine ends the job
+    /// with it, and a drain's hand-back is told from a client's cancel by it.
     pub fn request_cancel(&self, reason: &str) -> bool {
-        let first = !self.cancel.swap(true, Ordering::SeqCst);
-        if first {
-            *lock(&self.cancel_reason) = reason.to_string();
+        let mut stored = lock(&self.cancel_reason);
+        if self.cancel.load(Ordering::SeqCst) {
+            return false;
         }
-        first
+        *stored = reason.to_string();
+        self.cancel.store(true, Ordering::SeqCst);
+        true
     }
 
     /// Publishes an event on the job's bus. Ignored once the job is terminal.
@@ -526,6 +532,35 @@ mod tests {
         assert_eq!(s.in_flight(), 1);
         s.done(&running);
         assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn whoever_sees_a_cancel_reads_its_reason() {
+        // The engine checks the flag from its own thread while another thread (a client's
+        // cancel, a drain) raises it: the reason must already be there. Two racing reasons:
+        // exactly one wins, and every reader sees that one.
+        for _ in 0..500 {
+            let job = Arc::new(Job::new(request(""), 0));
+            let engine = {
+                let job = job.clone();
+                std::thread::spawn(move || {
+                    while !job.cancel_requested() {
+                        std::hint::spin_loop();
+                    }
+                    job.cancel_reason()
+                })
+            };
+            let other = {
+                let job = job.clone();
+                std::thread::spawn(move || job.request_cancel("drain"))
+            };
+            let mine = job.request_cancel("client");
+            let theirs = other.join().unwrap();
+            assert!(mine != theirs, "exactly one request is the first");
+            let seen = engine.join().unwrap();
+            assert_eq!(seen, if mine { "client" } else { "drain" });
+            assert_eq!(job.cancel_reason(), seen);
+        }
     }
 
     #[test]
