@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// A running throwaway cluster.
 pub struct Postgres {
@@ -54,8 +55,11 @@ impl Postgres {
             "PostgreSQL is needed for the multi-replica tests: install `postgresql-15` \
              (Debian) or set JHAKAAS_PG_BIN to a folder holding initdb and pg_ctl",
         );
-        let dir =
-            std::env::temp_dir().join(format!("jhakaas-pg-{}-{}", std::process::id(), free_port()));
+        // One folder per cluster of this process (a probed port could repeat across tests).
+        static CLUSTERS: AtomicU32 = AtomicU32::new(0);
+        let n = CLUSTERS.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("jhakaas-pg-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("pg dir");
         let root = is_root();
         if root {
@@ -66,9 +70,8 @@ impl Postgres {
                 .is_ok_and(|s| s.success());
             assert!(ok, "chown of {} to postgres failed", dir.display());
         }
-        let port = free_port();
-        let pg = Postgres {
-            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        let mut pg = Postgres {
+            url: String::new(),
             dir,
             bin,
         };
@@ -86,27 +89,44 @@ impl Postgres {
                 "UTF8",
             ],
         );
-        let opts = format!(
-            "-p {port} -h 127.0.0.1 -k {} -c fsync=off -c max_connections=200",
-            pg.dir.display()
-        );
-        pg.run(
-            "pg_ctl",
-            &[
+        // A free port can be taken by another test's cluster between our probe and the
+        // server's bind: try a few.
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let opts = format!(
+                "-p {port} -h 127.0.0.1 -k {} -c fsync=off -c max_connections=200",
+                pg.dir.display()
+            );
+            let log = pg.dir.join("server.log");
+            let args = [
                 "-D",
                 &data.to_string_lossy(),
                 "-l",
-                &pg.dir.join("server.log").to_string_lossy(),
+                &log.to_string_lossy(),
                 "-o",
                 &opts,
                 "-w",
                 "start",
-            ],
-        );
-        pg
+            ];
+            match pg.try_run("pg_ctl", &args) {
+                Ok(()) => {
+                    pg.url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+                    return pg;
+                }
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("pg_ctl start failed five times: {last_error}");
     }
 
     fn run(&self, tool: &str, args: &[&str]) {
+        if let Err(e) = self.try_run(tool, args) {
+            panic!("{e}");
+        }
+    }
+
+    fn try_run(&self, tool: &str, args: &[&str]) -> Result<(), String> {
         let exe = self.bin.join(tool);
         let out = if is_root() {
             Command::new("runuser")
@@ -121,13 +141,15 @@ impl Postgres {
                 .current_dir(&self.dir)
                 .output()
         }
-        .unwrap_or_else(|e| panic!("running {}: {e}", exe.display()));
-        assert!(
-            out.status.success(),
-            "{tool} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        .map_err(|e| format!("running {}: {e}", exe.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{tool} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(())
     }
 
     /// Runs one SQL statement with `psql` and returns its unaligned, tuples-only output.

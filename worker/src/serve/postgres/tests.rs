@@ -28,13 +28,17 @@ fn limits() -> Limits {
     }
 }
 
-fn config(lease_ms: u64) -> PgConfig {
+/// A lease no test outlives: nothing expires unless a test expires it, however slow the
+/// machine (a short lease let a live pod's renewal race the test's expiry, and hang).
+const LONG_LEASE_MS: u64 = 60_000;
+
+fn config() -> PgConfig {
     PgConfig {
         max_queue: 3,
         result_ttl: Duration::from_secs(600),
         max_retained_jobs: 100,
         max_retained_bytes: 1 << 30,
-        lease: Duration::from_millis(lease_ms),
+        lease: Duration::from_millis(LONG_LEASE_MS),
         max_attempts: 2,
         poll: Duration::from_millis(20),
     }
@@ -52,19 +56,35 @@ fn accepted(request_id: &str) -> Accepted {
     Accepted { request, wire }
 }
 
-async fn store(pg: &Postgres, lease_ms: u64) -> PgJobs {
-    PgJobs::connect(&pg.url, config(lease_ms), table(), limits())
+async fn store(pg: &Postgres) -> PgJobs {
+    PgJobs::connect(&pg.url, config(), table(), limits())
         .await
         .unwrap()
 }
 
-/// Claims the next job on a blocking thread, as the engine does.
+/// Claims the next job on a blocking thread, as the engine does. Fails the test (and stops
+/// the claiming thread) if no job comes within 30 s instead of waiting forever.
 async fn claim(jobs: &PgJobs) -> Arc<crate::serve::jobs::Job> {
     let source = jobs.source();
-    tokio::task::spawn_blocking(move || source.next())
-        .await
-        .unwrap()
-        .expect("a job")
+    let claiming = tokio::task::spawn_blocking({
+        let source = source.clone();
+        move || source.next()
+    });
+    match tokio::time::timeout(Duration::from_secs(30), claiming).await {
+        Ok(claimed) => claimed.unwrap().expect("a job"),
+        Err(_) => {
+            source.close();
+            panic!("no job was claimed within 30 s");
+        }
+    }
+}
+
+/// Expires `id`'s lease now, as if its pod went silent, and runs one round of maintenance.
+async fn lose_lease(pg: &Postgres, jobs: &PgJobs, id: &str) {
+    pg.query(&format!(
+        "UPDATE jhakaas_jobs SET lease_until = now() - interval '1 second' WHERE id = '{id}'"
+    ));
+    maintain_once(&jobs.pool, &jobs.config).await.unwrap();
 }
 
 async fn done(jobs: &PgJobs, job: &Arc<crate::serve::jobs::Job>) {
@@ -81,7 +101,7 @@ fn state(job: &pb::Job) -> pb::JobState {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_claim_run_cancel_and_expire() {
     let pg = Postgres::start();
-    let jobs = store(&pg, 1000).await;
+    let jobs = store(&pg).await;
 
     // Submit, idempotency, queue positions and the fleet-wide queue bound.
     let a = jobs.submit(accepted("a")).await.unwrap();
@@ -173,15 +193,12 @@ async fn submit_claim_run_cancel_and_expire() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_lease_requeues_then_fails_and_the_stale_claim_is_fenced() {
     let pg = Postgres::start();
-    let jobs = store(&pg, 1000).await;
+    let jobs = store(&pg).await;
     let a = jobs.submit(accepted("lease")).await.unwrap();
 
     // A claim whose pod goes silent: its lease runs out, the job is queued again.
     let first = claim(&jobs).await;
-    pg.query(&format!(
-        "UPDATE jhakaas_jobs SET lease_until = now() - interval '1 second' WHERE id = '{}'",
-        a.job_id
-    ));
+    lose_lease(&pg, &jobs, &a.job_id).await;
     let second = claim(&jobs).await;
     assert_eq!(second.id, a.job_id);
     // The stale first claim cannot end the job now owned by the second.
@@ -194,24 +211,14 @@ async fn an_expired_lease_requeues_then_fails_and_the_stale_claim_is_fenced() {
     assert_eq!(state(&now), pb::JobState::Running, "{}", now.error);
 
     // A second lost lease reaches max_attempts (2): the job fails with the reason.
-    pg.query(&format!(
-        "UPDATE jhakaas_jobs SET lease_until = now() - interval '1 second' WHERE id = '{}'",
-        a.job_id
-    ));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let j = jobs.get(&a.job_id).await.unwrap();
-        if state(&j) == pb::JobState::Failed {
-            assert!(
-                j.error.contains("lost with its worker 2 times"),
-                "{}",
-                j.error
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "never failed: {j:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    lose_lease(&pg, &jobs, &a.job_id).await;
+    let failed = jobs.get(&a.job_id).await.unwrap();
+    assert_eq!(state(&failed), pb::JobState::Failed, "{failed:?}");
+    assert!(
+        failed.error.contains("lost with its worker 2 times"),
+        "{}",
+        failed.error
+    );
     // The second claim's own end is fenced off too; still exactly one terminal event.
     second.emit(JobEvent::Cancelled {
         reason: "late".into(),
@@ -230,7 +237,7 @@ async fn an_expired_lease_requeues_then_fails_and_the_stale_claim_is_fenced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_hands_the_running_job_back_and_leaves_the_queue() {
     let pg = Postgres::start();
-    let jobs = Arc::new(store(&pg, 5000).await);
+    let jobs = Arc::new(store(&pg).await);
     let a = jobs.submit(accepted("run")).await.unwrap();
     let b = jobs.submit(accepted("wait")).await.unwrap();
     let running = claim(&jobs).await;
@@ -254,7 +261,8 @@ async fn drain_hands_the_running_job_back_and_leaves_the_queue() {
     let refused = jobs.submit(accepted("late")).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable);
     for id in [&a.job_id, &b.job_id] {
-        assert_eq!(state(&jobs.get(id).await.unwrap()), pb::JobState::Queued);
+        let job = jobs.get(id).await.unwrap();
+        assert_eq!(state(&job), pb::JobState::Queued, "{job:?}");
     }
     assert_eq!(
         pg.query(&format!(
@@ -268,7 +276,7 @@ async fn drain_hands_the_running_job_back_and_leaves_the_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_jobs_go_after_their_ttl_or_when_the_caps_are_reached() {
     let pg = Postgres::start();
-    let jobs = store(&pg, 5000).await;
+    let jobs = store(&pg).await;
     let mut ids = Vec::new();
     for i in 0..3 {
         let a = jobs.submit(accepted(&format!("keep-{i}"))).await.unwrap();
