@@ -7,8 +7,60 @@
 
 use crate::config::ClipTextConfig;
 use crate::layers::{attention, linear, Activation, AttentionPrecision, Linear};
-use candle_core::{DType, Module, Result, Tensor};
+use crate::weights::{FileRows, LoadedWeights};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
+
+/// The token embeddings: held as a tensor, or (on the CPU) rows read from the weights file
+/// per prompt ([`LoadedWeights::file_rows`]). Both give the same values.
+#[derive(Debug)]
+enum TokenTable {
+    Held(Embedding),
+    InFile {
+        rows: FileRows,
+        dtype: DType,
+        device: Device,
+    },
+}
+
+impl TokenTable {
+    /// The table `{vb}.token_embedding.weight` of `vocab × d`, left in the file where the
+    /// weights say so.
+    fn new(vocab: usize, d: usize, vb: VarBuilder, weights: &LoadedWeights) -> Result<Self> {
+        let vb = vb.pp("token_embedding");
+        let name = format!("{}.weight", vb.prefix());
+        match weights.file_rows(&name) {
+            Some(rows) if (rows.rows(), rows.cols()) == (vocab, d) => Ok(Self::InFile {
+                rows,
+                dtype: vb.dtype(),
+                device: vb.device().clone(),
+            }),
+            Some(rows) => Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: (vocab, d).into(),
+                got: (rows.rows(), rows.cols()).into(),
+            }),
+            None => Ok(Self::Held(candle_nn::embedding(vocab, d, vb)?)),
+        }
+    }
+
+    /// The embeddings of token ids `[B, L]`: `[B, L, D]`.
+    fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Held(e) => e.forward(input_ids),
+            Self::InFile {
+                rows,
+                dtype,
+                device,
+            } => {
+                let (b, l) = input_ids.dims2()?;
+                let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+                let values = rows.gather(&ids)?;
+                Tensor::from_vec(values, (b, l, rows.cols()), device)?.to_dtype(*dtype)
+            }
+        }
+    }
+}
 
 #[derive(Debug)]
 struct EncoderLayer {
@@ -80,7 +132,7 @@ pub struct ClipOutput {
 /// The CLIP text transformer, optionally with its `text_projection`.
 #[derive(Debug)]
 pub struct ClipTextModel {
-    token_embedding: Embedding,
+    token_embedding: TokenTable,
     position_embedding: Embedding,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
@@ -94,16 +146,17 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
-    /// Builds the encoder from `vb`, finding out which key spelling the checkpoint uses.
+    /// Builds the encoder from `weights`, finding out which key spelling the checkpoint uses.
     /// `with_projection` also loads `text_projection` (CLIPTextModelWithProjection); `file`
     /// names the config in errors.
     pub fn new(
         cfg: &ClipTextConfig,
-        vb: VarBuilder,
+        weights: &LoadedWeights,
         with_projection: bool,
         file: &str,
     ) -> crate::Result<Self> {
         cfg.validate(file)?;
+        let vb = weights.vb.clone();
         let text_projection = if with_projection {
             let dim = cfg.projection_dim.ok_or_else(|| {
                 crate::Error::unsupported(
@@ -133,7 +186,7 @@ impl ClipTextModel {
             .map(|i| EncoderLayer::new(cfg, vb.pp(format!("encoder.layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            token_embedding: candle_nn::embedding(cfg.vocab_size, d, emb.pp("token_embedding"))?,
+            token_embedding: TokenTable::new(cfg.vocab_size, d, emb.clone(), weights)?,
             position_embedding: candle_nn::embedding(
                 cfg.max_position_embeddings,
                 d,

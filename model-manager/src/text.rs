@@ -146,7 +146,7 @@ impl TextConditioner {
                 weights_scope(|| {
                     crate::weights::with_file(
                         &w.file,
-                        ClipTextModel::new(&cfg, w.vb, with_projection, &cfg_file),
+                        ClipTextModel::new(&cfg, &w, with_projection, &cfg_file),
                     )
                 })
             });

@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A component's weights, ready to build a model from.
 pub struct LoadedWeights {
@@ -20,6 +21,96 @@ pub struct LoadedWeights {
     pub file: String,
     /// Bytes the floating-point tensors take in the requested dtype.
     pub bytes: u64,
+    tensors: Arc<SafetensorsFile>,
+    device: Device,
+}
+
+impl LoadedWeights {
+    /// The lookup table `name` as rows gathered from the file, where [`stays_in_file`] says
+    /// so; otherwise the model holds it (read through `vb`).
+    pub fn file_rows(&self, name: &str) -> Option<FileRows> {
+        let e = self.tensors.entries.get(name)?;
+        stays_in_file(name, e, &self.tensors.lora, &self.device).then(|| FileRows {
+            file: self.tensors.file.clone(),
+            name: name.to_string(),
+            start: e.start,
+            rows: e.shape[0],
+            cols: e.shape[1],
+            dtype: e.dtype,
+        })
+    }
+}
+
+/// Whether tensor `name` is left in the file rather than held: on the CPU, a lookup table a
+/// request gathers a few rows of (CLIP's token embeddings: 49408 rows of which a prompt reads
+/// 77) is read row by row from the page cache, so its 0.15 GB (SD 1.5) never enter the
+/// process's memory. The one rule: the byte accounting and [`LoadedWeights::file_rows`] ask it.
+fn stays_in_file(
+    name: &str,
+    e: &Entry,
+    lora: &HashMap<String, Vec<crate::lora::Delta>>,
+    device: &Device,
+) -> bool {
+    device.is_cpu()
+        && name.ends_with("embeddings.token_embedding.weight")
+        && e.shape.len() == 2
+        && matches!(e.dtype, DType::F32 | DType::F16 | DType::BF16)
+        && !lora.contains_key(name)
+}
+
+/// Rows of a 2-D table in a safetensors file, gathered on demand (see [`stays_in_file`]).
+/// The open file keeps the bytes reachable even if the path is replaced.
+#[derive(Debug, Clone)]
+pub struct FileRows {
+    file: Arc<std::fs::File>,
+    name: String,
+    start: u64,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+}
+
+impl FileRows {
+    /// Rows in the table.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Values per row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Rows `ids`, widened to f32 (exactly), one after another: `ids.len() × cols` values.
+    pub fn gather(&self, ids: &[u32]) -> candle_core::Result<Vec<f32>> {
+        let width = self.dtype.size_in_bytes();
+        let row_bytes = self.cols * width;
+        let mut bytes = vec![0u8; row_bytes];
+        let mut out = Vec::with_capacity(ids.len() * self.cols);
+        for &id in ids {
+            if id as usize >= self.rows {
+                return Err(candle_core::Error::Msg(format!(
+                    "`{}`: row {id} is outside its {} rows",
+                    self.name, self.rows
+                )));
+            }
+            let at = self.start + (id as usize * row_bytes) as u64;
+            self.file.read_exact_at(&mut bytes, at).map_err(|err| {
+                candle_core::Error::Msg(format!("reading `{}` row {id}: {err}", self.name))
+            })?;
+            let values = bytes.chunks_exact(width);
+            match self.dtype {
+                DType::F32 => {
+                    out.extend(values.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                }
+                DType::F16 => {
+                    out.extend(values.map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()))
+                }
+                _ => out.extend(values.map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())),
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Relative path of `stem.safetensors` in `folder` (`""` = the repository root).
@@ -60,11 +151,15 @@ pub fn load_merged(
     let mut tensors = SafetensorsFile::open(&path).map_err(config_error)?;
     tensors.lora = lora.cloned().unwrap_or_default();
     let bytes = tensors.loaded_bytes(dtype, device);
-    let vb = VarBuilder::from_backend(Box::new(tensors), dtype, device.clone());
+    let tensors = Arc::new(tensors);
+    let backend = Box::new(Backend(tensors.clone()));
+    let vb = VarBuilder::from_backend(backend, dtype, device.clone());
     Ok(LoadedWeights {
         vb,
         file: plain,
         bytes,
+        tensors,
+        device: device.clone(),
     })
 }
 
@@ -132,7 +227,7 @@ struct Entry {
 
 /// An open safetensors file and its parsed header: tensors are read on request.
 struct SafetensorsFile {
-    file: std::fs::File,
+    file: Arc<std::fs::File>,
     entries: HashMap<String, Entry>,
     /// LoRA updates merged into these weights as they are read.
     lora: HashMap<String, Vec<crate::lora::Delta>>,
@@ -222,7 +317,7 @@ impl SafetensorsFile {
             );
         }
         Ok(Self {
-            file,
+            file: Arc::new(file),
             entries,
             lora: HashMap::new(),
         })
@@ -230,12 +325,14 @@ impl SafetensorsFile {
 
     /// Bytes the floating-point tensors take once loaded in `dtype` on `device`. Where the CPU
     /// holds weights in f16 ([`crate::kernels::held::holds_f16`]), a matrix or filter (rank ≥ 2:
-    /// the linear and conv weights) stored in f16 and not merged with a LoRA counts 2 bytes.
+    /// the linear and conv weights) stored in f16 and not merged with a LoRA counts 2 bytes;
+    /// a table left in the file ([`stays_in_file`]) counts nothing.
     fn loaded_bytes(&self, dtype: DType, device: &Device) -> u64 {
         let held_f16 = dtype == DType::F32 && crate::kernels::held::holds_f16(device);
         self.entries
             .iter()
             .filter(|(_, e)| e.dtype.is_float())
+            .filter(|(name, e)| !stays_in_file(name, e, &self.lora, device))
             .map(|(name, e)| {
                 let stays_f16 = held_f16
                     && e.dtype == DType::F16
@@ -319,7 +416,10 @@ impl SafetensorsFile {
     }
 }
 
-impl SimpleBackend for SafetensorsFile {
+/// The file as a [`VarBuilder`] backend, shared with [`LoadedWeights::file_rows`].
+struct Backend(Arc<SafetensorsFile>);
+
+impl SimpleBackend for Backend {
     fn get(
         &self,
         s: Shape,
@@ -328,7 +428,7 @@ impl SimpleBackend for SafetensorsFile {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.read(name, dtype, dev)?;
+        let t = self.0.read(name, dtype, dev)?;
         if t.shape() != &s {
             return Err(candle_core::Error::UnexpectedShape {
                 msg: format!("shape mismatch for {name}"),
@@ -341,10 +441,92 @@ impl SimpleBackend for SafetensorsFile {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.read(name, dtype, dev)
+        self.0.read(name, dtype, dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.entries.contains_key(name)
+        self.0.entries.contains_key(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file with a token table (as the CLIP key spells it) and a plain matrix, in `dtype`.
+    fn table_file(dtype: DType) -> (PathBuf, Tensor) {
+        let table = Tensor::arange(0f32, 40., &Device::Cpu)
+            .unwrap()
+            .affine(0.37, -3.0)
+            .unwrap()
+            .reshape((10, 4))
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let tensors = HashMap::from([
+            (
+                "text_model.embeddings.token_embedding.weight".to_string(),
+                table.clone(),
+            ),
+            ("text_model.other.weight".to_string(), table.clone()),
+        ]);
+        let path = std::env::temp_dir().join(format!(
+            "jhakaas-table-{dtype:?}-{}.safetensors",
+            std::process::id()
+        ));
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        (path, table)
+    }
+
+    fn open(path: &Path) -> LoadedWeights {
+        let source = ModelSource::Local(path.parent().unwrap().to_path_buf());
+        let stem = path.file_stem().unwrap().to_str().unwrap();
+        load(&source, "", stem, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn a_token_table_left_in_the_file_gathers_the_rows_the_tensor_holds() {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let (path, table) = table_file(dtype);
+            let w = open(&path);
+            let rows = w
+                .file_rows("text_model.embeddings.token_embedding.weight")
+                .expect("a token table on the CPU stays in the file");
+            assert!(w.file_rows("text_model.other.weight").is_none());
+            let ids = [3u32, 0, 9, 3];
+            let want = table
+                .to_dtype(DType::F32)
+                .unwrap()
+                .index_select(&Tensor::new(&ids, &Device::Cpu).unwrap(), 0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(rows.gather(&ids).unwrap(), want, "{dtype:?}");
+            let err = rows.gather(&[10]).unwrap_err().to_string();
+            assert!(err.contains("row 10 is outside its 10 rows"), "{err}");
+            // Only the other tensor is counted: the table never enters memory.
+            let mut other = SafetensorsFile::open(&path).unwrap();
+            other
+                .entries
+                .remove("text_model.embeddings.token_embedding.weight");
+            assert_eq!(w.bytes, other.loaded_bytes(DType::F32, &Device::Cpu));
+            assert!(w.bytes > 0);
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_token_table_merged_with_a_lora_is_held() {
+        let (path, _) = table_file(DType::F32);
+        let mut tensors = SafetensorsFile::open(&path).unwrap();
+        let name = "text_model.embeddings.token_embedding.weight";
+        tensors.lora.insert(name.to_string(), Vec::new());
+        let e = &tensors.entries[name];
+        assert!(!stays_in_file(name, e, &tensors.lora, &Device::Cpu));
+        assert!(stays_in_file(name, e, &HashMap::new(), &Device::Cpu));
+        assert_eq!(tensors.loaded_bytes(DType::F32, &Device::Cpu), 2 * 40 * 4);
+        std::fs::remove_file(&path).unwrap();
     }
 }
