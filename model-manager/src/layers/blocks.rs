@@ -60,18 +60,25 @@ impl ResnetBlock2D {
 
     /// Runs the block; `temb` is the (un-activated) time embedding `[B, T]`. The time
     /// embedding and the residual are added inside the convolutions (fused on the CPU).
-    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+    /// Takes `xs` so that it is freed as soon as the shortcut no longer needs it, and each
+    /// intermediate as soon as the next exists: at the VAE's full-resolution blocks, where the
+    /// decode peaks, that is one input-sized tensor less held at once.
+    pub fn forward(&self, xs: Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let time = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => Some(ConvAddend::PerChannel(proj.forward(&t.silu()?)?)),
             _ => None,
         };
         let h = self
             .conv1
-            .forward_add(&self.norm1.forward_silu(xs)?, time)?;
-        let h = self.norm2.forward_silu(&h)?;
+            .forward_add(&self.norm1.forward_silu(&xs)?, time)?;
         let shortcut = match &self.conv_shortcut {
-            Some(c) => c.forward(xs)?,
+            Some(c) => c.forward(&xs)?,
             None => xs.clone(),
+        };
+        drop(xs);
+        let h = {
+            let conv1 = h;
+            self.norm2.forward_silu(&conv1)?
         };
         if self.output_scale_factor == 1.0 {
             self.conv2.forward_add(&h, Some(ConvAddend::Full(shortcut)))
@@ -124,11 +131,13 @@ impl Upsample2D {
     }
 
     /// Doubles height and width, or resizes to `size` when the skip connection needs it.
-    pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+    /// Takes `xs` so that it is freed once upsampled, before the convolution's output exists.
+    pub fn forward(&self, xs: Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        let xs = xs.upsample_nearest2d(th, tw)?;
-        self.conv.forward(&xs)
+        let up = xs.upsample_nearest2d(th, tw)?;
+        drop(xs);
+        self.conv.forward(&up)
     }
 }
 

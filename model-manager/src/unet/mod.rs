@@ -100,7 +100,7 @@ impl DownBlock {
     ) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (j, resnet) in self.resnets.iter().enumerate() {
-            xs = resnet.forward(&xs, Some(temb))?;
+            xs = resnet.forward(xs, Some(temb))?;
             if let Some(attn) = self.attentions.get(j) {
                 xs = attn.forward(&xs, context)?;
             }
@@ -136,14 +136,16 @@ impl UpBlock {
             let skip = skips
                 .pop()
                 .ok_or_else(|| candle_core::Error::Msg("UNet skip connections exhausted".into()))?;
+            // The popped skip goes with the concatenation (before the resnet runs).
             xs = Tensor::cat(&[&xs, &skip], 1)?;
-            xs = resnet.forward(&xs, Some(temb))?;
+            drop(skip);
+            xs = resnet.forward(xs, Some(temb))?;
             if let Some(attn) = self.attentions.get(j) {
                 xs = attn.forward(&xs, context)?;
             }
         }
         match &self.upsampler {
-            Some(up) => up.forward(&xs, upsample_size),
+            Some(up) => up.forward(xs, upsample_size),
             None => Ok(xs),
         }
     }
@@ -412,9 +414,9 @@ impl UNet2DConditionModel {
             xs = block.forward(&xs, &temb, context, &mut skips)?;
         }
         if let Some(mid) = &self.mid {
-            xs = mid.resnet_in.forward(&xs, Some(&temb))?;
+            xs = mid.resnet_in.forward(xs, Some(&temb))?;
             xs = mid.attention.forward(&xs, context)?;
-            xs = mid.resnet_out.forward(&xs, Some(&temb))?;
+            xs = mid.resnet_out.forward(xs, Some(&temb))?;
         }
         let n = self.up.len();
         for (i, block) in self.up.iter().enumerate() {
