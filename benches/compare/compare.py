@@ -197,6 +197,7 @@ def main() -> None:
               "scheduler": "ddim", "guidance_scale": 7.5, "runs_per_side": a.rounds * a.runs,
               "torch": torch.__version__, "platform": platform.platform(),
               "parity": {"mean_abs_diff": float(diff.mean()), "max_abs_diff": int(diff.max())}, "cases": cases}
+    stem.parent.mkdir(parents=True, exist_ok=True)  # a fresh --results folder
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     lines = [f"# jhakaas vs diffusers — {a.arch}, {a.size}×{a.size}, {a.steps} DDIM steps, CFG 7.5, {a.device} {precision}",
              "", f"Machine: {report['machine']}; {date}; torch {torch.__version__}; "
