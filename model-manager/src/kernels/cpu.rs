@@ -94,15 +94,3 @@ pub fn retain_freed_memory() {
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
-
-/// Hands the allocator's free pages back to the OS (glibc's `malloc_trim`), for a switch
-/// between stages whose tensors differ in size: the pages the denoising steps kept for reuse
-/// would otherwise stay resident under the VAE decode's larger blocks and add to the peak.
-/// A no-op off glibc.
-pub fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free pages; it is thread-safe.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}

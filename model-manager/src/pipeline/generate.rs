@@ -219,9 +219,6 @@ impl StableDiffusionPipeline {
     /// Latents to images, each with its seed.
     fn decode(&self, latents: &Tensor, rp: &ResolvedParams) -> Result<Vec<GeneratedImage>> {
         let z = (latents / self.vae.config().scaling_factor)?.to_dtype(self.vae_dtype)?;
-        if self.device.is_cpu() {
-            crate::kernels::release_free_memory();
-        }
         let decoded = {
             let _tf32 = crate::device::allow_tf32(&self.device);
             self.vae.decode(&z)?
