@@ -8,7 +8,7 @@
 use crate::config::ClipTextConfig;
 use crate::layers::{attention, linear, Activation, AttentionPrecision, Linear};
 use crate::weights::{FileRows, LoadedWeights};
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
 /// The token embeddings: held as a tensor, or (on the CPU) rows read from the weights file
@@ -16,10 +16,10 @@ use candle_nn::{Embedding, LayerNorm, VarBuilder};
 #[derive(Debug)]
 enum TokenTable {
     Held(Embedding),
+    /// On the CPU only; `dtype` is the one the model computes in.
     InFile {
         rows: FileRows,
         dtype: DType,
-        device: Device,
     },
 }
 
@@ -33,7 +33,6 @@ impl TokenTable {
             Some(rows) if (rows.rows(), rows.cols()) == (vocab, d) => Ok(Self::InFile {
                 rows,
                 dtype: vb.dtype(),
-                device: vb.device().clone(),
             }),
             Some(rows) => Err(candle_core::Error::UnexpectedShape {
                 msg: format!("shape mismatch for {name}"),
@@ -48,15 +47,11 @@ impl TokenTable {
     fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         match self {
             Self::Held(e) => e.forward(input_ids),
-            Self::InFile {
-                rows,
-                dtype,
-                device,
-            } => {
+            Self::InFile { rows, dtype } => {
                 let (b, l) = input_ids.dims2()?;
                 let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
                 let values = rows.gather(&ids)?;
-                Tensor::from_vec(values, (b, l, rows.cols()), device)?.to_dtype(*dtype)
+                Tensor::from_vec(values, (b, l, rows.cols()), input_ids.device())?.to_dtype(*dtype)
             }
         }
     }

@@ -244,18 +244,19 @@ impl LatentDistribution {
 /// counted in the model's, so the cache budgets for it either way; a VAE file without an
 /// encoder serves text-to-image and fails img2img jobs with the reason.
 struct LazyEncoder {
-    config: VaeConfig,
+    /// The weights under `encoder.`.
     vb: VarBuilder<'static>,
     built: OnceLock<Encoder>,
 }
 
 impl LazyEncoder {
-    fn get(&self) -> Result<&Encoder> {
+    /// The encoder `config` describes, built now if it is not yet.
+    fn get(&self, config: &VaeConfig) -> Result<&Encoder> {
         if let Some(e) = self.built.get() {
             return Ok(e);
         }
         let started = std::time::Instant::now();
-        let encoder = Encoder::new(&self.config, self.vb.pp("encoder")).map_err(|e| {
+        let encoder = Encoder::new(config, self.vb.clone()).map_err(|e| {
             candle_core::Error::Msg(format!(
                 "the VAE's encoder (needed for img2img) cannot be built from its weights: {e}"
             ))
@@ -291,8 +292,7 @@ impl AutoencoderKL {
         let l = config.latent_channels;
         Ok(Self {
             encoder: LazyEncoder {
-                config: config.clone(),
-                vb: vb.clone(),
+                vb: vb.pp("encoder"),
                 built: OnceLock::new(),
             },
             quant_conv: if config.use_quant_conv {
@@ -317,7 +317,7 @@ impl AutoencoderKL {
 
     /// Encodes an image in [-1, 1] `[B, 3, H, W]` to its latent distribution.
     pub fn encode(&self, image: &Tensor) -> Result<LatentDistribution> {
-        let h = self.encoder.get()?.forward(image)?;
+        let h = self.encoder.get(&self.config)?.forward(image)?;
         let moments = match &self.quant_conv {
             Some(q) => q.forward(&h)?,
             None => h,

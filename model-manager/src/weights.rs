@@ -22,7 +22,6 @@ pub struct LoadedWeights {
     /// Bytes the floating-point tensors take in the requested dtype.
     pub bytes: u64,
     tensors: Arc<SafetensorsFile>,
-    device: Device,
 }
 
 impl LoadedWeights {
@@ -30,7 +29,7 @@ impl LoadedWeights {
     /// so; otherwise the model holds it (read through `vb`).
     pub fn file_rows(&self, name: &str) -> Option<FileRows> {
         let e = self.tensors.entries.get(name)?;
-        stays_in_file(name, e, &self.tensors.lora, &self.device).then(|| FileRows {
+        stays_in_file(name, e, &self.tensors.lora, self.vb.device()).then(|| FileRows {
             file: self.tensors.file.clone(),
             name: name.to_string(),
             start: e.start,
@@ -159,7 +158,6 @@ pub fn load_merged(
         file: plain,
         bytes,
         tensors,
-        device: device.clone(),
     })
 }
 

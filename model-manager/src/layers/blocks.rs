@@ -68,17 +68,18 @@ impl ResnetBlock2D {
             (Some(proj), Some(t)) => Some(ConvAddend::PerChannel(proj.forward(&t.silu()?)?)),
             _ => None,
         };
-        let h = self
+        let conv1 = self
             .conv1
             .forward_add(&self.norm1.forward_silu(&xs)?, time)?;
+        let h = self.norm2.forward_silu(&conv1)?;
+        drop(conv1);
         let shortcut = match &self.conv_shortcut {
-            Some(c) => c.forward(&xs)?,
-            None => xs.clone(),
-        };
-        drop(xs);
-        let h = {
-            let conv1 = h;
-            self.norm2.forward_silu(&conv1)?
+            Some(c) => {
+                let s = c.forward(&xs)?;
+                drop(xs);
+                s
+            }
+            None => xs,
         };
         if self.output_scale_factor == 1.0 {
             self.conv2.forward_add(&h, Some(ConvAddend::Full(shortcut)))
