@@ -16,6 +16,7 @@ pub mod image_io;
 pub mod kernels;
 pub mod layers;
 pub mod lora;
+pub mod mapped;
 pub mod noise;
 pub mod params;
 pub mod pipeline;

@@ -1,6 +1,9 @@
-//! A component's safetensors weights: read tensor by tensor straight from the file into the
-//! buffers the model keeps (no memory map, so the loaded weights are the only copy in memory),
-//! and the bytes they take once loaded in the working dtype (what the model cache budgets with).
+//! A component's safetensors weights, tensor by tensor: on the CPU a tensor held exactly as
+//! stored lies in the file's mapped pages ([`crate::mapped`], [`WeightsIo::Map`]); any other
+//! (converted, transposed, merged with a LoRA, or with `--weights-io read`) is read straight
+//! from the file into the buffer the model keeps. Either way the loaded weights are one copy
+//! in memory. Also the bytes they take once loaded in the working dtype (what the model cache
+//! budgets with).
 
 use crate::error::{Error, Result};
 use crate::kernels::cpu::{uninit_vec, Plain};
@@ -11,7 +14,50 @@ use candle_nn::VarBuilder;
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// How weights files are read on the CPU (the CLI's `--weights-io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightsIo {
+    /// Tensors held as stored lie in the file's mapped pages (the default): a load copies
+    /// and faults in nothing for them, and the page cache holds the only copy.
+    #[default]
+    Map,
+    /// Every tensor is copied into memory (for filesystems where mapped reads are slow).
+    Read,
+}
+
+impl std::str::FromStr for WeightsIo {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "map" => Ok(Self::Map),
+            "read" => Ok(Self::Read),
+            other => Err(Error::invalid(
+                "weights-io",
+                format!("`{other}` is not one of map, read"),
+            )),
+        }
+    }
+}
+
+/// Whether [`WeightsIo::Read`] is chosen.
+static READ_ONLY: AtomicBool = AtomicBool::new(false);
+
+/// Sets how weights files are read, process-wide; files opened afterwards follow it.
+pub fn set_weights_io(choice: WeightsIo) {
+    READ_ONLY.store(choice == WeightsIo::Read, Ordering::Relaxed);
+}
+
+/// The process-wide [`WeightsIo`].
+pub fn weights_io() -> WeightsIo {
+    if READ_ONLY.load(Ordering::Relaxed) {
+        WeightsIo::Read
+    } else {
+        WeightsIo::Map
+    }
+}
 
 /// A component's weights, ready to build a model from.
 pub struct LoadedWeights {
@@ -229,6 +275,11 @@ struct SafetensorsFile {
     entries: HashMap<String, Entry>,
     /// LoRA updates merged into these weights as they are read.
     lora: HashMap<String, Vec<crate::lora::Delta>>,
+    /// The file mapped on the first read that can use it (`None`: read instead).
+    mapped: OnceLock<Option<crate::mapped::MappedFile>>,
+    /// Tensors lent out of the mapping: each at most once, so no two buffers share pages
+    /// (a later read of the same tensor copies).
+    lent: Mutex<std::collections::HashSet<String>>,
 }
 
 /// The safetensors dtypes candle holds (others are skipped; a model asking for one fails).
@@ -314,10 +365,21 @@ impl SafetensorsFile {
                 },
             );
         }
+        let mut ranges: Vec<(u64, u64, &String)> =
+            entries.iter().map(|(n, e)| (e.start, e.end, n)).collect();
+        ranges.sort_unstable();
+        if let Some(w) = ranges.windows(2).find(|w| w[1].0 < w[0].1) {
+            return Err(format!(
+                "tensors `{}` and `{}` overlap in the file",
+                w[0].2, w[1].2
+            ));
+        }
         Ok(Self {
             file: Arc::new(file),
             entries,
             lora: HashMap::new(),
+            mapped: OnceLock::new(),
+            lent: Mutex::new(Default::default()),
         })
     }
 
@@ -383,10 +445,14 @@ impl SafetensorsFile {
         Tensor::from_raw_buffer(&bytes, e.dtype, &e.shape, device)
     }
 
-    /// The bytes of `e` read straight into a buffer of `T` (a float type of `e`'s width).
+    /// The values of `e` as a buffer of `T` (a float type of `e`'s width): lent out of the
+    /// mapped file where [`WeightsIo::Map`] allows, otherwise read straight into a buffer.
     fn read_vec<T: Plain>(&self, e: &Entry, name: &str) -> candle_core::Result<Vec<T>> {
         let len = (e.end - e.start) as usize;
         debug_assert_eq!(std::mem::size_of::<T>(), e.dtype.size_in_bytes());
+        if let Some(v) = self.lend(e, name) {
+            return Ok(v);
+        }
         // Every byte is written by the read below (or the buffer is dropped on error).
         let mut v = uninit_vec::<T>(len / std::mem::size_of::<T>());
         // SAFETY: the u8 view covers exactly the buffer; callers pick a `Plain` `T` of the
@@ -394,6 +460,25 @@ impl SafetensorsFile {
         let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), len) };
         self.read_at(bytes, e.start, name)?;
         Ok(v)
+    }
+
+    /// The values of `e` over the mapped file, if it maps and `name` was not lent before.
+    fn lend<T: Plain>(&self, e: &Entry, name: &str) -> Option<Vec<T>> {
+        if weights_io() != WeightsIo::Map {
+            return None;
+        }
+        let mapped = self
+            .mapped
+            .get_or_init(|| crate::mapped::MappedFile::map(&self.file))
+            .as_ref()?;
+        let mut lent = self.lent.lock().unwrap_or_else(|p| p.into_inner());
+        if lent.contains(name) {
+            return None;
+        }
+        let count = (e.end - e.start) as usize / std::mem::size_of::<T>();
+        let v = mapped.lend(usize::try_from(e.start).ok()?, count)?;
+        lent.insert(name.to_string());
+        Some(v)
     }
 
     /// Fills `buf` from byte `at` of the file; a large tensor in parallel chunks, so that
@@ -468,8 +553,11 @@ mod tests {
             ),
             ("text_model.other.weight".to_string(), table.clone()),
         ]);
+        // One file per call: tests run in parallel and each removes its own.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!(
-            "jhakaas-table-{dtype:?}-{}.safetensors",
+            "jhakaas-table-{dtype:?}-{}-{call}.safetensors",
             std::process::id()
         ));
         candle_core::safetensors::save(&tensors, &path).unwrap();
@@ -480,6 +568,80 @@ mod tests {
         let source = ModelSource::Local(path.parent().unwrap().to_path_buf());
         let stem = path.file_stem().unwrap().to_str().unwrap();
         load(&source, "", stem, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    /// Where a CPU tensor's values are.
+    fn address(t: &Tensor) -> usize {
+        let (storage, layout) = t.storage_and_layout();
+        let candle_core::Storage::Cpu(s) = &*storage else {
+            panic!("a CPU tensor")
+        };
+        match s {
+            candle_core::CpuStorage::F32(v) => v[layout.start_offset()..].as_ptr() as usize,
+            candle_core::CpuStorage::F16(v) => v[layout.start_offset()..].as_ptr() as usize,
+            _ => panic!("an f32 or f16 tensor"),
+        }
+    }
+
+    #[test]
+    fn a_tensor_held_as_stored_is_lent_from_the_file_once_and_outlives_it() {
+        let (path, table) = table_file(DType::F32);
+        let w = open(&path);
+        let name = "text_model.other.weight";
+        let first = w.vb.get((10, 4), name).unwrap();
+        let second = w.vb.get((10, 4), name).unwrap();
+        if weights_io() == WeightsIo::Map {
+            assert!(
+                crate::mapped::is_mapped(address(&first)),
+                "lent from the file"
+            );
+        }
+        // A second read of the same tensor is a copy: no two buffers share pages.
+        assert!(!crate::mapped::is_mapped(address(&second)));
+        drop(w);
+        std::fs::remove_file(&path).unwrap();
+        let want = table.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for t in [&first, &second] {
+            assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+        }
+        // Computing on a lent tensor and dropping it leave the other intact.
+        let doubled = (&first * 2.0).unwrap();
+        drop(first);
+        assert_eq!(
+            doubled.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.iter().map(|v| v * 2.0).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_widened_f16_tensor_is_a_copy_with_the_stored_values() {
+        let (path, table) = table_file(DType::F16);
+        let w = open(&path);
+        let t = w.vb.get((10, 4), "text_model.other.weight").unwrap();
+        assert_eq!(t.dtype(), DType::F32);
+        assert!(!crate::mapped::is_mapped(address(&t)));
+        let want = table.to_dtype(DType::F32).unwrap();
+        assert_eq!(
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_file_whose_tensors_overlap_is_refused_naming_them() {
+        let header = br#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header);
+        bytes.extend_from_slice(&[0u8; 12]);
+        let path = std::env::temp_dir().join(format!(
+            "jhakaas-overlap-{}.safetensors",
+            std::process::id()
+        ));
+        std::fs::write(&path, bytes).unwrap();
+        let err = SafetensorsFile::open(&path).err().expect("refused");
+        std::fs::remove_file(&path).unwrap();
+        assert!(err.contains("`a` and `b` overlap"), "{err}");
     }
 
     #[test]

@@ -32,6 +32,12 @@ struct Cli {
     /// at load). Weights f16 cannot hold exactly stay f32 either way.
     #[arg(long, global = true, env = "JHAKAAS_CPU_WEIGHTS", default_value = "f16", value_parser = ["f32", "f16"])]
     cpu_weights: String,
+    /// How weights files are read on the CPU: `map` (a tensor held as the file stores it lies
+    /// in the file's mapped pages: nothing copied at load, one copy in memory shared with the
+    /// page cache; the file must not be rewritten in place while served) or `read` (copied
+    /// into memory; for filesystems where mapped reads are slow, e.g. some network mounts).
+    #[arg(long, global = true, env = "JHAKAAS_WEIGHTS_IO", default_value = "map", value_parser = ["map", "read"])]
+    weights_io: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,6 +67,13 @@ fn main() -> std::process::ExitCode {
     }
     match cli.cpu_weights.parse() {
         Ok(w) => jhakaas_model_manager::kernels::held::set_cpu_weights(w),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
+    match cli.weights_io.parse() {
+        Ok(io) => jhakaas_model_manager::weights::set_weights_io(io),
         Err(e) => {
             eprintln!("error: {e}");
             return std::process::ExitCode::FAILURE;

@@ -6,6 +6,7 @@
 //! Usage: jhakaas-bench-engine MODEL_DIR LATENTS PROMPT STEPS SIZE RUNS OUT_PNG START_EPOCH [DEVICE]
 //! (`JHAKAAS_KERNELS=auto|fused|reference` picks the kernels, as the worker's `--kernels`;
 //! `JHAKAAS_CPU_WEIGHTS=f32|f16` how f16 files are held, as `--cpu-weights`;
+//! `JHAKAAS_WEIGHTS_IO=map|read` how weights files are read, as `--weights-io`;
 //! `JHAKAAS_NO_RETAIN=1` keeps glibc's default of unmapping freed blocks, for A/B runs)
 
 use anyhow::{Context, Result};
@@ -49,6 +50,9 @@ fn main() -> Result<()> {
     }
     if let Ok(w) = std::env::var("JHAKAAS_CPU_WEIGHTS") {
         jhakaas_model_manager::kernels::held::set_cpu_weights(w.parse()?);
+    }
+    if let Ok(io) = std::env::var("JHAKAAS_WEIGHTS_IO") {
+        jhakaas_model_manager::weights::set_weights_io(io.parse()?);
     }
     let device = a
         .get(9)
