@@ -86,7 +86,9 @@ fn release(ptr: usize, len: usize) -> bool {
     else {
         return false;
     };
-    let region = slot.as_mut().expect("found above");
+    let Some(region) = slot.as_mut() else {
+        return false; // not reached: `find` matched a region (nothing may panic in here)
+    };
     region.holders -= 1;
     if region.holders == 0 {
         let Region { start, len, .. } = *region;
