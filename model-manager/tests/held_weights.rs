@@ -2,49 +2,16 @@
 //! CPU upcasts them at load or keeps them in f16 and widens them as used. (Its own test binary:
 //! the choice is process-wide.)
 
+mod common;
+
 use candle_core::{DType, Device};
+use common::{lighthouse, tiny_sd1_copy};
 use jhakaas_model_manager::kernels::held::{self, set_cpu_weights, CpuWeights};
 use jhakaas_model_manager::pipeline::estimate_loaded_bytes;
 use jhakaas_model_manager::weights;
-use jhakaas_model_manager::{
-    GenerateParams, LoadOptions, ModelSource, SchedulerKind, StableDiffusionPipeline,
-};
-use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use jhakaas_model_manager::{LoadOptions, ModelSource, StableDiffusionPipeline};
+use std::path::Path;
 use std::sync::Mutex;
-
-/// A copy of the tiny SD1 fixture with every f32 tensor stored as f16, as published fp16
-/// checkpoints are.
-fn fp16_copy() -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/sd1-tiny");
-    let dst = std::env::temp_dir().join(format!("jhakaas-sd1-tiny-fp16-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dst);
-    copy_as_fp16(&src, &dst);
-    dst
-}
-
-fn copy_as_fp16(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let path = entry.unwrap().path();
-        let to = dst.join(path.file_name().unwrap());
-        if path.is_dir() {
-            copy_as_fp16(&path, &to);
-        } else if path.extension().is_some_and(|e| e == "safetensors") {
-            let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-            let tensors: std::collections::HashMap<String, candle_core::Tensor> = tensors
-                .into_iter()
-                .map(|(k, t)| match t.dtype() {
-                    DType::F32 => (k, t.to_dtype(DType::F16).unwrap()),
-                    _ => (k, t),
-                })
-                .collect();
-            candle_core::safetensors::save(&tensors, &to).unwrap();
-        } else {
-            std::fs::copy(&path, &to).unwrap();
-        }
-    }
-}
 
 /// Serialises the tests: the choice they set is process-wide.
 static CHOICE: Mutex<()> = Mutex::new(());
@@ -53,25 +20,13 @@ fn image(dir: &Path, weights: CpuWeights) -> image::RgbImage {
     set_cpu_weights(weights);
     let p = StableDiffusionPipeline::load(&ModelSource::Local(dir.to_path_buf()), &Device::Cpu)
         .unwrap();
-    let params = GenerateParams {
-        prompt: "a lighthouse at dusk".into(),
-        negative_prompt: Some("fog".into()),
-        steps: Some(3),
-        seed: Some(7),
-        num_images: 1,
-        scheduler: Some(SchedulerKind::Ddim),
-        ..Default::default()
-    };
-    let mut out = p
-        .generate(&params, &mut |_| ControlFlow::Continue(()))
-        .unwrap();
-    out.images.remove(0).image
+    lighthouse(&p)
 }
 
 #[test]
 fn f16_files_give_the_same_image_held_in_f16_or_upcast() {
     let _choice = CHOICE.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = fp16_copy();
+    let dir = tiny_sd1_copy("fp16", DType::F16);
     let upcast = image(&dir, CpuWeights::F32);
     let held = image(&dir, CpuWeights::F16);
     let _ = std::fs::remove_dir_all(&dir);
@@ -106,7 +61,7 @@ fn held_weight(dir: &Path, name: &str, shape: &[usize]) -> candle_core::Tensor {
 #[test]
 fn f16_weights_are_read_as_stored_and_counted_at_their_width() {
     let _choice = CHOICE.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = fp16_copy();
+    let dir = tiny_sd1_copy("fp16", DType::F16);
     let source = ModelSource::Local(dir.clone());
     let shape = [32, 4, 3, 3];
     let read = |choice| {
