@@ -18,8 +18,18 @@ fn is_cpu_plain(t: &Tensor) -> bool {
 
 /// `tᵀ` of a 2D tensor, contiguous.
 pub fn transpose(t: &Tensor) -> Result<Tensor> {
-    if !is_cpu_plain(t) {
-        return t.t()?.contiguous();
+    t.dims2()?;
+    transpose_last_two(t)
+}
+
+/// `t` with its last two dimensions swapped, contiguous: each matrix of a batch transposed
+/// (e.g. a feature map `[B, C, H·W]` into tokens `[B, H·W, C]`; candle's strided copy of a
+/// permuted tensor runs element by element on one core).
+pub fn transpose_last_two(t: &Tensor) -> Result<Tensor> {
+    if !is_cpu_plain(t) || t.rank() < 2 || t.elem_count() == 0 {
+        return t
+            .transpose(t.rank().saturating_sub(2), t.rank().saturating_sub(1))?
+            .contiguous();
     }
     match t.dtype() {
         candle_core::DType::F16 => transposed::<half::f16>(&t.contiguous()?),
@@ -27,31 +37,41 @@ pub fn transpose(t: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// `tᵀ` of a contiguous 2D CPU tensor of element type `T`.
+/// [`transpose_last_two`] of a contiguous, non-empty CPU tensor of element type `T`.
 fn transposed<T: Plain + WithDType>(t: &Tensor) -> Result<Tensor> {
-    let (rows, cols) = t.dims2()?;
+    let dims = t.dims();
+    let n = dims.len();
+    let (rows, cols) = (dims[n - 2], dims[n - 1]);
+    let matrix = rows * cols;
+    let batch = t.elem_count() / matrix;
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(s) = &*storage else {
         candle_core::bail!("transpose: expected a CPU tensor");
     };
-    let src = &T::cpu_storage_as_slice(s)?[layout.start_offset()..][..rows * cols];
-    // Every element is written: each task fills whole output rows `c0..c0+BLOCK`.
-    let mut out = uninit_vec::<T>(rows * cols);
+    let src = &T::cpu_storage_as_slice(s)?[layout.start_offset()..][..batch * matrix];
+    // Every element is written: each task fills whole output rows `c0..c0+BLOCK` of one
+    // matrix of the batch.
+    let mut out = uninit_vec::<T>(batch * matrix);
     let ptr = SendPtr(out.as_mut_ptr());
-    (0..cols.div_ceil(BLOCK)).into_par_iter().for_each(|cb| {
+    let col_blocks = cols.div_ceil(BLOCK);
+    (0..batch * col_blocks).into_par_iter().for_each(|task| {
+        let (m, cb) = (task / col_blocks, task % col_blocks);
+        let (src, base) = (&src[m * matrix..(m + 1) * matrix], m * matrix);
         let c0 = cb * BLOCK;
         let c1 = (c0 + BLOCK).min(cols);
         for r0 in (0..rows).step_by(BLOCK) {
             let r1 = (r0 + BLOCK).min(rows);
             for c in c0..c1 {
                 for r in r0..r1 {
-                    // SAFETY: output row `c` belongs to this task alone.
-                    unsafe { *ptr.get().add(c * rows + r) = src[r * cols + c] };
+                    // SAFETY: output row `c` of matrix `m` belongs to this task alone.
+                    unsafe { *ptr.get().add(base + c * rows + r) = src[r * cols + c] };
                 }
             }
         }
     });
-    Tensor::from_vec(out, (cols, rows), t.device())
+    let mut shape = dims.to_vec();
+    shape.swap(n - 2, n - 1);
+    Tensor::from_vec(out, shape, t.device())
 }
 
 /// `[A | B | …]`: 2D tensors with the same number of rows, side by side.
@@ -120,6 +140,35 @@ mod tests {
         let c = concat_columns(&[&a, &b]).unwrap();
         let want = Tensor::cat(&[&a, &b], 1).unwrap();
         assert_eq!(c.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+    }
+
+    #[test]
+    fn a_batch_of_matrices_transposes_like_candle() {
+        for dtype in [candle_core::DType::F32, candle_core::DType::F16] {
+            let t = Tensor::arange(0f32, (2 * 3 * 70 * 130) as f32, &Device::Cpu)
+                .unwrap()
+                .reshape((2, 3, 70, 130))
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let ours = transpose_last_two(&t).unwrap();
+            let want = t.transpose(2, 3).unwrap().contiguous().unwrap();
+            assert_eq!(ours.dims(), &[2, 3, 130, 70]);
+            assert_eq!(ours.dtype(), dtype);
+            let values = |t: &Tensor| {
+                t.to_dtype(candle_core::DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(values(&ours), values(&want), "{dtype:?}");
+            // A view that is not contiguous (a narrowed batch) is copied first.
+            let part = t.narrow(1, 1, 2).unwrap();
+            let want = part.transpose(2, 3).unwrap().contiguous().unwrap();
+            assert_eq!(values(&transpose_last_two(&part).unwrap()), values(&want));
+        }
     }
 
     #[test]

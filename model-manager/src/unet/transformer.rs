@@ -1,6 +1,7 @@
 //! diffusers `Transformer2DModel` (continuous input) and its `BasicTransformerBlock`,
 //! as used inside the cross-attention blocks of an SD UNet.
 
+use crate::kernels::layout::transpose_last_two;
 use crate::layers::{
     attention, conv2d, geglu, group_norm, linear, AttentionPrecision, Conv2d, ConvAddend,
     GroupNorm, Linear,
@@ -230,7 +231,7 @@ impl Transformer2D {
         let xs = self.norm.forward(xs)?;
         let to_tokens = |t: Tensor| -> Result<Tensor> {
             let inner = t.dim(1)?;
-            t.permute((0, 2, 3, 1))?.reshape((b, h * w, inner))
+            transpose_last_two(&t.reshape((b, inner, h * w))?)
         };
         let mut xs = match &self.proj_in {
             Projection::Conv(conv) => to_tokens(conv.forward(&xs)?)?,
@@ -241,9 +242,7 @@ impl Transformer2D {
         }
         let inner = xs.dim(2)?;
         let to_map = |t: Tensor, ch: usize| -> Result<Tensor> {
-            t.reshape((b, h, w, ch))?
-                .permute((0, 3, 1, 2))?
-                .contiguous()
+            transpose_last_two(&t)?.reshape((b, ch, h, w))
         };
         match &self.proj_out {
             Projection::Conv(conv) => conv.forward_add(
