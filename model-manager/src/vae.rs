@@ -1,6 +1,7 @@
 //! diffusers `AutoencoderKL`: encoder (img2img) and decoder, built from `vae/config.json`.
 
 use crate::config::VaeConfig;
+use crate::kernels::layout::transpose_last_two;
 use crate::layers::{
     attention, conv2d, group_norm, linear, AttentionPrecision, Conv2d, Downsample2D, GroupNorm,
     Linear, ResnetBlock2D, ResnetConfig, Upsample2D,
@@ -37,12 +38,7 @@ impl VaeAttention {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
-        let tokens = self
-            .group_norm
-            .forward(xs)?
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let tokens = transpose_last_two(&self.group_norm.forward(xs)?.reshape((b, c, h * w))?)?;
         let qkv = self.qkv.forward(&tokens)?;
         let (q, k, v) = (
             qkv.narrow(2, 0, c)?,
@@ -51,7 +47,7 @@ impl VaeAttention {
         );
         let out = attention(&q, &k, &v, 1, false, AttentionPrecision::Native)?;
         let out = self.to_out.forward(&out)?;
-        let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
+        let out = transpose_last_two(&out)?.reshape((b, c, h, w))?;
         out + xs
     }
 }

@@ -1,7 +1,8 @@
-//! Reshaping weights once at load on the CPU, in parallel and cache-blocked: transposing a
-//! matrix and concatenating matrices side by side (candle's strided copies run on one core and
-//! took a third of the load time). f32 and f16 (weights held in f16, [`super::held`]) take
-//! these paths; other devices and dtypes use the candle ops.
+//! Moving values without arithmetic on the CPU, in parallel and cache-blocked: transposing
+//! matrices (weights at load, feature maps into tokens and back), concatenating matrices side
+//! by side and nearest ×2 upsampling (candle's strided copies and its upsampling run on one
+//! core; they took a third of the load time and 8% of a 512² UNet step). f32 and f16 (weights
+//! held in f16, [`super::held`]) take these paths; other devices and dtypes use the candle ops.
 
 use super::cpu::{uninit_vec, Plain, SendPtr};
 use candle_core::{Result, Tensor, WithDType};
@@ -119,6 +120,37 @@ fn concatenated<T: Plain + WithDType>(parts: &[Tensor], rows: usize) -> Result<T
     Tensor::from_vec(out, (rows, total), parts[0].device())
 }
 
+/// `t` (`[B, C, H, W]`) upsampled to `[B, C, 2H, 2W]` by nearest neighbour, every value
+/// copied into a 2×2 block: what diffusers' `interpolate(scale_factor=2, mode="nearest")` and
+/// candle's `upsample_nearest2d(2H, 2W)` compute, in parallel on the CPU (f32).
+pub fn upsample_nearest_2x(t: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = t.dims4()?;
+    if !(t.device().is_cpu() && t.dtype() == candle_core::DType::F32) || t.elem_count() == 0 {
+        return t.upsample_nearest2d(2 * h, 2 * w);
+    }
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*storage else {
+        candle_core::bail!("upsample: expected a CPU tensor");
+    };
+    let src = &f32::cpu_storage_as_slice(s)?[layout.start_offset()..][..b * c * h * w];
+    // Every element is written: input row `r` of the stacked planes fills output rows 2r and
+    // 2r + 1, which are the `r`-th chunk of 4W values.
+    let mut out = uninit_vec::<f32>(4 * b * c * h * w);
+    out.par_chunks_mut(4 * w)
+        .zip(src.par_chunks(w))
+        .with_min_len(16)
+        .for_each(|(dst, row)| {
+            let (first, second) = dst.split_at_mut(2 * w);
+            for (pair, &v) in first.chunks_exact_mut(2).zip(row) {
+                pair[0] = v;
+                pair[1] = v;
+            }
+            second.copy_from_slice(first);
+        });
+    Tensor::from_vec(out, (b, c, 2 * h, 2 * w), t.device())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +172,25 @@ mod tests {
         let c = concat_columns(&[&a, &b]).unwrap();
         let want = Tensor::cat(&[&a, &b], 1).unwrap();
         assert_eq!(c.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+    }
+
+    #[test]
+    fn nearest_2x_upsampling_matches_candle() {
+        let t = Tensor::arange(0f32, (2 * 3 * 5 * 7) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3, 5, 7))
+            .unwrap();
+        let ours = upsample_nearest_2x(&t).unwrap();
+        let want = t.upsample_nearest2d(10, 14).unwrap();
+        assert_eq!(ours.dims(), &[2, 3, 10, 14]);
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(values(&ours), values(&want));
+        // A non-contiguous view is copied first.
+        let part = t.narrow(1, 1, 2).unwrap();
+        assert_eq!(
+            values(&upsample_nearest_2x(&part).unwrap()),
+            values(&part.upsample_nearest2d(10, 14).unwrap())
+        );
     }
 
     #[test]
