@@ -1,6 +1,6 @@
 //! Moving values without arithmetic on the CPU, in parallel and cache-blocked: transposing
 //! matrices (weights at load, feature maps into tokens and back), concatenating matrices side
-//! by side and nearest ×2 upsampling (candle's strided copies and its upsampling run on one
+//! by side and nearest-neighbour upsampling (candle's strided copies and its upsampling run on one
 //! core; they took a third of the load time and 8% of a 512² UNet step). f32 and f16 (weights
 //! held in f16, [`super::held`]) take these paths; other devices and dtypes use the candle ops.
 
@@ -120,13 +120,17 @@ fn concatenated<T: Plain + WithDType>(parts: &[Tensor], rows: usize) -> Result<T
     Tensor::from_vec(out, (rows, total), parts[0].device())
 }
 
-/// `t` (`[B, C, H, W]`) upsampled to `[B, C, 2H, 2W]` by nearest neighbour, every value
-/// copied into a 2×2 block: what diffusers' `interpolate(scale_factor=2, mode="nearest")` and
-/// candle's `upsample_nearest2d(2H, 2W)` compute, in parallel on the CPU (f32).
-pub fn upsample_nearest_2x(t: &Tensor) -> Result<Tensor> {
+/// `t` (`[B, C, H, W]`) resized to `[B, C, th, tw]` by nearest neighbour, as diffusers'
+/// `interpolate(mode="nearest")` and candle's `upsample_nearest2d`. Doubling an f32 map on the
+/// CPU (every value copied into a 2×2 block, what SD's upsamplers do) runs in parallel; any
+/// other size, dtype or device is candle's.
+pub fn upsample_nearest(t: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
     let (b, c, h, w) = t.dims4()?;
-    if !(t.device().is_cpu() && t.dtype() == candle_core::DType::F32) || t.elem_count() == 0 {
-        return t.upsample_nearest2d(2 * h, 2 * w);
+    if (th, tw) != (2 * h, 2 * w)
+        || !(t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
+        || t.elem_count() == 0
+    {
+        return t.upsample_nearest2d(th, tw);
     }
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
@@ -180,16 +184,20 @@ mod tests {
             .unwrap()
             .reshape((2, 3, 5, 7))
             .unwrap();
-        let ours = upsample_nearest_2x(&t).unwrap();
+        let ours = upsample_nearest(&t, 10, 14).unwrap();
         let want = t.upsample_nearest2d(10, 14).unwrap();
         assert_eq!(ours.dims(), &[2, 3, 10, 14]);
         let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(values(&ours), values(&want));
-        // A non-contiguous view is copied first.
+        // A non-contiguous view is copied first; other sizes are candle's.
         let part = t.narrow(1, 1, 2).unwrap();
         assert_eq!(
-            values(&upsample_nearest_2x(&part).unwrap()),
+            values(&upsample_nearest(&part, 10, 14).unwrap()),
             values(&part.upsample_nearest2d(10, 14).unwrap())
+        );
+        assert_eq!(
+            values(&upsample_nearest(&t, 9, 13).unwrap()),
+            values(&t.upsample_nearest2d(9, 13).unwrap())
         );
     }
 

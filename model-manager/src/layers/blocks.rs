@@ -136,11 +136,7 @@ impl Upsample2D {
     pub fn forward(&self, xs: Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        let up = if (th, tw) == (2 * h, 2 * w) {
-            crate::kernels::layout::upsample_nearest_2x(&xs)?
-        } else {
-            xs.upsample_nearest2d(th, tw)?
-        };
+        let up = crate::kernels::layout::upsample_nearest(&xs, th, tw)?;
         drop(xs);
         self.conv.forward(&up)
     }

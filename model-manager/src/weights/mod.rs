@@ -277,9 +277,9 @@ struct SafetensorsFile {
     lora: HashMap<String, Vec<crate::lora::Delta>>,
     /// The file mapped on the first read that can use it (`None`: read instead).
     mapped: OnceLock<Option<crate::mapped::MappedFile>>,
-    /// Tensors lent out of the mapping: each at most once, so no two buffers share pages
-    /// (a later read of the same tensor copies).
-    lent: Mutex<std::collections::HashSet<String>>,
+    /// Where the tensors lent out of the mapping start: each is lent at most once, so no two
+    /// buffers share pages (a later read of the same tensor copies).
+    lent: Mutex<std::collections::HashSet<u64>>,
 }
 
 /// The safetensors dtypes candle holds (others are skipped; a model asking for one fails).
@@ -450,11 +450,12 @@ impl SafetensorsFile {
     fn read_vec<T: Plain>(&self, e: &Entry, name: &str) -> candle_core::Result<Vec<T>> {
         let len = (e.end - e.start) as usize;
         debug_assert_eq!(std::mem::size_of::<T>(), e.dtype.size_in_bytes());
-        if let Some(v) = self.lend(e, name) {
+        let count = len / std::mem::size_of::<T>();
+        if let Some(v) = self.lend(e, count) {
             return Ok(v);
         }
         // Every byte is written by the read below (or the buffer is dropped on error).
-        let mut v = uninit_vec::<T>(len / std::mem::size_of::<T>());
+        let mut v = uninit_vec::<T>(count);
         // SAFETY: the u8 view covers exactly the buffer; callers pick a `Plain` `T` of the
         // stored width, for which any bytes are a valid value.
         let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), len) };
@@ -462,8 +463,8 @@ impl SafetensorsFile {
         Ok(v)
     }
 
-    /// The values of `e` over the mapped file, if it maps and `name` was not lent before.
-    fn lend<T: Plain>(&self, e: &Entry, name: &str) -> Option<Vec<T>> {
+    /// The `count` values of `e` over the mapped file, if it maps and `e` was not lent before.
+    fn lend<T: Plain>(&self, e: &Entry, count: usize) -> Option<Vec<T>> {
         if weights_io() != WeightsIo::Map {
             return None;
         }
@@ -471,14 +472,16 @@ impl SafetensorsFile {
             .mapped
             .get_or_init(|| crate::mapped::MappedFile::map(&self.file))
             .as_ref()?;
-        let mut lent = self.lent.lock().unwrap_or_else(|p| p.into_inner());
-        if lent.contains(name) {
+        // Tensors never overlap (checked at open), so a start names one tensor.
+        if !self
+            .lent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(e.start)
+        {
             return None;
         }
-        let count = (e.end - e.start) as usize / std::mem::size_of::<T>();
-        let v = mapped.lend(usize::try_from(e.start).ok()?, count)?;
-        lent.insert(name.to_string());
-        Some(v)
+        mapped.lend(usize::try_from(e.start).ok()?, count)
     }
 
     /// Fills `buf` from byte `at` of the file; a large tensor in parallel chunks, so that
