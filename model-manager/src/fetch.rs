@@ -284,6 +284,56 @@ pub fn check(source: &ModelSource) -> Result<CheckReport> {
     Ok(report)
 }
 
+/// The files [`fetch`] takes from `source` (paths relative to its root, in [`plan`]'s order):
+/// planned from the hub's listing of the repository, or from the files of a folder (hidden
+/// entries such as `.git` left out). Image builds copy exactly these into a baked cache.
+pub fn files(source: &ModelSource, variant: Variant) -> Result<Vec<String>> {
+    let available = match source {
+        ModelSource::Local(dir) => folder_listing(dir).map_err(|e| Error::Source {
+            source_name: source.to_string(),
+            reason: format!("listing the folder failed: {e}"),
+        })?,
+        ModelSource::Hub { repo, revision } => crate::source::hub_listing(repo, revision)
+            .map_err(|reason| Error::Source {
+                source_name: source.to_string(),
+                reason,
+            })?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect(),
+    };
+    plan(&available, variant, &source.to_string())
+}
+
+/// Every file under `dir` (following symbolic links, as an HF snapshot's are), as `/`-separated
+/// paths relative to it, without hidden files or folders.
+fn folder_listing(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut found = Vec::new();
+    let mut pending = vec![(dir.to_path_buf(), String::new())];
+    while let Some((path, rel)) = pending.pop() {
+        for entry in std::fs::read_dir(&path)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let rel = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let meta = std::fs::metadata(entry.path())?;
+            if meta.is_dir() {
+                pending.push((entry.path(), rel));
+            } else if meta.is_file() {
+                found.push(rel);
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
 /// Downloads the files `source` (a hub id) needs into the HF cache, resuming partial
 /// downloads, with progress bars when `progress`; then verifies sizes and safetensors
 /// headers. Local folders are only checked.
@@ -369,6 +419,30 @@ mod tests {
         assert!(!files.contains(&"unet/diffusion_pytorch_model.safetensors".to_string()));
         let fp32 = plan(&listing(BASE), Variant::Fp32, "x").unwrap();
         assert!(fp32.contains(&"unet/diffusion_pytorch_model.safetensors".to_string()));
+    }
+
+    #[test]
+    fn a_folder_lists_the_files_fetch_would_take_without_hidden_entries() {
+        let dir = std::env::temp_dir().join(format!("jhakaas-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for f in BASE
+            .iter()
+            .chain(&[".git/config", "unet/.cache/x.safetensors"])
+        {
+            let p = dir.join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"{}").unwrap();
+        }
+        let source = ModelSource::Local(dir.clone());
+        let fp16 = files(&source, Variant::Fp16).unwrap();
+        assert_eq!(fp16, plan(&listing(BASE), Variant::Fp16, "x").unwrap());
+        assert!(fp16.contains(&"unet/diffusion_pytorch_model.fp16.safetensors".to_string()));
+        let fp32 = files(&source, Variant::Fp32).unwrap();
+        assert!(fp32.contains(&"unet/diffusion_pytorch_model.safetensors".to_string()));
+        std::fs::remove_file(dir.join("model_index.json")).unwrap();
+        let err = files(&source, Variant::Fp16).unwrap_err().to_string();
+        assert!(err.contains("model_index.json"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `jhakaas-worker fetch MODEL…`: download exactly the files each model needs into the HF
-//! cache (resumable, verified); `--check` verifies offline that the cache is complete.
+//! cache (resumable, verified); `--check` verifies offline that the cache is complete; `--list`
+//! names the files a model needs (what an image build bakes).
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -13,8 +14,13 @@ pub struct FetchArgs {
     #[arg(required = true)]
     models: Vec<String>,
     /// Only verify, offline, that every needed file is present and intact.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "list")]
     check: bool,
+    /// Only print the files `fetch` takes for one model, one per line: the path relative to
+    /// the repository or folder, a tab, and where the file is on disk (empty while a hub
+    /// file is not cached). Downloads nothing; lists a hub repository online.
+    #[arg(long)]
+    list: bool,
     /// Weights to download where a repository has both: fp16 (half the bytes) or fp32.
     #[arg(long, env = "JHAKAAS_FETCH_VARIANT", default_value = "fp16")]
     variant: String,
@@ -26,6 +32,18 @@ pub struct FetchArgs {
 /// Runs `fetch`; fails naming every incomplete model and what it lacks.
 pub fn run(args: FetchArgs) -> Result<()> {
     let variant: Variant = args.variant.parse()?;
+    if args.list {
+        let [spec] = args.models.as_slice() else {
+            bail!("--list takes one model, not {}", args.models.len());
+        };
+        let source = ModelSource::parse(spec)?;
+        for file in fetch::files(&source, variant)? {
+            let path = source.cached_file(&file)?;
+            let path = path.as_deref().map(|p| p.display().to_string());
+            println!("{file}\t{}", path.unwrap_or_default());
+        }
+        return Ok(());
+    }
     let mut failures = Vec::new();
     for spec in &args.models {
         let source = ModelSource::parse(spec)?;
