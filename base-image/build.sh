@@ -75,8 +75,10 @@ case "$variant" in fp16|fp32) ;; *) fail "--fetch-variant: \`$variant\` is not f
 [ -z "$registry" ] || [ ${#versions[@]} -gt 0 ] || fail "--push needs --version"
 [ "$want_cpu" = 1 ] || [ "$want_cuda" = 1 ] || [ -z "$base_ref" ] || fail "--base without a worker to build"
 
-export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-1686355200}" # Debian 12.0's release day
-export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+# Not exported: cargo must see the environment CI's plain `cargo build` sees, or crates whose
+# build scripts watch these variables (cc watches SOURCE_DATE_EPOCH) would rebuild every time.
+SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-1686355200}" # Debian 12.0's release day
+CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 created="$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%dT%H:%M:%SZ)"
 mirror="${JHAKAAS_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 security_mirror="${JHAKAAS_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}"
@@ -94,9 +96,13 @@ step() { echo "== [$((SECONDS - t_start))s] $*"; }
 step "tools"
 declare -A tool_pkg=([mmdebstrap]=mmdebstrap [umoci]=umoci [skopeo]=skopeo [curl]=curl [readelf]=binutils)
 building_cuda=0
-if [ "$want_cuda" = 1 ] && [ -z "$cuda_binary" ]; then building_cuda=1 tool_pkg[gcc]=gcc; fi
+if [ "$want_cuda" = 1 ] && [ -z "$cuda_binary" ]; then building_cuda=1; fi
 missing_pkgs=()
 for t in "${!tool_pkg[@]}"; do command -v "$t" >/dev/null || missing_pkgs+=("${tool_pkg[$t]}"); done
+# cargo links with `cc` (and the CUDA toolchain builds its libcuda stub with gcc).
+if [ -z "$cpu_binary" ] || [ "$building_cuda" = 1 ]; then
+  command -v cc >/dev/null && [ -e /usr/include/stdio.h ] || missing_pkgs+=(gcc libc6-dev)
+fi
 python3 -m pip --version >/dev/null 2>&1 || missing_pkgs+=(python3-pip)
 if [ "$building_cuda" = 1 ] && ! python3 -m venv --help >/dev/null 2>&1; then missing_pkgs+=(python3-venv); fi
 if [ ${#missing_pkgs[@]} -gt 0 ]; then
@@ -130,7 +136,9 @@ pack() {
   stat -c %s "$tarfile" > "$tarfile.size"
 }
 
-has_tag() { [ -f "$layout/index.json" ] && umoci ls --layout "$layout" | grep -qx "$1"; }
+# (grep reads all of its input: with -q it could exit first, and pipefail would then report
+# the writer's SIGPIPE as "no such tag".)
+has_tag() { [ -f "$layout/index.json" ] && umoci ls --layout "$layout" | grep -x -- "$1" >/dev/null; }
 
 # The digest of TAG's manifest (which covers its config and every layer): the next stage's key.
 manifest_sha() { skopeo inspect --raw "oci:$layout:$1" | sha; }
@@ -164,7 +172,7 @@ retag() {
 build_cpu_binary() {
   [ -z "$cpu_binary" ] || return 0
   step "cargo build --release -p jhakaas-worker"
-  (cd "$root" && cargo build --release --locked -p jhakaas-worker)
+  (cd "$root" && env -u SOURCE_DATE_EPOCH -u CUDA_COMPUTE_CAP cargo build --release --locked -p jhakaas-worker)
   cpu_binary="${CARGO_TARGET_DIR:-$root/target}/release/jhakaas-worker"
 }
 
@@ -177,8 +185,9 @@ bake() {
     out_check="$("$cpu_binary" fetch --check "$src" 2>&1)" \
       || fail "--model $name=$src is not a complete diffusers pipeline or VAE folder: $out_check"
   else
-    env -u HF_HUB_OFFLINE HF_HOME="$dl" "$cpu_binary" fetch --no-progress --variant "$variant" "$src" \
-      || fail "--model $name=$src cannot be fetched (see above)"
+    out_check="$(env -u HF_HUB_OFFLINE HF_HOME="$dl" "$cpu_binary" fetch --no-progress --variant "$variant" "$src" 2>&1)" \
+      || fail "--model $name=$src cannot be fetched: $(tail -n 1 <<< "$out_check")"
+    echo "$out_check"
   fi
   listing="$(env -u HF_HUB_OFFLINE HF_HOME="$dl" "$cpu_binary" fetch --list --variant "$variant" "$src")" \
     || fail "--model $name=$src: cannot list the files it needs"
@@ -229,7 +238,7 @@ stage_weights() {
   for spec in "${vaes[@]}"; do
     name="${spec%%=*}" src="${spec#*=}"
     [ "$name" != "$spec" ] || fail "--model-vae $spec: expected NAME=SOURCE"
-    printf '%s\n' "${serving[@]}" | grep -q "^$name=" || fail "--model-vae $spec: no --model named $name"
+    grep -q "^$name=" <<< "$(printf '%s\n' "${serving[@]}")" || fail "--model-vae $spec: no --model named $name"
     bake "$name-vae" "$src"
     vae_env+=("$name=$baked")
   done
@@ -265,7 +274,7 @@ if [ "$want_cuda" = 1 ]; then
   for lib in $(readelf -d "$cuda_binary" | awk '/NEEDED/ {gsub(/[][]/, "", $5); print $5}'); do
     case "$lib" in
       libc.so.*|libm.so.*|libgcc_s.so.*|ld-linux-*.so.*|libpthread.so.*|libdl.so.*|librt.so.*|libcuda.so.1) ;;
-      *) printf '%s\n' "${cuda_libs[@]}" | grep -qx "$lib" \
+      *) grep -qx -- "$lib" <<< "$(printf '%s\n' "${cuda_libs[@]}")" \
            || fail "the CUDA binary needs $lib, which the CUDA layer does not ship (cuda_libs in base-image/build.sh)" ;;
     esac
   done
@@ -285,7 +294,7 @@ if [ -z "$base_ref" ]; then
       echo "warning: $security_mirror is not reachable: the Debian layer has no security updates" >&2
     fi
     # shellcheck disable=SC2016 # "$1" is the hooks' argument, expanded by mmdebstrap
-    mmdebstrap --variant=minbase --mode=root --format=directory \
+    SOURCE_DATE_EPOCH="$SOURCE_DATE_EPOCH" mmdebstrap --variant=minbase --mode=root --format=directory \
       --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
       --dpkgopt='path-include=/usr/share/doc/*/copyright' --dpkgopt='path-exclude=/usr/share/locale/*' \
       --dpkgopt='path-exclude=/usr/share/info/*' \
@@ -396,8 +405,24 @@ worker_layer() {
 }
 if [ "$want_cpu" = 1 ]; then worker_layer cpu "$cpu_binary"; fi
 if [ "$want_cuda" = 1 ]; then worker_layer cuda "$cuda_binary"; fi
-# gc hashes every blob (~15 s for the CUDA layer): only when a stage was replaced.
-if [ "$gc_needed" = 1 ]; then umoci gc --layout "$layout"; fi
+# Blobs no tag reaches any more are deleted. (umoci gc would do it, but it reads every blob:
+# 14 s for the CUDA layer, on every code change.)
+if [ "$gc_needed" = 1 ]; then
+  python3 - "$layout" <<'PY'
+import json, pathlib, sys
+layout = pathlib.Path(sys.argv[1])
+blobs = layout / "blobs" / "sha256"
+keep = set()
+for entry in json.loads((layout / "index.json").read_text())["manifests"]:
+    manifest = json.loads((blobs / entry["digest"].split(":")[1]).read_text())
+    if "config" not in manifest:  # an image index: only our layouts' plain manifests are walked here
+        sys.exit("unexpected image index in the layout; run `umoci gc --layout %s`" % layout)
+    keep |= {d["digest"] for d in [entry, manifest["config"], *manifest["layers"]]}
+for blob in blobs.iterdir():
+    if f"sha256:{blob.name}" not in keep:
+        blob.unlink()
+PY
+fi
 
 # --- load, archive, push, report ------------------------------------------------------------
 images=()
@@ -408,7 +433,12 @@ for entry in "${images[@]}"; do
   tag="${entry%%:*}" name="${entry#*:}"
   if [ "$load" = 1 ]; then
     step "loading $name"
+    old_id="$(podman image inspect --format '{{.Id}}' "$name" 2>/dev/null || true)"
     skopeo copy --quiet "oci:$layout:$tag" "containers-storage:$name"
+    # The image this one replaces, unless a container or another tag still holds it.
+    if [ -n "$old_id" ] && [ "$old_id" != "$(podman image inspect --format '{{.Id}}' "$name")" ]; then
+      podman rmi "$old_id" >/dev/null 2>&1 || true
+    fi
   fi
   if [ "$archive" = 1 ]; then
     mkdir -p "$out/archives"; rm -f "$out/archives/$tag.oci.tar"

@@ -47,10 +47,11 @@ cuda_toolchain_setup() {
   gcc -shared -fPIC -o "$link/libcuda.so" "$link/stub.c" -Wl,-soname,libcuda.so.1
 }
 
-# cuda_cargo ARGS...: cargo with the CUDA compiler, the link stubs and the CUDA target dir.
+# cuda_cargo ARGS...: cargo with the CUDA compiler, the link stubs and the CUDA target dir
+# (without SOURCE_DATE_EPOCH, which an image build may set: cc's build scripts watch it).
 cuda_cargo() {
   (cd "$jhakaas_root" \
-    && PATH="$cuda_home/bin:$PATH" CUDA_ROOT="$cuda_home" CUDA_PATH="$cuda_home" \
+    && env -u SOURCE_DATE_EPOCH PATH="$cuda_home/bin:$PATH" CUDA_ROOT="$cuda_home" CUDA_PATH="$cuda_home" \
        CUDA_COMPUTE_CAP="$CUDA_COMPUTE_CAP" CARGO_TARGET_DIR="$cuda_target_dir" \
        RUSTFLAGS="-L $cuda_build_dir/link" cargo "$@")
 }

@@ -12,12 +12,14 @@ fn main() {
         println!("cargo:rerun-if-changed=cuda/{k}.cu");
     }
     println!("cargo:rerun-if-changed=cuda/common.cuh");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        // Nothing to compile, so the CUDA variables must not rebuild the CPU crate either
+        // (the image recipe sets CUDA_COMPUTE_CAP; CI builds the CPU binary without it).
+        return;
+    }
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=CUDA_ROOT");
     println!("cargo:rerun-if-env-changed=NVCC");
-    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
-        return;
-    }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     let cap = cap.replace('.', "");
