@@ -13,6 +13,7 @@ import time
 sys.path.insert(0, sys.argv[1])
 
 import grpc  # noqa: E402
+from generate_stream import generate  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from jhakaas.worker.v1 import worker_pb2, worker_pb2_grpc  # noqa: E402
 
@@ -44,15 +45,9 @@ def main(stubs: str, address: str, started_at: float, model: str) -> None:
         assert models and models[0].name == model and models[0].loaded, models
 
         request = worker_pb2.GenerateRequest(prompt="a red cube in a container", steps=3, seed=11)
-        kinds, images = [], []
-        for event in stub.Generate(request, timeout=120):
-            kind = event.WhichOneof("event")
-            kinds.append(kind)
-            if kind == "completed":
-                images = list(event.completed.images)
-            if kind == "failed":
-                raise AssertionError(f"job failed: {event.failed}")
+        kinds, completed = generate(stub, request, timeout=120)
         assert kinds[-1] == "completed" and kinds.count("progress") == 3, kinds
+        images = list(completed.images)
         assert len(images) == 1 and images[0].data[:8] == b"\x89PNG\r\n\x1a\n", images
         assert images[0].seed == 11, images[0].seed
     print("image client OK")

@@ -10,6 +10,7 @@ import sys
 sys.path.insert(0, sys.argv[1])
 
 import grpc  # noqa: E402
+from generate_stream import generate  # noqa: E402
 from jhakaas.worker.v1 import worker_pb2, worker_pb2_grpc  # noqa: E402
 
 
@@ -32,13 +33,9 @@ def main(address: str) -> None:
         assert last.completed.images[0].width == 64, last.completed.images[0].width
 
         request = worker_pb2.GenerateRequest(prompt="a python-made cube", steps=3, seed=7, num_images=2)
-        kinds, images = [], []
-        for event in stub.Generate(request, timeout=60):
-            kind = event.WhichOneof("event")
-            kinds.append(kind)
-            if kind == "completed":
-                images = list(event.completed.images)
-                assert event.completed.timings.total_seconds > 0
+        kinds, completed = generate(stub, request, timeout=60)
+        assert completed is not None and completed.timings.total_seconds > 0, kinds
+        images = list(completed.images)
         assert kinds[0] == "queued" and "started" in kinds, kinds
         assert kinds.count("progress") == 3 and kinds[-1] == "completed", kinds
         assert [i.seed for i in images] == [7, 8], images
