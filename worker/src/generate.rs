@@ -159,7 +159,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         let bytes = encode_image(&img.image, format, &text)?;
         let path = output_path(args.output.as_deref(), img.seed, format, many.then_some(i));
-        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, bytes).map_err(|e| write_error(&path, e))?;
         println!(
             "{} ({}x{}, seed {})",
             path.display(),
@@ -226,6 +226,20 @@ fn build_params(args: &GenerateArgs) -> Result<GenerateParams> {
                 .transpose()?,
         },
     })
+}
+
+/// Why an image could not be written; a permission error names the user the process runs as
+/// (in the worker image, uid 10001, which a mounted output folder must let write).
+fn write_error(path: &Path, e: std::io::Error) -> anyhow::Error {
+    use std::os::unix::fs::MetadataExt;
+    let whom = match std::fs::metadata("/proc/self") {
+        Ok(me) if e.kind() == std::io::ErrorKind::PermissionDenied => format!(
+            " (this process runs as uid {}: the folder must be writable by it)",
+            me.uid()
+        ),
+        _ => String::new(),
+    };
+    anyhow::Error::new(e).context(format!("writing {}{whom}", path.display()))
 }
 
 fn output_format(output: Option<&Path>) -> Result<ImageFormat> {
