@@ -140,11 +140,12 @@ pub fn parameters_text(
         s.push_str(neg);
     }
     s.push_str(&format!(
-        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, RNG: {}, Size: {}x{}, Model: {}",
         resolved.steps,
         resolved.scheduler,
         resolved.guidance_scale,
         seed,
+        resolved.rng,
         resolved.width,
         resolved.height,
         model
@@ -247,6 +248,7 @@ mod tests {
             guidance_scale: 7.5,
             scheduler: crate::SchedulerKind::DpmPp2mKarras,
             seed: 42,
+            rng: crate::noise::RngKind::TorchCpu,
             num_images: 1,
             strength: None,
             size_conditioning: None,
@@ -254,7 +256,7 @@ mod tests {
         let t = parameters_text("a cat", Some("dog"), &r, 43, "sd-1.5");
         assert_eq!(
             t,
-            "a cat\nNegative prompt: dog\nSteps: 20, Sampler: dpmpp-2m-karras, CFG scale: 7.5, Seed: 43, Size: 512x768, Model: sd-1.5"
+            "a cat\nNegative prompt: dog\nSteps: 20, Sampler: dpmpp-2m-karras, CFG scale: 7.5, Seed: 43, RNG: torch-cpu, Size: 512x768, Model: sd-1.5"
         );
     }
 }

@@ -34,6 +34,7 @@ pub mod weights;
 pub use candle_core::Device;
 pub use device::DeviceChoice;
 pub use error::{Error, Result};
+pub use noise::RngKind;
 pub use params::{
     GenerateParams, GeneratedImage, Generation, HostTensor, ImageFormat, InitImage, ModelDefaults,
     NoiseReplay, Progress, ResolvedParams, ResolvedSizeConditioning, SizeConditioning,

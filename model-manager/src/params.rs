@@ -1,6 +1,7 @@
 //! The engine's domain types: what a caller asks for and what it gets back. The worker converts
 //! its wire types to and from these in one place; the engine never sees protobuf.
 
+use crate::noise::RngKind;
 use crate::scheduler::SchedulerKind;
 use std::time::Duration;
 
@@ -138,8 +139,10 @@ pub struct GenerateParams {
     pub guidance_scale: Option<f64>,
     /// Scheduler; the checkpoint's own (or the documented fallback) when `None`.
     pub scheduler: Option<SchedulerKind>,
-    /// Seed of the first image; image `i` uses `seed + i`. Random when `None`.
+    /// The request's seed (with `chacha`, image `i` uses `seed + i`). Random when `None`.
     pub seed: Option<u64>,
+    /// The generator that draws the noise; the model's default when `None`.
+    pub rng: Option<RngKind>,
     /// Images to generate (0 is treated as 1).
     pub num_images: usize,
     /// img2img input.
@@ -163,6 +166,8 @@ pub struct ModelDefaults {
     pub guidance_scale: f64,
     /// Default scheduler.
     pub scheduler: SchedulerKind,
+    /// Default noise generator.
+    pub rng: RngKind,
 }
 
 /// Values that replace a model's own defaults; `None` keeps the model's.
@@ -176,17 +181,22 @@ pub struct DefaultsOverride {
     pub guidance_scale: Option<f64>,
     /// Scheduler.
     pub scheduler: Option<SchedulerKind>,
+    /// Noise generator.
+    pub rng: Option<RngKind>,
 }
 
 impl DefaultsOverride {
-    /// Parses `steps=1,guidance=0,scheduler=euler-a,size=512x512` (any subset, any order).
+    /// Parses `steps=1,guidance=0,scheduler=euler-a,size=512x512,rng=torch-cpu` (any subset,
+    /// any order).
     pub fn parse(text: &str) -> crate::Result<Self> {
         let mut o = DefaultsOverride::default();
         for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let (key, value) = item.split_once('=').ok_or_else(|| {
                 crate::Error::invalid(
                     "model_defaults",
-                    format!("`{item}` is not KEY=VALUE (keys: size, steps, guidance, scheduler)"),
+                    format!(
+                        "`{item}` is not KEY=VALUE (keys: size, steps, guidance, scheduler, rng)"
+                    ),
                 )
             })?;
             let bad =
@@ -214,6 +224,7 @@ impl DefaultsOverride {
                     )
                 }
                 "scheduler" => o.scheduler = Some(value.trim().parse()?),
+                "rng" => o.rng = Some(value.trim().parse()?),
                 other => return Err(bad(&format!("unknown key `{other}`"))),
             }
         }
@@ -235,6 +246,9 @@ impl DefaultsOverride {
         if let Some(k) = self.scheduler {
             d.scheduler = k;
         }
+        if let Some(r) = self.rng {
+            d.rng = r;
+        }
     }
 }
 
@@ -251,8 +265,10 @@ pub struct ResolvedParams {
     pub guidance_scale: f64,
     /// Scheduler.
     pub scheduler: SchedulerKind,
-    /// Seed of the first image.
+    /// The request's seed.
     pub seed: u64,
+    /// The generator that drew the noise.
+    pub rng: RngKind,
     /// Number of images.
     pub num_images: usize,
     /// img2img strength, if any.
@@ -332,14 +348,17 @@ mod tests {
 
     #[test]
     fn defaults_overrides_parse_and_apply_and_name_bad_items() {
-        let o =
-            DefaultsOverride::parse("steps=1, guidance=0,scheduler=euler-a,size=768x512").unwrap();
+        let o = DefaultsOverride::parse(
+            "steps=1, guidance=0,scheduler=euler-a,size=768x512,rng=torch-cpu",
+        )
+        .unwrap();
         let mut d = ModelDefaults {
             width: 512,
             height: 512,
             steps: 50,
             guidance_scale: 7.5,
             scheduler: SchedulerKind::Ddim,
+            rng: RngKind::ChaCha,
         };
         o.apply(&mut d);
         assert_eq!(
@@ -347,6 +366,7 @@ mod tests {
             (768, 512, 1, 0.0)
         );
         assert_eq!(d.scheduler, SchedulerKind::EulerAncestral);
+        assert_eq!(d.rng, RngKind::TorchCpu);
         assert_eq!(
             DefaultsOverride::parse("").unwrap(),
             DefaultsOverride::default()
@@ -358,10 +378,11 @@ mod tests {
             "colour=red",
             "steps",
             "scheduler=pndm",
+            "rng=mt",
         ] {
             let e = DefaultsOverride::parse(bad).unwrap_err().to_string();
             assert!(
-                e.contains("model_defaults") || e.contains("scheduler"),
+                e.contains("model_defaults") || e.contains("scheduler") || e.contains("rng"),
                 "{bad}: {e}"
             );
         }

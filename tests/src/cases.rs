@@ -1,5 +1,6 @@
 //! The committed pipeline cases (`tests/fixtures/reference/<pipeline>/cases.json`) and the
-//! `jhakaas-worker generate` arguments that replay one with diffusers' recorded noise.
+//! `jhakaas-worker generate` arguments that run one: with diffusers' recorded noise, or from
+//! its seed alone with torch's CPU generator.
 
 use crate::fixtures;
 use serde::Deserialize;
@@ -29,6 +30,17 @@ pub struct FixtureCase {
     pub target_size: Option<[usize; 2]>,
     pub noise: String,
     pub image: serde_json::Value,
+    /// The `torch.Generator("cpu").manual_seed` diffusers ran with (its draws are `noise`).
+    pub seed: u64,
+}
+
+/// Where a case's noise comes from when we run it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaseNoise {
+    /// diffusers' recorded draws, replayed from the case's noise file (`--latents`).
+    Replayed,
+    /// Drawn by `--rng torch-cpu --seed SEED`, with no noise file.
+    FromSeed,
 }
 
 /// Every case of `pipeline`.
@@ -53,6 +65,12 @@ impl FixtureCase {
     /// `generate` arguments replaying this case on the CPU with its recorded noise, writing
     /// `out`.
     pub fn cli_args(&self, out: &Path) -> Vec<String> {
+        self.cli_args_with(out, CaseNoise::Replayed)
+    }
+
+    /// `generate` arguments running this case on the CPU with its noise from `noise`, writing
+    /// `out`.
+    pub fn cli_args_with(&self, out: &Path, noise: CaseNoise) -> Vec<String> {
         let ref_dir = fixtures().join("reference").join(&self.pipeline);
         let model = fixtures().join("models").join(&self.pipeline);
         let mut args: Vec<String> = [
@@ -73,17 +91,27 @@ impl FixtureCase {
             &self.scheduler,
             "--num-images",
             &self.num_images.to_string(),
-            "--latents",
-            &ref_dir.join(&self.noise).display().to_string(),
             "--device",
             "cpu",
-            "--seed",
-            "0",
             "--output",
             &out.display().to_string(),
         ]
         .map(String::from)
         .to_vec();
+        match noise {
+            CaseNoise::Replayed => args.extend([
+                "--latents".into(),
+                ref_dir.join(&self.noise).display().to_string(),
+                "--seed".into(),
+                "0".into(),
+            ]),
+            CaseNoise::FromSeed => args.extend([
+                "--rng".into(),
+                "torch-cpu".into(),
+                "--seed".into(),
+                self.seed.to_string(),
+            ]),
+        }
         if let Some(neg) = &self.negative_prompt {
             args.extend(["--negative-prompt".into(), neg.clone()]);
         }

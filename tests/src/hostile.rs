@@ -86,6 +86,15 @@ const SCHEDULERS: &[&str] = &[
     "DDIM",
     "\u{0}",
 ];
+const RNGS: &[&str] = &[
+    "",
+    "chacha",
+    "torch-cpu",
+    "TORCH-CPU",
+    "torch-cuda",
+    "mt19937",
+    "\u{0}",
+];
 const MODELS: &[&str] = &["", "tiny", "tiny", "nope", "/etc/passwd", "../tiny"];
 /// Every field name a refusal may give.
 pub const FIELDS: &[&str] = &[
@@ -98,6 +107,7 @@ pub const FIELDS: &[&str] = &[
     "guidance_scale",
     "num_images",
     "scheduler",
+    "rng",
     "output_format",
     "init_image",
     "strength",
@@ -176,6 +186,10 @@ pub fn request(rng: &mut Rng, png: &[u8]) -> pb::GenerateRequest {
         scheduler: field!(
             rng.pick(&["", "ddim", "euler-a"]).into(),
             rng.pick(SCHEDULERS).into()
+        ),
+        rng: field!(
+            rng.pick(&["", "chacha", "torch-cpu"]).into(),
+            rng.pick(RNGS).into()
         ),
         output_format: field!(rng.pick(&[0, 1, 2, 3]), rng.pick(&[4, -1, i32::MAX])),
         strength: match (with_init, rng.chance(HOSTILE)) {

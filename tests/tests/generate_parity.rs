@@ -1,28 +1,31 @@
-//! `jhakaas-worker generate … --latents …` reproduces diffusers' image for every committed
-//! fixture case: mean absolute difference ≤ 0.5 and max ≤ 6 on 0–255.
+//! `jhakaas-worker generate` reproduces diffusers' image for every committed fixture case —
+//! with diffusers' noise replayed (`--latents`), and from the case's seed alone
+//! (`--rng torch-cpu --seed S`, no noise file): mean absolute difference ≤ 0.5 and max ≤ 6 on
+//! 0–255.
 
+use jhakaas_tests::cases::CaseNoise;
 use jhakaas_tests::{fixtures, image_diff, run_worker, scratch_dir};
 
 const MAX_MEAN: f64 = 0.5;
 const MAX_MAX: u8 = 6;
 
 fn run_pipeline_cases(pipeline: &str) {
-    run_cases(pipeline, 10);
+    run_cases(pipeline, 10, CaseNoise::Replayed);
 }
 
-fn run_cases(pipeline: &str, min_cases: usize) {
+fn run_cases(pipeline: &str, min_cases: usize, noise: CaseNoise) {
     let ref_dir = fixtures().join("reference").join(pipeline);
     let cases = jhakaas_tests::cases::load(pipeline);
     assert!(
         cases.len() >= min_cases,
         "{pipeline}: expected the full case list"
     );
-    let out_dir = scratch_dir(pipeline);
+    let out_dir = scratch_dir(&format!("{pipeline}-{noise:?}"));
     let mut failures = Vec::new();
     for case in &cases {
         assert_eq!(case.pipeline, pipeline);
         let out = out_dir.join(format!("{}.png", case.name));
-        let args = case.cli_args(&out);
+        let args = case.cli_args_with(&out, noise);
         let output = run_worker(&args);
         assert!(
             output.status.success(),
@@ -50,7 +53,7 @@ fn run_cases(pipeline: &str, min_cases: usize) {
             let theirs = image::open(ref_dir.join(want)).unwrap().to_rgb8();
             let (mean, max) = image_diff(&ours, &theirs);
             eprintln!(
-                "{pipeline}/{} image {i}: mean |diff| {mean:.4}, max {max}",
+                "{pipeline}/{} ({noise:?}) image {i}: mean |diff| {mean:.4}, max {max}",
                 case.name
             );
             if mean > MAX_MEAN || max > MAX_MAX {
@@ -86,11 +89,28 @@ fn sdxl_tiny_matches_diffusers_for_every_case() {
 /// SDXL-Turbo's trailing Euler-ancestral config: 1-4 steps without guidance.
 #[test]
 fn sdxl_turbo_tiny_matches_diffusers_for_every_case() {
-    run_cases("sdxl-turbo-tiny", 6);
+    run_cases("sdxl-turbo-tiny", 6, CaseNoise::Replayed);
 }
 
 /// SD-Turbo: SD 2.1 architecture with a trailing Euler config, every scheduler at 1-4 steps.
 #[test]
 fn sd_turbo_tiny_matches_diffusers_for_every_case() {
-    run_cases("sd-turbo-tiny", 9);
+    run_cases("sd-turbo-tiny", 9, CaseNoise::Replayed);
+}
+
+/// From the seed alone: every case of every fixture pipeline (SD 1, SD 2 v-prediction, SDXL,
+/// both turbos; every scheduler, guidance on and off, batches of 2, img2img with its posterior
+/// draw first) run with `--rng torch-cpu --seed S` and no noise file gives the image diffusers
+/// made with `generator=torch.Generator("cpu").manual_seed(S)`.
+#[test]
+fn every_fixture_case_matches_diffusers_from_its_seed_alone() {
+    for (pipeline, min_cases) in [
+        ("sd1-tiny", 10),
+        ("sd2-tiny", 10),
+        ("sdxl-tiny", 10),
+        ("sdxl-turbo-tiny", 6),
+        ("sd-turbo-tiny", 9),
+    ] {
+        run_cases(pipeline, min_cases, CaseNoise::FromSeed);
+    }
 }

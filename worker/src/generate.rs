@@ -8,7 +8,7 @@ use jhakaas_model_manager::lora::LoraAdapter;
 use jhakaas_model_manager::params::{parse_offset, parse_size};
 use jhakaas_model_manager::{
     device, DeviceChoice, GenerateParams, ImageFormat, InitImage, LoadOptions, ModelSource,
-    NoiseReplay, SchedulerKind, SizeConditioning, StableDiffusionPipeline,
+    NoiseReplay, RngKind, SchedulerKind, SizeConditioning, StableDiffusionPipeline,
 };
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -50,9 +50,14 @@ pub struct GenerateArgs {
     /// ddim, euler, euler-a, dpmpp-2m or dpmpp-2m-karras (default: the checkpoint's own).
     #[arg(long)]
     scheduler: Option<String>,
-    /// Seed of the first image; image i uses seed + i (default: random).
+    /// The seed (default: random). With `--rng chacha` image i uses seed + i; with
+    /// `torch-cpu` it seeds the one generator, as diffusers' `torch.Generator().manual_seed`.
     #[arg(long)]
     seed: Option<u64>,
+    /// The noise generator: chacha (each image its own stream; the default) or torch-cpu
+    /// (torch's CPU generator drawn as diffusers draws: the seed gives the diffusers image).
+    #[arg(long)]
+    rng: Option<String>,
     /// Number of images.
     #[arg(long, default_value_t = 1)]
     num_images: usize,
@@ -182,6 +187,7 @@ fn build_params(args: &GenerateArgs) -> Result<GenerateParams> {
         .as_deref()
         .map(str::parse::<SchedulerKind>)
         .transpose()?;
+    let rng = args.rng.as_deref().map(str::parse::<RngKind>).transpose()?;
     let init_image = match (&args.init_image, args.strength) {
         (Some(path), Some(strength)) => {
             let bytes = std::fs::read(path)
@@ -205,6 +211,7 @@ fn build_params(args: &GenerateArgs) -> Result<GenerateParams> {
         guidance_scale: args.guidance_scale,
         scheduler,
         seed: args.seed,
+        rng,
         num_images: args.num_images,
         init_image,
         noise,

@@ -5,7 +5,7 @@
 use super::{StableDiffusionPipeline, SCHEDULER_FILE};
 use crate::error::{Error, Result};
 use crate::image_io::{image_to_tensor, tensor_to_images};
-use crate::noise::{self, NormalStream};
+use crate::noise::RequestNoise;
 use crate::params::*;
 use crate::scheduler;
 use crate::unet::AddedConditioning;
@@ -80,7 +80,7 @@ impl StableDiffusionPipeline {
         })
     }
 
-    /// The resolved request, its scheduler and the per-image noise streams.
+    /// The resolved request, its scheduler and its noise generator.
     fn plan(&self, p: &GenerateParams, limits: &super::RequestLimits) -> Result<Plan> {
         let rp = self.resolve_within(p, limits)?;
         let sched = scheduler::build(
@@ -96,19 +96,16 @@ impl StableDiffusionPipeline {
             rp.height / scale,
             rp.width / scale,
         );
-        let streams = (0..rp.num_images as u64)
-            .map(|i| NormalStream::new(rp.seed.wrapping_add(i)))
-            .collect();
         Ok(Plan {
             cfg: rp.guidance_scale > 1.0,
-            rp,
             sched,
             noise: NoiseSource {
-                streams,
+                draws: RequestNoise::new(rp.rng, rp.seed, rp.num_images),
                 shape,
                 device: self.device.clone(),
                 replayed_steps: 0,
             },
+            rp,
         })
     }
 
@@ -130,13 +127,13 @@ impl StableDiffusionPipeline {
             self.vae.encode(&image)?
         };
         let shape = plan.noise.shape;
-        // diffusers draws one posterior sample per init image (replay files may hold one for
-        // the whole batch); our own noise draws one per image from its seed.
+        // diffusers draws one posterior sample for the init image before repeating it for the
+        // batch (replay files may hold one for the whole batch); `chacha` draws one per image.
         let enc_noise = match replay.and_then(|r| r.encoder_noise.as_ref()) {
             Some(t) => Tensor::from_vec(t.data.clone(), t.shape.as_slice(), dev)?
                 .broadcast_as(shape)?
                 .contiguous()?,
-            None => plan.noise.latents(None)?,
+            None => plan.noise.posterior()?,
         };
         let widen = |t: &Tensor| -> Result<Tensor> {
             Ok(t.to_dtype(DType::F32)?.broadcast_as(shape)?.contiguous()?)
@@ -228,7 +225,7 @@ impl StableDiffusionPipeline {
             .enumerate()
             .map(|(i, image)| GeneratedImage {
                 image,
-                seed: rp.seed.wrapping_add(i as u64),
+                seed: rp.rng.image_seed(rp.seed, i),
             })
             .collect())
     }
@@ -304,9 +301,9 @@ struct Plan {
     cfg: bool,
 }
 
-/// Where a request's noise comes from: the per-image seeded streams, or a replay file.
+/// Where a request's noise comes from: its generator, or a replay file.
 struct NoiseSource {
-    streams: Vec<NormalStream>,
+    draws: RequestNoise,
     /// `[N, C, h, w]` of the latents.
     shape: (usize, usize, usize, usize),
     device: candle_core::Device,
@@ -323,17 +320,22 @@ impl NoiseSource {
         Ok(Tensor::from_vec(data, self.shape, &self.device)?)
     }
 
-    /// A batch of latent-shaped noise: `replay` if given, else one draw per image stream.
+    /// A batch of latent-shaped noise: `replay` if given, else drawn by the generator.
     fn latents(&mut self, replay: Option<&HostTensor>) -> Result<Tensor> {
-        let per_image = self.per_image();
         let data = match replay {
             Some(r) => r.data.clone(),
-            None => noise::batch(&mut self.streams, per_image),
+            None => self.draws.batch(self.shape.0, self.per_image()),
         };
         self.tensor(data)
     }
 
-    /// The noise of one stochastic step: the next step of `replay`, else one draw per stream.
+    /// The VAE posterior noise of the init image, for every image of the batch.
+    fn posterior(&mut self) -> Result<Tensor> {
+        let data = self.draws.posterior(self.shape.0, self.per_image());
+        self.tensor(data)
+    }
+
+    /// The noise of one stochastic step: the next step of `replay`, else drawn by the generator.
     fn step(&mut self, replay: Option<&HostTensor>) -> Result<Tensor> {
         let Some(s) = replay else {
             return self.latents(None);

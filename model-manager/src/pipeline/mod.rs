@@ -13,6 +13,7 @@ use crate::config::{
 };
 use crate::device::working_dtype;
 use crate::error::{Error, Result};
+use crate::noise::RngKind;
 pub use crate::params::DefaultsOverride;
 use crate::params::*;
 use crate::scheduler::{self, SchedulerConfig};
@@ -404,6 +405,7 @@ fn read_configs(source: &ModelSource, options: &LoadOptions) -> Result<Configs> 
             family.default_guidance()
         },
         scheduler: scheduler.native_kind().unwrap_or(scheduler::FALLBACK),
+        rng: RngKind::default(),
     };
     options.defaults.apply(&mut defaults);
     let (vae_scale_factor, latent_channels) = (vae.scale_factor(), unet.in_channels);

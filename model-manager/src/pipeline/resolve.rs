@@ -163,6 +163,7 @@ impl ModelDescription {
             guidance_scale,
             scheduler: p.scheduler.unwrap_or(self.defaults.scheduler),
             seed,
+            rng: p.rng.unwrap_or(self.defaults.rng),
             num_images,
             strength,
             size_conditioning,

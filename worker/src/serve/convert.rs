@@ -9,7 +9,7 @@ use jhakaas_model_manager::image_io::decode_image;
 use jhakaas_model_manager::lora::{LoraAdapter, LoraPlan};
 use jhakaas_model_manager::pipeline::{random_seed, RequestLimits};
 use jhakaas_model_manager::{
-    GenerateParams, ImageFormat, InitImage, Progress, SchedulerKind, SizeConditioning,
+    GenerateParams, ImageFormat, InitImage, Progress, RngKind, SchedulerKind, SizeConditioning,
 };
 use jhakaas_proto::v1 as pb;
 use std::time::Instant;
@@ -90,6 +90,15 @@ pub fn job_request(
                 .map_err(|e| Status::invalid_argument(e.to_string()))?,
         )
     };
+    let rng = if req.rng.is_empty() {
+        None
+    } else {
+        Some(
+            req.rng
+                .parse::<RngKind>()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+        )
+    };
     let format = output_format(req.output_format)?;
     let loras = loras(&req.loras, models)?;
     let init_image = init_image(&req.init_image, req.strength, limits)?;
@@ -104,6 +113,7 @@ pub fn job_request(
         guidance_scale: (g != 0.0).then_some(g as f64),
         scheduler,
         seed: req.seed,
+        rng,
         num_images: req.num_images.max(1) as usize,
         init_image,
         noise: None,

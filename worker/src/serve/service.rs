@@ -165,6 +165,7 @@ impl pb::worker_server::Worker for WorkerService {
                     loaded_bytes: s.loaded_bytes,
                     default_guidance_scale: d.map_or(0.0, |d| d.guidance_scale as f32),
                     vae: spec.vae.as_ref().map(|v| v.to_string()).unwrap_or_default(),
+                    default_rng: d.map(|d| d.rng.to_string()).unwrap_or_default(),
                 }
             })
             .collect();

@@ -1,4 +1,4 @@
-//! Host-side seeded noise. Each image owns one ChaCha20 stream seeded with its own seed, so its
+//! The `chacha` generator: each image owns one ChaCha20 stream seeded with its own seed, so its
 //! pixels do not depend on batch size, concurrency or device; normals come from Box–Muller.
 
 use rand_chacha::ChaCha20Rng;
@@ -43,11 +43,6 @@ impl NormalStream {
     }
 }
 
-/// Draws `per_image` samples from each stream and concatenates them (batch-major).
-pub fn batch(streams: &mut [NormalStream], per_image: usize) -> Vec<f32> {
-    streams.iter_mut().flat_map(|s| s.fill(per_image)).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,13 +57,5 @@ mod tests {
         assert!(mean.abs() < 0.03, "mean {mean}");
         assert!((var - 1.0).abs() < 0.05, "var {var}");
         assert_ne!(NormalStream::new(43).fill(4), a[..4].to_vec());
-    }
-
-    #[test]
-    fn batch_is_the_concatenation_of_independent_streams() {
-        let mut streams = vec![NormalStream::new(7), NormalStream::new(8)];
-        let both = batch(&mut streams, 5);
-        assert_eq!(&both[..5], &NormalStream::new(7).fill(5)[..]);
-        assert_eq!(&both[5..], &NormalStream::new(8).fill(5)[..]);
     }
 }
