@@ -377,7 +377,7 @@ mod tests {
             "size=512",
             "colour=red",
             "steps",
-            "scheduler=pndm",
+            "scheduler=k_lms",
             "rng=mt",
         ] {
             let e = DefaultsOverride::parse(bad).unwrap_err().to_string();

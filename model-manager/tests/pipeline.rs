@@ -151,8 +151,8 @@ fn guidance_at_or_below_one_skips_the_unconditional_pass() {
 fn model_defaults_come_from_the_checkpoint() {
     let p = sd1();
     let d = p.defaults();
-    // unet sample_size 8 × VAE scale factor 8; SD1's PNDM scheduler falls back to DDIM.
+    // unet sample_size 8 × VAE scale factor 8; SD1's own scheduler, PNDM, as in diffusers.
     assert_eq!((d.width, d.height), (64, 64));
-    assert_eq!(d.scheduler, SchedulerKind::Ddim);
+    assert_eq!(d.scheduler, SchedulerKind::Pndm);
     assert_eq!(d.steps, 50);
 }

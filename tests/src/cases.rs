@@ -17,7 +17,8 @@ pub struct FixtureCase {
     pub height: usize,
     pub steps: usize,
     pub guidance_scale: f64,
-    pub scheduler: String,
+    /// A request's scheduler name; `None`: the checkpoint's own.
+    pub scheduler: Option<String>,
     pub num_images: usize,
     pub strength: Option<f64>,
     pub init_image: Option<String>,
@@ -28,7 +29,8 @@ pub struct FixtureCase {
     pub crops_coords_top_left: Option<[usize; 2]>,
     #[serde(default)]
     pub target_size: Option<[usize; 2]>,
-    pub noise: String,
+    /// diffusers' recorded draws; `None` for cases checked from the seed alone.
+    pub noise: Option<String>,
     pub image: serde_json::Value,
     /// The `torch.Generator("cpu").manual_seed` diffusers ran with (its draws are `noise`).
     pub seed: u64,
@@ -51,6 +53,27 @@ pub fn load(pipeline: &str) -> Vec<FixtureCase> {
         .join("cases.json");
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The cases of `pipeline` checked from the seed alone (`seed_cases.json`, written by
+/// `tests/fixtures/generate_seed_cases.py`); none when the pipeline has no such file.
+pub fn load_seed_cases(pipeline: &str) -> Vec<FixtureCase> {
+    #[derive(Deserialize)]
+    struct File {
+        cases: Vec<FixtureCase>,
+    }
+    let path = fixtures()
+        .join("reference")
+        .join(pipeline)
+        .join("seed_cases.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            serde_json::from_str::<File>(&text)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+                .cases
+        }
+        Err(_) => Vec::new(),
+    }
 }
 
 /// Case `name` of `pipeline`.
@@ -87,8 +110,6 @@ impl FixtureCase {
             &self.steps.to_string(),
             "--guidance-scale",
             &self.guidance_scale.to_string(),
-            "--scheduler",
-            &self.scheduler,
             "--num-images",
             &self.num_images.to_string(),
             "--device",
@@ -98,10 +119,16 @@ impl FixtureCase {
         ]
         .map(String::from)
         .to_vec();
+        if let Some(s) = &self.scheduler {
+            args.extend(["--scheduler".into(), s.clone()]);
+        }
         match noise {
             CaseNoise::Replayed => args.extend([
                 "--latents".into(),
-                ref_dir.join(&self.noise).display().to_string(),
+                ref_dir
+                    .join(self.noise.as_ref().expect("a case with recorded noise"))
+                    .display()
+                    .to_string(),
                 "--seed".into(),
                 "0".into(),
             ]),

@@ -83,6 +83,7 @@ const SCHEDULERS: &[&str] = &[
     "dpmpp-2m",
     "dpmpp-2m-karras",
     "pndm",
+    "lms-turbo",
     "DDIM",
     "\u{0}",
 ];

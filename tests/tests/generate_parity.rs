@@ -14,8 +14,21 @@ fn run_pipeline_cases(pipeline: &str) {
 }
 
 fn run_cases(pipeline: &str, min_cases: usize, noise: CaseNoise) {
+    check_cases(
+        pipeline,
+        jhakaas_tests::cases::load(pipeline),
+        min_cases,
+        noise,
+    );
+}
+
+fn check_cases(
+    pipeline: &str,
+    cases: Vec<jhakaas_tests::cases::FixtureCase>,
+    min_cases: usize,
+    noise: CaseNoise,
+) {
     let ref_dir = fixtures().join("reference").join(pipeline);
-    let cases = jhakaas_tests::cases::load(pipeline);
     assert!(
         cases.len() >= min_cases,
         "{pipeline}: expected the full case list"
@@ -96,6 +109,18 @@ fn sdxl_turbo_tiny_matches_diffusers_for_every_case() {
 #[test]
 fn sd_turbo_tiny_matches_diffusers_for_every_case() {
     run_cases("sd-turbo-tiny", 9, CaseNoise::Replayed);
+}
+
+/// The schedulers added with the torch generators, each against diffusers run with
+/// `generator=torch.Generator("cpu").manual_seed(S)` (`tests/fixtures/generate_seed_cases.py`):
+/// SD 1.x's own PNDM as the default request, and PNDM without guidance, in a batch of 2, for
+/// img2img, non-square, with SD 2's v-prediction and on SDXL.
+#[test]
+fn every_seed_case_matches_diffusers() {
+    for (pipeline, min_cases) in [("sd1-tiny", 5), ("sd2-tiny", 1), ("sdxl-tiny", 1)] {
+        let cases = jhakaas_tests::cases::load_seed_cases(pipeline);
+        check_cases(pipeline, cases, min_cases, CaseNoise::FromSeed);
+    }
 }
 
 /// From the seed alone: every case of every fixture pipeline (SD 1, SD 2 v-prediction, SDXL,

@@ -409,7 +409,7 @@ async fn every_bad_field_is_invalid_argument_naming_it() {
         (
             "scheduler",
             pb::GenerateRequest {
-                scheduler: "pndm".into(),
+                scheduler: "k_lms_2".into(),
                 ..ok.clone()
             },
         ),

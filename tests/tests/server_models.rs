@@ -77,6 +77,9 @@ async fn sdxl_is_served_next_to_sd_with_the_same_pixels_as_the_cli() {
     assert_eq!(x.default_guidance_scale, 5.0);
     assert_eq!(x.default_scheduler, "euler");
     assert_eq!(info(&list, "sd").default_guidance_scale, 7.5);
+    // SD 1.x's own scheduler is PNDM; the generator defaults to chacha.
+    assert_eq!(info(&list, "sd").default_scheduler, "pndm");
+    assert_eq!(x.default_rng, "chacha");
 
     let mut req = request("xl", "a lighthouse at dusk", 3);
     req.scheduler = "euler-a".into();
@@ -308,4 +311,79 @@ async fn the_memory_budget_evicts_by_bytes_and_refuses_a_model_larger_than_it() 
         "{reason}"
     );
     assert_ne!(tight.health("jhakaas.worker.v1.Worker").await.ok(), Some(1));
+}
+
+/// A model's default generator (`--model-defaults NAME=rng=torch-cpu`) applies to requests that
+/// name none: the served image is the CLI's `--rng torch-cpu` image for the same seed, every
+/// image of the request reports the request's seed, and ListModels lists the names a request
+/// may use.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_default_generator_applies_to_requests_that_name_none() {
+    let sd = fixture_model("sd", "sd1-tiny");
+    let server = TestServer::start(&["--model", &sd, "--model-defaults", "sd=rng=torch-cpu"]);
+    server.wait_ready().await;
+    let mut client = server.client().await;
+    let listed = client
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info(&listed.models, "sd").default_rng, "torch-cpu");
+    assert!(
+        listed.rngs.iter().any(|r| r == "chacha") && listed.rngs.iter().any(|r| r == "torch-cpu")
+    );
+    assert!(
+        listed.schedulers.iter().any(|s| s == "pndm"),
+        "{:?}",
+        listed.schedulers
+    );
+
+    let mut req = request("sd", "a red cube", 3);
+    req.seed = Some(1234);
+    req.num_images = 2;
+    let done = generate(&mut client, req).await.expect("job completes");
+    assert_eq!(
+        done.images.iter().map(|i| i.seed).collect::<Vec<_>>(),
+        vec![1234, 1234]
+    );
+    let out = scratch_dir("rng-default").join("cli.png");
+    let model = fixtures().join("models/sd1-tiny");
+    let o = run_worker([
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red cube",
+        "--steps",
+        "3",
+        "--num-images",
+        "2",
+        "--rng",
+        "torch-cpu",
+        "--seed",
+        "1234",
+        "--device",
+        "cpu",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (i, image) in done.images.iter().enumerate() {
+        let cli = image::open(out.with_file_name(format!("cli-{i}.png")))
+            .unwrap()
+            .to_rgb8();
+        let served = image::load_from_memory(&image.data).unwrap().to_rgb8();
+        assert_eq!(served, cli, "image {i}");
+    }
+
+    // An explicit generator overrides the model's default; an unknown one is named.
+    let mut req = request("sd", "a red cube", 2);
+    req.rng = "mt19937".into();
+    let err = client.submit_job(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("rng") && err.message().contains("torch-cpu"),
+        "{}",
+        err.message()
+    );
 }

@@ -110,7 +110,8 @@ impl StableDiffusionPipeline {
     }
 
     /// txt2img: scaled noise from step 0. img2img: the encoded init image noised to the step
-    /// its strength starts at. Returns the first step index and the latents.
+    /// its strength starts at. Returns the first timestep index (diffusers' `t_start × order`)
+    /// and the latents.
     fn initial_latents(&self, p: &GenerateParams, plan: &mut Plan) -> Result<(usize, Tensor)> {
         let replay = p.noise.as_ref();
         let (Some(init), Some(strength)) = (&p.init_image, plan.rp.strength) else {
@@ -118,7 +119,7 @@ impl StableDiffusionPipeline {
             return Ok((0, (n * plan.sched.init_noise_sigma())?));
         };
         let steps = plan.rp.steps;
-        let start = steps - ((steps as f64 * strength) as usize).min(steps);
+        let start = (steps - ((steps as f64 * strength) as usize).min(steps)) * plan.sched.order();
         let dev = &self.device;
         let image = image_to_tensor(&init.image, plan.rp.width, plan.rp.height, dev)?
             .to_dtype(self.vae_dtype)?;
@@ -176,7 +177,9 @@ impl StableDiffusionPipeline {
         }
     }
 
-    /// The denoising loop from step `start`, one `on_progress` call per step.
+    /// The denoising loop from timestep index `start`, one `on_progress` call per step as
+    /// diffusers counts them ([`scheduler::counts_as_step`]: PLMS's first two evaluations make
+    /// one step; a second-order scheduler's two evaluations one).
     fn denoise(
         &self,
         p: &GenerateParams,
@@ -195,15 +198,24 @@ impl StableDiffusionPipeline {
         let timesteps = sched.timesteps().to_vec();
         let guidance = cfg.then_some(rp.guidance_scale);
         let replay = p.noise.as_ref().and_then(|r| r.step_noise.as_ref());
-        for (done, i) in (start..timesteps.len()).enumerate() {
+        let order = sched.order();
+        let evaluations = timesteps.len() - start;
+        // Steps this run takes: img2img runs the last `start / order` of them.
+        let total_steps = rp.steps - start / order;
+        let mut done = 0;
+        for (k, i) in (start..timesteps.len()).enumerate() {
             let x = sched.scale_model_input(latents.clone(), i)?;
             let pred = self.predict(&x, timesteps[i], cond, guidance)?;
             // Only a stochastic scheduler (euler-a) draws.
             let mut draw = || noise.step(replay);
             latents = sched.step(&pred, i, &latents, &mut draw)?;
+            if !scheduler::counts_as_step(k, evaluations, total_steps, order) {
+                continue;
+            }
+            done += 1;
             let progress = Progress {
-                step: done + 1,
-                total_steps: timesteps.len() - start,
+                step: done,
+                total_steps,
                 timestep: timesteps[i],
             };
             if on_progress(&progress).is_break() {

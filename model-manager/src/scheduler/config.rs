@@ -94,6 +94,8 @@ pub struct SchedulerConfig {
     pub variance_type: Option<String>,
     /// DPM: dynamic shifting (not implemented: must be false).
     pub use_dynamic_shifting: Option<bool>,
+    /// PNDM: skip the Runge–Kutta warm-up (pure PLMS, as SD 1.x ships it).
+    pub skip_prk_steps: Option<bool>,
 }
 
 impl SchedulerConfig {
@@ -132,6 +134,7 @@ impl SchedulerConfig {
                 Some(SchedulerKind::DpmPp2mKarras)
             }
             "DPMSolverMultistepScheduler" => Some(SchedulerKind::DpmPp2m),
+            "PNDMScheduler" => Some(SchedulerKind::Pndm),
             _ => None,
         }
     }

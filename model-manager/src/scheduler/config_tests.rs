@@ -45,7 +45,7 @@ fn kind_names_round_trip() {
 
 #[test]
 fn unknown_kind_names_the_field_and_lists_valid_names() {
-    match "pndm".parse::<SchedulerKind>() {
+    match "k_lms_turbo".parse::<SchedulerKind>() {
         Err(Error::InvalidParam { field, reason }) => {
             assert_eq!(field, "scheduler");
             for kind in SchedulerKind::ALL {
@@ -79,7 +79,7 @@ fn native_kind_maps_class_names() {
         kind(r#"{"_class_name":"DPMSolverMultistepScheduler","use_karras_sigmas":true}"#),
         Some(SchedulerKind::DpmPp2mKarras)
     );
-    assert_eq!(kind(SD15_PNDM), None);
+    assert_eq!(kind(SD15_PNDM), Some(SchedulerKind::Pndm));
     assert_eq!(kind(r#"{"_class_name":"LMSDiscreteScheduler"}"#), None);
     assert_eq!(kind("{}"), None);
     assert_eq!(FALLBACK, SchedulerKind::Ddim);
@@ -250,11 +250,12 @@ fn step_counts_are_validated() {
         ));
         assert_eq!(
             build(kind, &c, 1000, "f").is_ok(),
-            kind != SchedulerKind::Ddim,
+            !matches!(kind, SchedulerKind::Ddim | SchedulerKind::Pndm),
             "{kind}"
         );
     }
-    // DDIM leading with steps_offset 1 and 1000 steps would index alphas_cumprod[1000].
+    // DDIM (and PNDM) leading with steps_offset 1 and 1000 steps would index
+    // alphas_cumprod[1000].
     let c = parse(r#"{"num_train_timesteps":100,"steps_offset":1}"#);
     assert!(build(SchedulerKind::Ddim, &c, 99, "f").is_ok());
     assert!(matches!(

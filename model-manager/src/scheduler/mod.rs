@@ -16,6 +16,7 @@ mod ddim;
 mod dpmpp;
 mod euler;
 mod euler_ancestral;
+mod pndm;
 mod schedule;
 
 use std::fmt;
@@ -39,20 +40,23 @@ pub enum SchedulerKind {
     DpmPp2m,
     /// `dpmpp-2m-karras`: the same with `use_karras_sigmas = true`.
     DpmPp2mKarras,
+    /// `pndm`: diffusers `PNDMScheduler` (PLMS with `skip_prk_steps`, as SD 1.x ships it).
+    Pndm,
 }
 
 impl SchedulerKind {
     /// Every kind, in the order they are listed to users.
-    pub const ALL: [SchedulerKind; 5] = [
+    pub const ALL: [SchedulerKind; 6] = [
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
         SchedulerKind::EulerAncestral,
         SchedulerKind::DpmPp2m,
         SchedulerKind::DpmPp2mKarras,
+        SchedulerKind::Pndm,
     ];
 
     /// The name requests use for this kind (`ddim`, `euler`, `euler-a`, `dpmpp-2m`,
-    /// `dpmpp-2m-karras`).
+    /// `dpmpp-2m-karras`, `pndm`).
     pub fn as_str(self) -> &'static str {
         match self {
             SchedulerKind::Ddim => "ddim",
@@ -60,6 +64,7 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => "euler-a",
             SchedulerKind::DpmPp2m => "dpmpp-2m",
             SchedulerKind::DpmPp2mKarras => "dpmpp-2m-karras",
+            SchedulerKind::Pndm => "pndm",
         }
     }
 }
@@ -90,14 +95,12 @@ impl FromStr for SchedulerKind {
 }
 
 /// The scheduler used when a checkpoint's own scheduler class is not one we implement
-/// (`SchedulerConfig::native_kind()` is `None`, e.g. SD 1.x's `PNDMScheduler` or
-/// `LMSDiscreteScheduler`).
+/// (`SchedulerConfig::native_kind()` is `None`, e.g. `LMSDiscreteScheduler`).
 ///
 /// DDIM is the closest stand-in for those checkpoints: it reads the same
-/// `alphas_cumprod` parametrisation (beta schedule, `set_alpha_to_one`, `steps_offset`) and,
-/// like PNDM, defaults to `leading` timestep spacing, so the model sees the same timesteps it
-/// would under its original scheduler. It is deterministic (eta = 0) and first order, so it
-/// never needs noise draws or multistep state.
+/// `alphas_cumprod` parametrisation (beta schedule, `set_alpha_to_one`, `steps_offset`) and
+/// defaults to `leading` timestep spacing, like the SD 1.x schedulers. It is deterministic
+/// (eta = 0) and first order, so it never needs noise draws or multistep state.
 pub const FALLBACK: SchedulerKind = SchedulerKind::Ddim;
 
 /// One configured scheduler for one run of `num_inference_steps` steps.
@@ -124,6 +127,21 @@ pub trait Scheduler: Send {
     ) -> Result<Tensor>;
     /// Noise clean latents to the level of `step_index` (img2img).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor>;
+    /// Model evaluations per step, diffusers' `scheduler.order`: an img2img run starting at
+    /// step `k` starts at timestep index `k × order`, and progress counts steps, not
+    /// evaluations (see [`counts_as_step`]).
+    fn order(&self) -> usize {
+        1
+    }
+}
+
+/// Whether evaluation `i` of a run of `evaluations` model calls for `steps` requested steps
+/// completes a step, as diffusers' pipelines advance their progress bar: every `order`-th
+/// evaluation after the warm-up ones (`evaluations − steps × order`: PLMS's extra first
+/// evaluation), and the last.
+pub fn counts_as_step(i: usize, evaluations: usize, steps: usize, order: usize) -> bool {
+    let warmup = evaluations as i64 - (steps * order) as i64;
+    i + 1 == evaluations || ((i + 1) as i64 > warmup && (i + 1).is_multiple_of(order))
 }
 
 /// Builds the scheduler `kind` for `num_inference_steps` steps from a checkpoint's scheduler
@@ -171,6 +189,7 @@ pub fn build(
             true,
             config_file,
         )?),
+        SchedulerKind::Pndm => Box::new(pndm::Pndm::new(config, num_inference_steps, config_file)?),
     })
 }
 

@@ -40,6 +40,9 @@ struct Case {
     kind: String,
     steps: usize,
     error: Option<String>,
+    /// The field our refusal names: `prediction_type`, or `steps` (PNDM's Runge-Kutta
+    /// warm-up below 4 steps).
+    error_field: Option<String>,
     timesteps: Option<Vec<f64>>,
     init_noise_sigma: Option<f64>,
     trajectory: Option<Recorded>,
@@ -65,10 +68,14 @@ struct TimestepsOnly {
     config: String,
     kind: String,
     steps: usize,
-    timesteps: Vec<f64>,
-    init_noise_sigma: f64,
     #[serde(default)]
-    ddim_negative_timestep: bool,
+    timesteps: Vec<f64>,
+    #[serde(default)]
+    init_noise_sigma: f64,
+    /// diffusers fails to set these timesteps (PNDM's warm-up below 4 steps).
+    error_field: Option<String>,
+    #[serde(default)]
+    negative_timestep: bool,
 }
 
 fn load() -> (Fixture, HashMap<String, Tensor>) {
@@ -187,14 +194,15 @@ fn trajectories_match_diffusers() {
         let what = format!("{} / {} / {} steps", case.config, case.kind, case.steps);
         let kind: SchedulerKind = case.kind.parse().unwrap();
         let cfg = config(&fixture, &case.config);
-        if case.error.is_some() {
-            // diffusers raises (euler-a with prediction_type "sample"): we refuse it by name.
+        if let Some(error) = &case.error {
+            // diffusers raises (prediction_type "sample" for euler-a and pndm, PNDM's warm-up
+            // below 4 steps): we refuse it naming the field.
+            let want = case.error_field.as_deref().unwrap_or("prediction_type");
             match build(kind, &cfg, case.steps, "cfg") {
-                Err(Error::Unsupported { field, .. }) => {
-                    assert_eq!(field, "prediction_type", "{what}")
-                }
+                Err(Error::Unsupported { field, .. }) => assert_eq!(field, want, "{what}"),
+                Err(Error::InvalidParam { field, .. }) => assert_eq!(field, want, "{what}"),
                 Err(e) => panic!("{what}: wrong error {e}"),
-                Ok(_) => panic!("{what}: diffusers refuses this, we built it"),
+                Ok(_) => panic!("{what}: diffusers refuses this ({error}), we built it"),
             }
             continue;
         }
@@ -252,7 +260,14 @@ fn timesteps_match_diffusers_for_more_step_counts() {
         let what = format!("{} / {} / {} steps", case.config, case.kind, case.steps);
         let kind: SchedulerKind = case.kind.parse().unwrap();
         let built = build(kind, &config(&fixture, &case.config), case.steps, "cfg");
-        if case.ddim_negative_timestep {
+        if let Some(field) = &case.error_field {
+            match built {
+                Err(Error::InvalidParam { field: f, .. }) => assert_eq!(f, field, "{what}"),
+                _ => panic!("{what}: diffusers refuses this step count, we did not"),
+            }
+            continue;
+        }
+        if case.negative_timestep {
             // diffusers would read alphas_cumprod[-1] here; we refuse the step count instead.
             assert!(
                 matches!(built, Err(Error::InvalidParam { field: "steps", .. })),
@@ -296,4 +311,24 @@ fn half_precision_tensors_round_trip() {
             assert!(err < 2e-2, "{kind} {dtype:?}: {err}");
         }
     }
+}
+
+/// Progress counts steps, not model evaluations, as diffusers' pipelines count them.
+#[test]
+fn progress_counts_steps_as_diffusers_does() {
+    use super::counts_as_step;
+    let counted = |evaluations: usize, steps: usize, order: usize| {
+        (0..evaluations)
+            .filter(|&i| counts_as_step(i, evaluations, steps, order))
+            .count()
+    };
+    // First order: every evaluation is a step.
+    assert_eq!(counted(20, 20, 1), 20);
+    // PLMS: n + 1 evaluations, the first two make one step.
+    assert_eq!(counted(21, 20, 1), 20);
+    assert!(!counts_as_step(0, 21, 20, 1) && counts_as_step(1, 21, 20, 1));
+    // Second order (Heun, DPM2): 2n - 1 evaluations, every second one and the last.
+    assert_eq!(counted(39, 20, 2), 20);
+    assert!(counts_as_step(37, 39, 20, 2) && counts_as_step(38, 39, 20, 2));
+    assert!(!counts_as_step(36, 39, 20, 2));
 }

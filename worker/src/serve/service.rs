@@ -4,6 +4,7 @@
 use super::backend::{Accepted, EventStream, JobBackend};
 use super::convert::{self, Limits};
 use super::models::ModelTable;
+use jhakaas_model_manager::{RngKind, SchedulerKind};
 use jhakaas_proto::v1 as pb;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -169,7 +170,11 @@ impl pb::worker_server::Worker for WorkerService {
                 }
             })
             .collect();
-        Ok(Response::new(pb::ListModelsResponse { models }))
+        Ok(Response::new(pb::ListModelsResponse {
+            models,
+            schedulers: SchedulerKind::ALL.iter().map(|k| k.to_string()).collect(),
+            rngs: RngKind::ALL.iter().map(|k| k.to_string()).collect(),
+        }))
     }
 }
 
