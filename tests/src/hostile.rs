@@ -83,6 +83,12 @@ const SCHEDULERS: &[&str] = &[
     "dpmpp-2m",
     "dpmpp-2m-karras",
     "pndm",
+    "heun",
+    "dpm2-a",
+    "dpmpp-2m-sde-karras",
+    "unipc",
+    "deis",
+    "lcm",
     "lms-turbo",
     "DDIM",
     "\u{0}",
@@ -189,7 +195,7 @@ pub fn request(rng: &mut Rng, png: &[u8]) -> pb::GenerateRequest {
             rng.pick(SCHEDULERS).into()
         ),
         rng: field!(
-            rng.pick(&["", "chacha", "torch-cpu"]).into(),
+            rng.pick(&["", "chacha", "torch-cpu", "torch-cuda"]).into(),
             rng.pick(RNGS).into()
         ),
         output_format: field!(rng.pick(&[0, 1, 2, 3]), rng.pick(&[4, -1, i32::MAX])),

@@ -96,6 +96,16 @@ pub struct SchedulerConfig {
     pub use_dynamic_shifting: Option<bool>,
     /// PNDM: skip the Runge–Kutta warm-up (pure PLMS, as SD 1.x ships it).
     pub skip_prk_steps: Option<bool>,
+    /// UniPC: predict x0 (default true; the noise-predicting variant is UniPC's `bh1`/`bh2` on
+    /// epsilon).
+    pub predict_x0: Option<bool>,
+    /// UniPC: the step indices whose corrector is skipped (default none).
+    pub disable_corrector: Option<Vec<usize>>,
+    /// LCM: the inference steps of the distillation schedule (default 50).
+    pub original_inference_steps: Option<usize>,
+    /// LCM: the boundary-condition timestep scaling (default 10).
+    #[serde(deserialize_with = "de_f64")]
+    pub timestep_scaling: Option<f64>,
 }
 
 impl SchedulerConfig {
@@ -123,20 +133,40 @@ impl SchedulerConfig {
             .map_err(|e| config_err(e.to_string()))
     }
 
-    /// The scheduler the checkpoint ships with, if we implement it (`None` for PNDM, LMS, …:
-    /// the pipeline then uses [`super::FALLBACK`]).
+    /// The scheduler the checkpoint ships with, if we implement its class (`None` for
+    /// `DDPMScheduler`, `KarrasVeScheduler`, …: the pipeline then uses [`super::FALLBACK`]).
     pub fn native_kind(&self) -> Option<SchedulerKind> {
-        match self.class_name.as_deref()? {
-            "DDIMScheduler" => Some(SchedulerKind::Ddim),
-            "EulerDiscreteScheduler" => Some(SchedulerKind::Euler),
-            "EulerAncestralDiscreteScheduler" => Some(SchedulerKind::EulerAncestral),
-            "DPMSolverMultistepScheduler" if self.use_karras_sigmas == Some(true) => {
-                Some(SchedulerKind::DpmPp2mKarras)
-            }
-            "DPMSolverMultistepScheduler" => Some(SchedulerKind::DpmPp2m),
-            "PNDMScheduler" => Some(SchedulerKind::Pndm),
-            _ => None,
-        }
+        use SchedulerKind as K;
+        let karras = self.use_karras_sigmas == Some(true);
+        // The DPM names run dpmsolver++ or its SDE; the old noise-predicting algorithms
+        // (`dpmsolver`, `sde-dpmsolver`) are not implemented.
+        let sde = match self.algorithm_type.as_deref() {
+            None | Some("dpmsolver++") => false,
+            Some("sde-dpmsolver++") => true,
+            Some(_) => return None,
+        };
+        Some(match self.class_name.as_deref()? {
+            "DDIMScheduler" => K::Ddim,
+            "PNDMScheduler" => K::Pndm,
+            "EulerDiscreteScheduler" if karras => K::EulerKarras,
+            "EulerDiscreteScheduler" => K::Euler,
+            "EulerAncestralDiscreteScheduler" => K::EulerAncestral,
+            "LMSDiscreteScheduler" if karras => K::LmsKarras,
+            "LMSDiscreteScheduler" => K::Lms,
+            "HeunDiscreteScheduler" => K::Heun,
+            "KDPM2DiscreteScheduler" => K::Dpm2,
+            "KDPM2AncestralDiscreteScheduler" => K::Dpm2Ancestral,
+            "DPMSolverMultistepScheduler" => match (sde, karras) {
+                (false, false) => K::DpmPp2m,
+                (false, true) => K::DpmPp2mKarras,
+                (true, false) => K::DpmPp2mSde,
+                (true, true) => K::DpmPp2mSdeKarras,
+            },
+            "UniPCMultistepScheduler" => K::UniPc,
+            "DEISMultistepScheduler" => K::Deis,
+            "LCMScheduler" => K::Lcm,
+            _ => return None,
+        })
     }
 }
 
@@ -219,7 +249,36 @@ pub(super) enum BetaSchedule {
     SquaredCosCapV2,
 }
 
-/// The fields all four classes share, resolved with one class's defaults and validated.
+/// A class's defaults for the beta schedule keys (they differ between diffusers classes).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BetaDefaults {
+    pub start: f64,
+    pub end: f64,
+    pub schedule: &'static str,
+}
+
+impl BetaDefaults {
+    /// DDIM, PNDM, Euler, LMS, DPM-Solver, UniPC, DEIS: `linear` from 0.0001 to 0.02.
+    pub const DDPM: BetaDefaults = BetaDefaults {
+        start: 0.0001,
+        end: 0.02,
+        schedule: "linear",
+    };
+    /// Heun, DPM2, DPM2-a: `linear` from 0.00085 to 0.012 (Stable Diffusion's range).
+    pub const SD_LINEAR: BetaDefaults = BetaDefaults {
+        start: 0.00085,
+        end: 0.012,
+        schedule: "linear",
+    };
+    /// LCM: `scaled_linear` from 0.00085 to 0.012 (Stable Diffusion's own schedule).
+    pub const SD_SCALED: BetaDefaults = BetaDefaults {
+        start: 0.00085,
+        end: 0.012,
+        schedule: "scaled_linear",
+    };
+}
+
+/// The fields every class shares, resolved with one class's defaults and validated.
 #[derive(Debug, Clone)]
 pub(super) struct Common {
     pub num_train: usize,
@@ -231,8 +290,19 @@ pub(super) struct Common {
 }
 
 impl Common {
-    /// Resolves the shared fields; `default_spacing` is the class's own default.
+    /// Resolves the shared fields with the DDPM beta defaults; `default_spacing` is the class's
+    /// own default.
     pub fn resolve(c: &SchedulerConfig, default_spacing: Spacing, file: &str) -> Result<Self> {
+        Self::resolve_with(c, BetaDefaults::DDPM, default_spacing, file)
+    }
+
+    /// Resolves the shared fields with a class's own beta and spacing defaults.
+    pub fn resolve_with(
+        c: &SchedulerConfig,
+        beta_defaults: BetaDefaults,
+        default_spacing: Spacing,
+        file: &str,
+    ) -> Result<Self> {
         let num_train = c.num_train_timesteps.unwrap_or(1000);
         if num_train < 2 {
             let hint = "need at least 2 training timesteps";
@@ -243,11 +313,11 @@ impl Common {
                 hint,
             ));
         }
-        let start = c.beta_start.unwrap_or(0.0001);
-        let end = c.beta_end.unwrap_or(0.02);
+        let start = c.beta_start.unwrap_or(beta_defaults.start);
+        let end = c.beta_end.unwrap_or(beta_defaults.end);
         let betas = match (
             &c.trained_betas,
-            c.beta_schedule.as_deref().unwrap_or("linear"),
+            c.beta_schedule.as_deref().unwrap_or(beta_defaults.schedule),
         ) {
             (Some(b), _) if b.len() != num_train => {
                 let hint = format!("must hold num_train_timesteps = {num_train} values");

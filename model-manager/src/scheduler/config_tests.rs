@@ -80,7 +80,42 @@ fn native_kind_maps_class_names() {
         Some(SchedulerKind::DpmPp2mKarras)
     );
     assert_eq!(kind(SD15_PNDM), Some(SchedulerKind::Pndm));
-    assert_eq!(kind(r#"{"_class_name":"LMSDiscreteScheduler"}"#), None);
+    use SchedulerKind as K;
+    for (class, want) in [
+        (r#""LMSDiscreteScheduler""#, K::Lms),
+        (
+            r#""LMSDiscreteScheduler","use_karras_sigmas":true"#,
+            K::LmsKarras,
+        ),
+        (
+            r#""EulerDiscreteScheduler","use_karras_sigmas":true"#,
+            K::EulerKarras,
+        ),
+        (r#""HeunDiscreteScheduler""#, K::Heun),
+        (r#""KDPM2DiscreteScheduler""#, K::Dpm2),
+        (r#""KDPM2AncestralDiscreteScheduler""#, K::Dpm2Ancestral),
+        (
+            r#""DPMSolverMultistepScheduler","algorithm_type":"sde-dpmsolver++""#,
+            K::DpmPp2mSde,
+        ),
+        (
+            r#""DPMSolverMultistepScheduler","algorithm_type":"sde-dpmsolver++","use_karras_sigmas":true"#,
+            K::DpmPp2mSdeKarras,
+        ),
+        (r#""UniPCMultistepScheduler""#, K::UniPc),
+        (r#""DEISMultistepScheduler""#, K::Deis),
+        (r#""LCMScheduler""#, K::Lcm),
+    ] {
+        assert_eq!(
+            kind(&format!(r#"{{"_class_name":{class}}}"#)),
+            Some(want),
+            "{class}"
+        );
+    }
+    // Not implemented: DDPM, the noise-predicting DPM-Solver algorithms.
+    assert_eq!(kind(r#"{"_class_name":"DDPMScheduler"}"#), None);
+    let dpm = r#"{"_class_name":"DPMSolverMultistepScheduler","algorithm_type":"dpmsolver"}"#;
+    assert_eq!(kind(dpm), None);
     assert_eq!(kind("{}"), None);
     assert_eq!(FALLBACK, SchedulerKind::Ddim);
 }
@@ -175,16 +210,6 @@ fn unsupported_values_name_the_field() {
             r#"{"prediction_type":"sample"}"#,
             "prediction_type",
         ),
-        (
-            DpmPp2m,
-            r#"{"algorithm_type":"sde-dpmsolver++"}"#,
-            "algorithm_type",
-        ),
-        (
-            DpmPp2m,
-            r#"{"algorithm_type":"dpmsolver"}"#,
-            "algorithm_type",
-        ),
         (DpmPp2m, r#"{"solver_type":"heun"}"#, "solver_type"),
         (DpmPp2m, r#"{"solver_order":3}"#, "solver_order"),
         (DpmPp2mKarras, r#"{"solver_order":1}"#, "solver_order"),
@@ -234,6 +259,11 @@ fn options_other_classes_own_are_ignored() {
     );
     build(SchedulerKind::Euler, &c, 10, "f").unwrap();
     build(SchedulerKind::DpmPp2m, &c, 10, "f").unwrap();
+    // The DPM names set the algorithm, whatever the config says (diffusers'
+    // `from_config(config, algorithm_type=…)`).
+    let c = parse(r#"{"algorithm_type":"dpmsolver"}"#);
+    build(SchedulerKind::DpmPp2m, &c, 10, "f").unwrap();
+    build(SchedulerKind::DpmPp2mSde, &c, 10, "f").unwrap();
 }
 
 #[test]
@@ -250,7 +280,11 @@ fn step_counts_are_validated() {
         ));
         assert_eq!(
             build(kind, &c, 1000, "f").is_ok(),
-            !matches!(kind, SchedulerKind::Ddim | SchedulerKind::Pndm),
+            // LCM takes at most `original_inference_steps` (50).
+            !matches!(
+                kind,
+                SchedulerKind::Ddim | SchedulerKind::Pndm | SchedulerKind::Lcm
+            ),
             "{kind}"
         );
     }

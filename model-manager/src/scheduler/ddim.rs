@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 use super::config::{refuse_flag, Common, PredictionType, SchedulerConfig, Spacing};
-use super::schedule::{alphas_cumprod, div, f32_of, mul, np_linspace, trailing};
+use super::schedule::{alphas_cumprod, ddpm_add_noise, div, f32_of, mul, np_linspace, trailing};
 use super::Scheduler;
 use crate::error::{Error, Result};
 
@@ -143,8 +143,6 @@ impl Scheduler for Ddim {
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         let alpha = self.alphas_cumprod[self.timestep(step_index)?];
-        let noisy =
-            (mul(&f32_of(original)?, alpha.sqrt())? + mul(&f32_of(noise)?, (1.0 - alpha).sqrt())?)?;
-        Ok(noisy.to_dtype(original.dtype())?)
+        ddpm_add_noise(original, noise, alpha)
     }
 }

@@ -1,5 +1,6 @@
 //! DPM-Solver++(2M) (Lu et al. 2022), as diffusers' `DPMSolverMultistepScheduler` with
-//! `algorithm_type = "dpmsolver++"`, `solver_order = 2`, `solver_type = "midpoint"`.
+//! `algorithm_type = "dpmsolver++"` or, for the stochastic variant, `"sde-dpmsolver++"`
+//! (`solver_order = 2`, `solver_type = "midpoint"`).
 
 use candle_core::Tensor;
 
@@ -8,15 +9,18 @@ use super::config::{
     SchedulerConfig, Spacing,
 };
 use super::schedule::{
-    alpha_sigma, alphas_cumprod, div, f32_of, interp, karras, log_sigmas, mul, np_linspace,
-    sigma_to_t, trailing, train_sigmas,
+    alpha_sigma, alphas_cumprod_finite, div, f32_of, interp, mul, multistep_karras,
+    multistep_timesteps, train_sigmas,
 };
 use super::Scheduler;
 use crate::error::{Error, Result};
 
-/// diffusers' `DPMSolverMultistepScheduler` (dpmsolver++, second order, midpoint).
+/// diffusers' `DPMSolverMultistepScheduler` (dpmsolver++ or sde-dpmsolver++, second order,
+/// midpoint).
 #[derive(Debug, Clone)]
 pub(super) struct DpmPp2m {
+    /// `sde-dpmsolver++`: every step draws noise (the last one too).
+    sde: bool,
     timesteps: Vec<f64>,
     /// float32 sigmas, one more than timesteps.
     sigmas: Vec<f32>,
@@ -31,21 +35,20 @@ pub(super) struct DpmPp2m {
 
 impl DpmPp2m {
     /// Resolves `config` with `DPMSolverMultistepScheduler`'s defaults, `use_karras_sigmas`
-    /// forced to `karras`, and sets `n` timesteps.
+    /// forced to `karras` and `algorithm_type` to `sde-dpmsolver++` (`sde`) or `dpmsolver++`,
+    /// and sets `n` timesteps.
     pub fn new(
         config: &SchedulerConfig,
         n: usize,
         karras_sigmas: bool,
+        sde: bool,
         file: &str,
     ) -> Result<Self> {
         let common = Common::resolve(config, Spacing::Linspace, file)?;
         Self::check(config, file)?;
         let final_sigma_is_min = final_sigma_min(config, file)?;
         let num_train = common.num_train;
-        let mut alphas = alphas_cumprod(&common);
-        if common.rescale_zero_snr {
-            alphas[num_train - 1] = 2f32.powi(-24);
-        }
+        let alphas = alphas_cumprod_finite(&common);
         let train = train_sigmas(&alphas);
 
         // lambda_min_clipped: drop the tail of training timesteps whose log-SNR is below it.
@@ -55,48 +58,12 @@ impl DpmPp2m {
             .filter(|&&a| a.sqrt().ln() - (1.0 - a).sqrt().ln() < clip)
             .count();
         let last = num_train - clipped.min(num_train);
-        let spaced: Vec<f64> = match common.spacing {
-            Spacing::Linspace => {
-                let mut t: Vec<f64> = np_linspace(0.0, last as f64 - 1.0, n + 1)
-                    .into_iter()
-                    .rev()
-                    .map(f64::round_ties_even)
-                    .collect();
-                t.pop();
-                t
-            }
-            Spacing::Leading => {
-                let ratio = last / (n + 1);
-                (1..=n)
-                    .rev()
-                    .map(|i| (i * ratio + common.steps_offset) as f64)
-                    .collect()
-            }
-            Spacing::Trailing => trailing(last, num_train, n),
-        };
         let (timesteps, mut sigmas) = if karras_sigmas {
-            let sigmas = karras(
-                config.sigma_min.unwrap_or(train[0] as f64),
-                config.sigma_max.unwrap_or(train[num_train - 1] as f64),
-                n,
-            );
-            let logs = log_sigmas(&train);
-            // Rounded to the nearest training timestep, except for cosine schedules, whose
-            // fractional timesteps diffusers truncates when it casts them to int64.
+            // Cosine schedules' fractional timesteps are truncated by diffusers' int64 cast.
             let cosine = common.betas == BetaSchedule::SquaredCosCapV2;
-            let t = sigmas
-                .iter()
-                .map(|&s| {
-                    let t = sigma_to_t(s, &logs);
-                    if cosine {
-                        t.trunc()
-                    } else {
-                        t.round_ties_even()
-                    }
-                })
-                .collect();
-            (t, sigmas)
+            multistep_karras(config.sigma_min, config.sigma_max, &train, n, cosine)
         } else {
+            let spaced = multistep_timesteps(&common, last, n);
             let sigmas = spaced.iter().map(|&t| interp(t, &train)).collect();
             (spaced, sigmas)
         };
@@ -110,6 +77,7 @@ impl DpmPp2m {
             0.0
         });
         Ok(DpmPp2m {
+            sde,
             timesteps,
             sigmas: sigmas.into_iter().map(|s| s as f32).collect(),
             prediction: common.prediction,
@@ -120,16 +88,9 @@ impl DpmPp2m {
         })
     }
 
-    /// Refuses every DPM option that would change the maths and is not implemented.
+    /// Refuses every DPM option that would change the maths and is not implemented
+    /// (`algorithm_type` is not among them: the scheduler's name sets it).
     fn check(c: &SchedulerConfig, file: &str) -> Result<()> {
-        let algorithm = c.algorithm_type.as_deref();
-        require_one_of(
-            algorithm,
-            "dpmsolver++",
-            &["dpmsolver++"],
-            "algorithm_type",
-            file,
-        )?;
         // diffusers maps the DEIS/UniPC solver names to midpoint.
         let solvers = ["midpoint", "logrho", "bh1", "bh2"];
         require_one_of(
@@ -197,7 +158,7 @@ impl Scheduler for DpmPp2m {
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
-        _noise: &mut dyn FnMut() -> Result<Tensor>,
+        noise: &mut dyn FnMut() -> Result<Tensor>,
     ) -> Result<Tensor> {
         let len = self.timesteps.len();
         let (alpha_s, sigma_s) = alpha_sigma(self.sigma(step_index)?);
@@ -213,18 +174,45 @@ impl Scheduler for DpmPp2m {
             && ((self.lower_order_final && len < 15) || self.final_sigma_zero);
         let previous = self.previous_x0.replace(x0.clone());
 
+        // diffusers draws the SDE's noise before choosing the update, at every step.
+        let fresh = match self.sde {
+            true => Some(f32_of(&noise()?)?),
+            false => None,
+        };
         let h = lambda(alpha_t, sigma_t) - lambda(alpha_s, sigma_s);
-        let c_x0 = alpha_t * ((-h).exp() - 1.0);
-        let mut prev = (mul(&x, sigma_t / sigma_s)? - mul(&x0, c_x0)?)?;
+        // x_t = c_x · x + c_d · (D0 + D1 / 2) [+ c_noise · noise], with the f32 coefficients of
+        // `dpm_solver_first_order_update` / `multistep_dpm_solver_second_order_update`.
+        let (c_x, c_d) = match self.sde {
+            true => (
+                sigma_t / sigma_s * (-h).exp(),
+                alpha_t * (1.0 - (-2.0 * h).exp()),
+            ),
+            false => (sigma_t / sigma_s, -(alpha_t * ((-h).exp() - 1.0))),
+        };
+        let mut prev = (mul(&x, c_x)? + mul(&x0, c_d)?)?;
         match previous {
             Some(m1) if self.lower_order_nums >= 1 && !lower_final && step_index > 0 => {
                 let (alpha_p, sigma_p) = alpha_sigma(self.sigmas[step_index - 1]);
                 let h_0 = lambda(alpha_s, sigma_s) - lambda(alpha_p, sigma_p);
                 let r0 = h_0 / h;
                 let d1 = mul(&(&x0 - m1)?, 1.0 / r0)?;
-                prev = (prev - mul(&d1, 0.5 * c_x0)?)?;
+                prev = (prev + mul(&d1, 0.5 * c_d)?)?;
             }
             _ => {}
+        }
+        if let Some(fresh) = fresh {
+            if fresh.dims() != prev.dims() {
+                return Err(Error::invalid(
+                    "noise",
+                    format!(
+                        "step noise has shape {:?}, the sample {:?}",
+                        fresh.dims(),
+                        prev.dims()
+                    ),
+                ));
+            }
+            let c_noise = sigma_t * (1.0 - (-2.0 * h).exp()).sqrt();
+            prev = (prev + mul(&fresh, c_noise)?)?;
         }
         self.lower_order_nums = (self.lower_order_nums + 1).min(2);
         Ok(prev.to_dtype(model_output.dtype())?)

@@ -7,7 +7,7 @@ use super::config::{
     final_sigma_min, refuse_flag, require_one_of, Common, PredictionType, SchedulerConfig, Spacing,
 };
 use super::schedule::{
-    alphas_cumprod, div, f32_of, interp, karras, log_sigmas, mul, np_linspace, sigma_to_t,
+    alphas_cumprod_finite, div, f32_of, interp, karras, log_sigmas, mul, np_linspace, sigma_to_t,
     trailing, train_sigmas,
 };
 use super::Scheduler;
@@ -35,12 +35,7 @@ impl SigmaSchedule {
     /// the training sigmas, optionally respaced Karras-style, plus the final sigma.
     pub fn new(common: &Common, n: usize, opts: SigmaOptions) -> Self {
         let num_train = common.num_train;
-        let mut alphas = alphas_cumprod(common);
-        if common.rescale_zero_snr {
-            // Euler's fix-up so that the last sigma stays finite.
-            alphas[num_train - 1] = 2f32.powi(-24);
-        }
-        let train = train_sigmas(&alphas);
+        let train = train_sigmas(&alphas_cumprod_finite(common));
         let mut timesteps: Vec<f32> = match common.spacing {
             Spacing::Linspace => np_linspace(0.0, (num_train - 1) as f64, n)
                 .into_iter()
@@ -148,8 +143,14 @@ pub(super) struct Euler {
 }
 
 impl Euler {
-    /// Resolves `config` with `EulerDiscreteScheduler`'s defaults and sets `n` timesteps.
-    pub fn new(config: &SchedulerConfig, n: usize, file: &str) -> Result<Self> {
+    /// Resolves `config` with `EulerDiscreteScheduler`'s defaults (`karras`, when given,
+    /// overrides `use_karras_sigmas`) and sets `n` timesteps.
+    pub fn new(
+        config: &SchedulerConfig,
+        n: usize,
+        karras: Option<bool>,
+        file: &str,
+    ) -> Result<Self> {
         let common = Common::resolve(config, Spacing::Linspace, file)?;
         let interpolation = config.interpolation_type.as_deref();
         require_one_of(
@@ -175,7 +176,7 @@ impl Euler {
             }
         }
         let opts = SigmaOptions {
-            karras: config.use_karras_sigmas.unwrap_or(false),
+            karras: karras.or(config.use_karras_sigmas).unwrap_or(false),
             sigma_min: config.sigma_min,
             sigma_max: config.sigma_max,
             final_sigma_min: final_sigma_min(config, file)?,

@@ -13,11 +13,16 @@
 
 mod config;
 mod ddim;
+mod deis;
 mod dpmpp;
 mod euler;
 mod euler_ancestral;
+mod k_dpm2;
+mod lcm;
+mod lms;
 mod pndm;
 mod schedule;
+mod unipc;
 
 use std::fmt;
 use std::str::FromStr;
@@ -27,44 +32,90 @@ use candle_core::Tensor;
 
 pub use config::SchedulerConfig;
 
-/// The schedulers a request can name.
+/// The schedulers a request can name, each a diffusers class (some with one option forced).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SchedulerKind {
     /// `ddim`: diffusers `DDIMScheduler`, eta = 0.
     Ddim,
-    /// `euler`: diffusers `EulerDiscreteScheduler`.
+    /// `pndm`: diffusers `PNDMScheduler` (PLMS with `skip_prk_steps`, as SD 1.x ships it).
+    Pndm,
+    /// `euler`: diffusers `EulerDiscreteScheduler` as the config sets it up.
     Euler,
+    /// `euler-karras`: the same with `use_karras_sigmas = true`.
+    EulerKarras,
     /// `euler-a`: diffusers `EulerAncestralDiscreteScheduler` (draws noise every step).
     EulerAncestral,
+    /// `lms`: diffusers `LMSDiscreteScheduler` (linear multistep, order 4) as the config sets it up.
+    Lms,
+    /// `lms-karras`: the same with `use_karras_sigmas = true`.
+    LmsKarras,
+    /// `heun`: diffusers `HeunDiscreteScheduler` (two model evaluations per step).
+    Heun,
+    /// `dpm2`: diffusers `KDPM2DiscreteScheduler` (two model evaluations per step).
+    Dpm2,
+    /// `dpm2-a`: diffusers `KDPM2AncestralDiscreteScheduler` (draws noise on its second
+    /// evaluations).
+    Dpm2Ancestral,
     /// `dpmpp-2m`: diffusers `DPMSolverMultistepScheduler` (dpmsolver++, order 2).
     DpmPp2m,
     /// `dpmpp-2m-karras`: the same with `use_karras_sigmas = true`.
     DpmPp2mKarras,
-    /// `pndm`: diffusers `PNDMScheduler` (PLMS with `skip_prk_steps`, as SD 1.x ships it).
-    Pndm,
+    /// `dpmpp-2m-sde`: `DPMSolverMultistepScheduler` with `sde-dpmsolver++` (draws noise every
+    /// step).
+    DpmPp2mSde,
+    /// `dpmpp-2m-sde-karras`: the same with `use_karras_sigmas = true`.
+    DpmPp2mSdeKarras,
+    /// `unipc`: diffusers `UniPCMultistepScheduler` (bh2 predictor-corrector).
+    UniPc,
+    /// `deis`: diffusers `DEISMultistepScheduler` (log-rho).
+    Deis,
+    /// `lcm`: diffusers `LCMScheduler` (latent consistency models; draws noise every step
+    /// but the last).
+    Lcm,
 }
 
 impl SchedulerKind {
     /// Every kind, in the order they are listed to users.
-    pub const ALL: [SchedulerKind; 6] = [
+    pub const ALL: [SchedulerKind; 17] = [
         SchedulerKind::Ddim,
+        SchedulerKind::Pndm,
         SchedulerKind::Euler,
+        SchedulerKind::EulerKarras,
         SchedulerKind::EulerAncestral,
+        SchedulerKind::Lms,
+        SchedulerKind::LmsKarras,
+        SchedulerKind::Heun,
+        SchedulerKind::Dpm2,
+        SchedulerKind::Dpm2Ancestral,
         SchedulerKind::DpmPp2m,
         SchedulerKind::DpmPp2mKarras,
-        SchedulerKind::Pndm,
+        SchedulerKind::DpmPp2mSde,
+        SchedulerKind::DpmPp2mSdeKarras,
+        SchedulerKind::UniPc,
+        SchedulerKind::Deis,
+        SchedulerKind::Lcm,
     ];
 
-    /// The name requests use for this kind (`ddim`, `euler`, `euler-a`, `dpmpp-2m`,
-    /// `dpmpp-2m-karras`, `pndm`).
+    /// The name requests use for this kind (`ddim`, `euler-a`, `dpmpp-2m-sde-karras`, …).
     pub fn as_str(self) -> &'static str {
         match self {
             SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Pndm => "pndm",
             SchedulerKind::Euler => "euler",
+            SchedulerKind::EulerKarras => "euler-karras",
             SchedulerKind::EulerAncestral => "euler-a",
+            SchedulerKind::Lms => "lms",
+            SchedulerKind::LmsKarras => "lms-karras",
+            SchedulerKind::Heun => "heun",
+            SchedulerKind::Dpm2 => "dpm2",
+            SchedulerKind::Dpm2Ancestral => "dpm2-a",
             SchedulerKind::DpmPp2m => "dpmpp-2m",
             SchedulerKind::DpmPp2mKarras => "dpmpp-2m-karras",
-            SchedulerKind::Pndm => "pndm",
+            SchedulerKind::DpmPp2mSde => "dpmpp-2m-sde",
+            SchedulerKind::DpmPp2mSdeKarras => "dpmpp-2m-sde-karras",
+            SchedulerKind::UniPc => "unipc",
+            SchedulerKind::Deis => "deis",
+            SchedulerKind::Lcm => "lcm",
         }
     }
 }
@@ -95,7 +146,7 @@ impl FromStr for SchedulerKind {
 }
 
 /// The scheduler used when a checkpoint's own scheduler class is not one we implement
-/// (`SchedulerConfig::native_kind()` is `None`, e.g. `LMSDiscreteScheduler`).
+/// (`SchedulerConfig::native_kind()` is `None`, e.g. `DDPMScheduler`).
 ///
 /// DDIM is the closest stand-in for those checkpoints: it reads the same
 /// `alphas_cumprod` parametrisation (beta schedule, `set_alpha_to_one`, `steps_offset`) and
@@ -147,8 +198,9 @@ pub fn counts_as_step(i: usize, evaluations: usize, steps: usize, order: usize) 
 /// Builds the scheduler `kind` for `num_inference_steps` steps from a checkpoint's scheduler
 /// config, resolving missing keys to the defaults of `kind`'s diffusers class.
 ///
-/// `dpmpp-2m` forces `use_karras_sigmas = false` and `dpmpp-2m-karras` forces it `true`; every
-/// other field comes from `config`. `config_file` names the config in errors. Fails with
+/// The `-karras` names force `use_karras_sigmas = true`; `dpmpp-2m` and `dpmpp-2m-sde` force it
+/// `false` and force `algorithm_type` (`dpmsolver++` / `sde-dpmsolver++`); every other field,
+/// `euler`'s and `lms`'s Karras flag included, comes from `config`. `config_file` names the config in errors. Fails with
 /// [`Error::InvalidParam`] (`steps`) for 0 steps or more steps than training timesteps, and with
 /// [`Error::Unsupported`] naming the field for config values that are not implemented.
 pub fn build(
@@ -167,29 +219,41 @@ pub fn build(
             format!("{num_inference_steps} exceeds the model's {num_train} training timesteps"),
         ));
     }
+    use SchedulerKind as K;
+    let (n, file) = (num_inference_steps, config_file);
     Ok(match kind {
-        SchedulerKind::Ddim => Box::new(ddim::Ddim::new(config, num_inference_steps, config_file)?),
-        SchedulerKind::Euler => {
-            Box::new(euler::Euler::new(config, num_inference_steps, config_file)?)
-        }
-        SchedulerKind::EulerAncestral => Box::new(euler_ancestral::EulerAncestral::new(
+        K::Ddim => Box::new(ddim::Ddim::new(config, n, file)?),
+        K::Pndm => Box::new(pndm::Pndm::new(config, n, file)?),
+        K::Euler => Box::new(euler::Euler::new(config, n, None, file)?),
+        K::EulerKarras => Box::new(euler::Euler::new(config, n, Some(true), file)?),
+        K::EulerAncestral => Box::new(euler_ancestral::EulerAncestral::new(config, n, file)?),
+        K::Lms => Box::new(lms::Lms::new(config, n, None, file)?),
+        K::LmsKarras => Box::new(lms::Lms::new(config, n, Some(true), file)?),
+        K::Heun => Box::new(k_dpm2::SecondOrder::new(
             config,
-            num_inference_steps,
-            config_file,
+            n,
+            k_dpm2::Variant::Heun,
+            file,
         )?),
-        SchedulerKind::DpmPp2m => Box::new(dpmpp::DpmPp2m::new(
+        K::Dpm2 => Box::new(k_dpm2::SecondOrder::new(
             config,
-            num_inference_steps,
-            false,
-            config_file,
+            n,
+            k_dpm2::Variant::Dpm2,
+            file,
         )?),
-        SchedulerKind::DpmPp2mKarras => Box::new(dpmpp::DpmPp2m::new(
+        K::Dpm2Ancestral => Box::new(k_dpm2::SecondOrder::new(
             config,
-            num_inference_steps,
-            true,
-            config_file,
+            n,
+            k_dpm2::Variant::Dpm2Ancestral,
+            file,
         )?),
-        SchedulerKind::Pndm => Box::new(pndm::Pndm::new(config, num_inference_steps, config_file)?),
+        K::DpmPp2m => Box::new(dpmpp::DpmPp2m::new(config, n, false, false, file)?),
+        K::DpmPp2mKarras => Box::new(dpmpp::DpmPp2m::new(config, n, true, false, file)?),
+        K::DpmPp2mSde => Box::new(dpmpp::DpmPp2m::new(config, n, false, true, file)?),
+        K::DpmPp2mSdeKarras => Box::new(dpmpp::DpmPp2m::new(config, n, true, true, file)?),
+        K::UniPc => Box::new(unipc::UniPc::new(config, n, file)?),
+        K::Deis => Box::new(deis::Deis::new(config, n, file)?),
+        K::Lcm => Box::new(lcm::Lcm::new(config, n, file)?),
     })
 }
 

@@ -10,7 +10,7 @@
 use candle_core::Tensor;
 
 use super::config::{Common, PredictionType, SchedulerConfig, Spacing};
-use super::schedule::{alphas_cumprod, div, f32_of, mul, np_linspace, trailing};
+use super::schedule::{alphas_cumprod, ddpm_add_noise, div, f32_of, mul, np_linspace, trailing};
 use super::Scheduler;
 use crate::error::{Error, Result};
 
@@ -274,8 +274,6 @@ impl Scheduler for Pndm {
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         let t = self.steps[step_index];
         let alpha = self.alpha(t);
-        let noisy =
-            (mul(&f32_of(original)?, alpha.sqrt())? + mul(&f32_of(noise)?, (1.0 - alpha).sqrt())?)?;
-        Ok(noisy.to_dtype(original.dtype())?)
+        ddpm_add_noise(original, noise, alpha)
     }
 }

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::config::{BetaSchedule, Common};
+use super::config::{BetaSchedule, Common, Spacing};
 use crate::error::Result;
 
 /// `alphas_cumprod` as diffusers' constructors build it in float32 (betas → optional zero-SNR
@@ -30,6 +30,72 @@ pub(super) fn alphas_cumprod(common: &Common) -> Vec<f32> {
         betas = rescale_zero_terminal_snr(&betas);
     }
     cumprod(&betas.iter().map(|b| 1.0 - b).collect::<Vec<f32>>())
+}
+
+/// [`alphas_cumprod`] with the fix-up Euler, DPM-Solver and UniPC apply under zero-SNR
+/// rescaling: the last value becomes 2⁻²⁴ so that the last training sigma stays finite.
+pub(super) fn alphas_cumprod_finite(common: &Common) -> Vec<f32> {
+    let mut alphas = alphas_cumprod(common);
+    if common.rescale_zero_snr {
+        alphas[common.num_train - 1] = 2f32.powi(-24);
+    }
+    alphas
+}
+
+/// The multistep solvers' (DPM-Solver, UniPC, DEIS) `linspace`/`leading`/`trailing` timesteps
+/// over the training timesteps `0..last` (DPM's `lambda_min_clipped` may cut `last` below
+/// `num_train`), as float64 integers; `trailing` keeps numpy's extra point (61 steps → 62).
+pub(super) fn multistep_timesteps(common: &Common, last: usize, n: usize) -> Vec<f64> {
+    match common.spacing {
+        Spacing::Linspace => {
+            let mut t: Vec<f64> = np_linspace(0.0, last as f64 - 1.0, n + 1)
+                .into_iter()
+                .rev()
+                .map(f64::round_ties_even)
+                .collect();
+            t.pop();
+            t
+        }
+        Spacing::Leading => {
+            let ratio = last / (n + 1);
+            (1..=n)
+                .rev()
+                .map(|i| (i * ratio + common.steps_offset) as f64)
+                .collect()
+        }
+        Spacing::Trailing => trailing(last, common.num_train, n),
+    }
+}
+
+/// The multistep solvers' Karras schedule: float64 sigmas from `sigma_max` (the config's, else
+/// the last training sigma) down to `sigma_min` (the config's, else the first), and their
+/// timesteps mapped back to training timesteps and rounded to the nearest — or truncated, as
+/// DPM-Solver's int64 cast does for cosine schedules (`truncate`).
+pub(super) fn multistep_karras(
+    sigma_min: Option<f64>,
+    sigma_max: Option<f64>,
+    train: &[f32],
+    n: usize,
+    truncate: bool,
+) -> (Vec<f64>, Vec<f64>) {
+    let sigmas = karras(
+        sigma_min.unwrap_or(train[0] as f64),
+        sigma_max.unwrap_or(train[train.len() - 1] as f64),
+        n,
+    );
+    let logs = log_sigmas(train);
+    let timesteps = sigmas
+        .iter()
+        .map(|&s| {
+            let t = sigma_to_t(s, &logs);
+            if truncate {
+                t.trunc()
+            } else {
+                t.round_ties_even()
+            }
+        })
+        .collect();
+    (timesteps, sigmas)
 }
 
 /// `torch.linspace(start, end, n, dtype=float32)` on CPU: float32 endpoints and step, the first
@@ -193,6 +259,14 @@ pub(super) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
 pub(super) fn alpha_sigma(sigma: f32) -> (f32, f32) {
     let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
     (alpha, sigma * alpha)
+}
+
+/// DDPM's `add_noise` at `alphas_cumprod` value `alpha`: `sqrt(alpha) · x + sqrt(1 − alpha) · noise`
+/// in f32, returned in `original`'s dtype (DDIM, PNDM, LCM).
+pub(super) fn ddpm_add_noise(original: &Tensor, noise: &Tensor, alpha: f32) -> Result<Tensor> {
+    let noisy =
+        (mul(&f32_of(original)?, alpha.sqrt())? + mul(&f32_of(noise)?, (1.0 - alpha).sqrt())?)?;
+    Ok(noisy.to_dtype(original.dtype())?)
 }
 
 /// The tensor as f32 (step maths runs in f32 whatever the model's dtype).
