@@ -47,15 +47,18 @@ pub struct GenerateArgs {
     /// 7.5 for SD, 5.0 for SDXL, 0 for the turbo checkpoints).
     #[arg(long)]
     guidance_scale: Option<f64>,
-    /// ddim, euler, euler-a, dpmpp-2m or dpmpp-2m-karras (default: the checkpoint's own).
+    /// The scheduler: ddim, pndm, euler, euler-karras, euler-a, lms, lms-karras, heun, dpm2,
+    /// dpm2-a, dpmpp-2m, dpmpp-2m-karras, dpmpp-2m-sde, dpmpp-2m-sde-karras, unipc, deis or lcm
+    /// (default: the checkpoint's own, e.g. pndm for SD 1.5).
     #[arg(long)]
     scheduler: Option<String>,
     /// The seed (default: random). With `--rng chacha` image i uses seed + i; with
-    /// `torch-cpu` it seeds the one generator, as diffusers' `torch.Generator().manual_seed`.
+    /// `torch-cpu`/`torch-cuda` it seeds the one generator, as diffusers' `manual_seed`.
     #[arg(long)]
     seed: Option<u64>,
-    /// The noise generator: chacha (each image its own stream; the default) or torch-cpu
-    /// (torch's CPU generator drawn as diffusers draws: the seed gives the diffusers image).
+    /// The noise generator: chacha (each image its own stream; the default), torch-cpu
+    /// (torch's CPU generator drawn as diffusers draws: the seed gives the diffusers image) or
+    /// torch-cuda (torch's CUDA generator, computed on the host; not yet verified on a GPU).
     #[arg(long)]
     rng: Option<String>,
     /// Number of images.

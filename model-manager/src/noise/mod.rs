@@ -1,14 +1,16 @@
 //! Host-side seeded noise, drawn for each request by the generator it names ([`RngKind`]):
-//! our per-image ChaCha20 streams, or torch's CPU generator in diffusers' order, so that a seed
-//! gives the image the Python worker gave for it.
+//! our per-image ChaCha20 streams, or torch's CPU or CUDA generator in diffusers' order, so
+//! that a seed gives the image the Python worker gave for it.
 
 mod chacha;
 mod mt19937;
 mod torch_cpu;
+mod torch_cuda;
 
 pub use chacha::NormalStream;
 pub use mt19937::Mt19937;
 pub use torch_cpu::TorchCpuGenerator;
+pub use torch_cuda::{CudaGrid, TorchCudaGenerator};
 
 use crate::error::{Error, Result};
 use std::fmt;
@@ -26,17 +28,22 @@ pub enum RngKind {
     /// init image's posterior sample, each stochastic step's noise), so the seed reproduces
     /// diffusers' image. Every image of the request reports the request's seed.
     TorchCpu,
+    /// `torch-cuda`: the same with `torch.Generator("cuda")` (Philox4x32-10, computed on the
+    /// host), for Python workers that drew on the GPU; laid out as on an H100-sized GPU
+    /// ([`CudaGrid::H100`]). Not yet compared with a GPU's draws bit for bit.
+    TorchCuda,
 }
 
 impl RngKind {
     /// Every kind, in the order they are listed to users.
-    pub const ALL: [RngKind; 2] = [RngKind::ChaCha, RngKind::TorchCpu];
+    pub const ALL: [RngKind; 3] = [RngKind::ChaCha, RngKind::TorchCpu, RngKind::TorchCuda];
 
-    /// The name requests use (`chacha`, `torch-cpu`).
+    /// The name requests use (`chacha`, `torch-cpu`, `torch-cuda`).
     pub fn as_str(self) -> &'static str {
         match self {
             RngKind::ChaCha => "chacha",
             RngKind::TorchCpu => "torch-cpu",
+            RngKind::TorchCuda => "torch-cuda",
         }
     }
 
@@ -45,7 +52,7 @@ impl RngKind {
     pub fn image_seed(self, seed: u64, index: usize) -> u64 {
         match self {
             RngKind::ChaCha => seed.wrapping_add(index as u64),
-            RngKind::TorchCpu => seed,
+            RngKind::TorchCpu | RngKind::TorchCuda => seed,
         }
     }
 }
@@ -81,6 +88,8 @@ pub enum RequestNoise {
     PerImage(Vec<NormalStream>),
     /// One torch CPU generator for the request.
     TorchCpu(TorchCpuGenerator),
+    /// One torch CUDA generator for the request.
+    TorchCuda(TorchCudaGenerator),
 }
 
 impl RequestNoise {
@@ -93,6 +102,9 @@ impl RequestNoise {
                     .collect(),
             ),
             RngKind::TorchCpu => RequestNoise::TorchCpu(TorchCpuGenerator::new(seed)),
+            RngKind::TorchCuda => {
+                RequestNoise::TorchCuda(TorchCudaGenerator::new(seed, CudaGrid::H100))
+            }
         }
     }
 
@@ -105,6 +117,7 @@ impl RequestNoise {
                 streams.iter_mut().flat_map(|s| s.fill(per_image)).collect()
             }
             RequestNoise::TorchCpu(g) => g.randn(images * per_image),
+            RequestNoise::TorchCuda(g) => g.randn(images * per_image),
         }
     }
 
@@ -115,6 +128,7 @@ impl RequestNoise {
         match self {
             RequestNoise::PerImage(_) => self.batch(images, per_image),
             RequestNoise::TorchCpu(g) => g.randn(per_image).repeat(images),
+            RequestNoise::TorchCuda(g) => g.randn(per_image).repeat(images),
         }
     }
 }
@@ -131,7 +145,7 @@ mod tests {
         assert_eq!(" Torch-CPU ".parse::<RngKind>().unwrap(), RngKind::TorchCpu);
         let err = "mt".parse::<RngKind>().unwrap_err().to_string();
         assert!(
-            err.contains("rng") && err.contains("chacha, torch-cpu"),
+            err.contains("rng") && err.contains("chacha, torch-cpu, torch-cuda"),
             "{err}"
         );
     }
