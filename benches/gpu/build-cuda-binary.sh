@@ -4,7 +4,8 @@
 # CUDA 13.0 compiler and the pinned runtime libraries from PyPI, a stub libcuda for linking) is
 # base-image/cuda-toolchain.sh's, the same the CUDA worker image is built with.
 # Usage: benches/gpu/build-cuda-binary.sh [FEATURES] [COMPUTE_CAP]  -> .gpu/*.xz (the worker, the
-# benchmark binaries and the kernel test binary)
+# benchmark binaries and the kernel test binary) and .gpu/torch_cuda_ours.safetensors (our
+# torch-cuda draws, which run-gpu-kernels.sh compares with torch's on the GPU)
 set -euo pipefail
 features="${1:-cuda}"
 export CUDA_COMPUTE_CAP="${2:-90}"
@@ -29,5 +30,8 @@ for bin in jhakaas-worker jhakaas-bench-engine jhakaas-load jhakaas-profile; do
   xz -T0 -6 -c "$cuda_target_dir/release/$bin" > ".gpu/$bin.xz"
 done
 xz -T0 -6 -c "$tests" > .gpu/kernels-test.xz
+# Host code, host build: the draws do not depend on the CUDA features.
+cargo run -q --locked -p jhakaas-model-manager --example torch_cuda_draws -- \
+  benches/gpu/torch_cuda_plan.json .gpu/torch_cuda_ours.safetensors
 readelf -d "$cuda_target_dir/release/jhakaas-worker" | grep NEEDED
 ls -la "$cuda_target_dir/release/jhakaas-worker" .gpu/jhakaas-worker.xz

@@ -2,6 +2,7 @@
 # Issue 10's device check, in one call on a lent GPU machine (CUDA binaries and the kernel test
 # binary from build-cuda-binary.sh, diffusers wheels, all carried in .gpu/). In order of value,
 # so a run cut short still answers the first questions:
+#   0. the torch-cuda generator: torch's own CUDA draws against ours (seconds; issue 22);
 #   1. our CUDA kernels against their f32 references (tests/kernels.rs built --features cuda);
 #   2. the profile: one SD 1.5 UNet step at 512² (CFG batch 2) and one VAE decode split by
 #      attention / conv / linear / norm / GEGLU / rest, host enqueue time, an 8×8-latent step —
@@ -22,6 +23,11 @@ BIN="$PWD/.gpu/bin"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 step() { echo "== $1 ($(date +%T))"; }
+
+step "0. torch-cuda: torch.randn on the GPU vs our host Philox draws"
+python3 benches/gpu/torch_cuda_randn.py .gpu/torch_cuda_ours.safetensors benches/gpu/torch_cuda_plan.json "$OUT" \
+  > "$OUT/torch-cuda-randn.txt" 2>&1
+tail -n 3 "$OUT/torch-cuda-randn.txt"
 
 step "1. CUDA kernels vs their f32 references"
 "$BIN/kernels-test" --nocapture --test-threads 1 cuda_ 2>&1 | tee "$OUT/kernel-tests.txt" | grep -E "^test |relative|result"
