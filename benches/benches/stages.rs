@@ -51,7 +51,7 @@ fn stages(c: &mut Criterion) {
     c.bench_function("scheduler/dpmpp2m_step_512px", |b| {
         b.iter(|| {
             let mut s = build(SchedulerKind::DpmPp2m, &cfg, 20, "bench").unwrap();
-            s.step(&out, 0, &sample, &mut || unreachable!()).unwrap()
+            s.step(&out, 0, &sample, &mut |_| unreachable!()).unwrap()
         })
     });
 

@@ -13,6 +13,7 @@ pub use torch_cpu::TorchCpuGenerator;
 pub use torch_cuda::{CudaGrid, TorchCudaGenerator};
 
 use crate::error::{Error, Result};
+use candle_core::DType;
 use std::fmt;
 use std::str::FromStr;
 
@@ -109,28 +110,36 @@ impl RequestNoise {
     }
 
     /// Noise for `images` images of `per_image` values each, batch-major (initial latents, a
-    /// step's noise): each image from its own stream, or the whole batch as one torch draw.
-    pub fn batch(&mut self, images: usize, per_image: usize) -> Vec<f32> {
+    /// step's noise): each image from its own stream, or the whole batch as one torch draw of
+    /// a `dtype` tensor (torch's CPU generator lays out half-precision draws differently; the
+    /// values come back in f32 for the caller to round).
+    pub fn batch(&mut self, images: usize, per_image: usize, dtype: DType) -> Vec<f32> {
+        let n = images * per_image;
         match self {
             RequestNoise::PerImage(streams) => {
                 debug_assert_eq!(streams.len(), images);
                 streams.iter_mut().flat_map(|s| s.fill(per_image)).collect()
             }
-            RequestNoise::TorchCpu(g) => g.randn(images * per_image),
-            RequestNoise::TorchCuda(g) => g.randn(images * per_image),
+            RequestNoise::TorchCpu(g) if is_half(dtype) => g.randn_half(n),
+            RequestNoise::TorchCpu(g) => g.randn(n),
+            RequestNoise::TorchCuda(g) => g.randn(n),
         }
     }
 
     /// The VAE posterior noise of one init image used by `images` images: each image its own
     /// sample from its stream; or, as diffusers samples the posterior of the one encoded image
     /// before repeating it for the batch, one torch draw repeated.
-    pub fn posterior(&mut self, images: usize, per_image: usize) -> Vec<f32> {
+    pub fn posterior(&mut self, images: usize, per_image: usize, dtype: DType) -> Vec<f32> {
         match self {
-            RequestNoise::PerImage(_) => self.batch(images, per_image),
-            RequestNoise::TorchCpu(g) => g.randn(per_image).repeat(images),
-            RequestNoise::TorchCuda(g) => g.randn(per_image).repeat(images),
+            RequestNoise::PerImage(_) => self.batch(images, per_image, dtype),
+            _ => self.batch(1, per_image, dtype).repeat(images),
         }
     }
+}
+
+/// Whether `dtype` is a 16-bit float (torch's CPU generator has its own path for those).
+fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16)
 }
 
 #[cfg(test)]
@@ -154,12 +163,23 @@ mod tests {
     fn per_image_streams_do_not_depend_on_the_batch_but_torch_draws_do() {
         let mut two = RequestNoise::new(RngKind::ChaCha, 7, 2);
         let mut one = RequestNoise::new(RngKind::ChaCha, 8, 1);
-        assert_eq!(two.batch(2, 32)[32..], one.batch(1, 32)[..]);
+        assert_eq!(
+            two.batch(2, 32, DType::F32)[32..],
+            one.batch(1, 32, DType::F32)[..]
+        );
 
         let mut torch = RequestNoise::new(RngKind::TorchCpu, 7, 2);
-        assert_eq!(torch.batch(2, 32), TorchCpuGenerator::new(7).randn(64));
+        assert_eq!(
+            torch.batch(2, 32, DType::F32),
+            TorchCpuGenerator::new(7).randn(64)
+        );
+        let mut torch = RequestNoise::new(RngKind::TorchCpu, 7, 2);
+        assert_eq!(
+            torch.batch(2, 81, DType::F16),
+            TorchCpuGenerator::new(7).randn_half(162)
+        );
         let mut torch = RequestNoise::new(RngKind::TorchCpu, 7, 3);
-        let posterior = torch.posterior(3, 20);
+        let posterior = torch.posterior(3, 20, DType::F32);
         assert_eq!(posterior[..20], posterior[40..]);
         assert_eq!(RngKind::TorchCpu.image_seed(7, 2), 7);
         assert_eq!(RngKind::ChaCha.image_seed(7, 2), 9);

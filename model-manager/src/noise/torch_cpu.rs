@@ -82,6 +82,32 @@ impl TorchCpuGenerator {
     }
 }
 
+impl TorchCpuGenerator {
+    /// `torch.randn(n, dtype=torch.float16, generator=self)` (and bfloat16) before rounding:
+    /// the scalar path below 16 values, as for float32; from 16 on, only the whole blocks of 16
+    /// draw uniforms before the 16 fresh ones of a tail (float32 draws one per value first), so
+    /// a count that is not a multiple of 16 lays out differently from a float32 draw.
+    pub fn randn_half(&mut self, n: usize) -> Vec<f32> {
+        if n < 16 {
+            return self.randn(n);
+        }
+        let whole = n / 16 * 16;
+        let mut data: Vec<f32> = (0..whole).map(|_| self.uniform_f32()).collect();
+        data.resize(n, 0.0);
+        for block in data[..whole].chunks_exact_mut(16) {
+            box_muller_16(block);
+        }
+        if whole != n {
+            let tail = &mut data[n - 16..];
+            for v in tail.iter_mut() {
+                *v = self.uniform_f32();
+            }
+            box_muller_16(tail);
+        }
+        data
+    }
+}
+
 /// Box–Muller on one block of 16 uniforms, in place (torch's `NormalFill16` for AVX2, mean 0
 /// and standard deviation 1).
 fn box_muller_16(block: &mut [f32]) {

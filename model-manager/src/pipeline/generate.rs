@@ -115,7 +115,7 @@ impl StableDiffusionPipeline {
     fn initial_latents(&self, p: &GenerateParams, plan: &mut Plan) -> Result<(usize, Tensor)> {
         let replay = p.noise.as_ref();
         let (Some(init), Some(strength)) = (&p.init_image, plan.rp.strength) else {
-            let n = plan.noise.latents(replay.map(|r| &r.latents))?;
+            let n = plan.noise.latents(replay.map(|r| &r.latents), self.dtype)?;
             return Ok((0, (n * plan.sched.init_noise_sigma())?));
         };
         let steps = plan.rp.steps;
@@ -134,7 +134,7 @@ impl StableDiffusionPipeline {
             Some(t) => Tensor::from_vec(t.data.clone(), t.shape.as_slice(), dev)?
                 .broadcast_as(shape)?
                 .contiguous()?,
-            None => plan.noise.posterior()?,
+            None => plan.noise.posterior(self.vae_dtype)?,
         };
         let widen = |t: &Tensor| -> Result<Tensor> {
             Ok(t.to_dtype(DType::F32)?.broadcast_as(shape)?.contiguous()?)
@@ -144,7 +144,7 @@ impl StableDiffusionPipeline {
             logvar: widen(&dist.logvar)?,
         };
         let init_latents = (dist.sample(&enc_noise)? * self.vae.config().scaling_factor)?;
-        let n = plan.noise.latents(replay.map(|r| &r.latents))?;
+        let n = plan.noise.latents(replay.map(|r| &r.latents), self.dtype)?;
         Ok((start, plan.sched.add_noise(&init_latents, &n, start)?))
     }
 
@@ -206,8 +206,8 @@ impl StableDiffusionPipeline {
         for (k, i) in (start..timesteps.len()).enumerate() {
             let x = sched.scale_model_input(latents.clone(), i)?;
             let pred = self.predict(&x, timesteps[i], cond, guidance)?;
-            // Only a stochastic scheduler (euler-a) draws.
-            let mut draw = || noise.step(replay);
+            // Only a stochastic scheduler (euler-a, dpm2-a, the SDEs, lcm) draws.
+            let mut draw = |dtype: DType| noise.step(replay, dtype);
             latents = sched.step(&pred, i, &latents, &mut draw)?;
             if !scheduler::counts_as_step(k, evaluations, total_steps, order) {
                 continue;
@@ -332,25 +332,28 @@ impl NoiseSource {
         Ok(Tensor::from_vec(data, self.shape, &self.device)?)
     }
 
-    /// A batch of latent-shaped noise: `replay` if given, else drawn by the generator.
-    fn latents(&mut self, replay: Option<&HostTensor>) -> Result<Tensor> {
+    /// A batch of latent-shaped noise: `replay` if given, else drawn by the generator as a
+    /// tensor of `dtype` would be (diffusers draws the latents in the UNet's dtype).
+    fn latents(&mut self, replay: Option<&HostTensor>, dtype: DType) -> Result<Tensor> {
         let data = match replay {
             Some(r) => r.data.clone(),
-            None => self.draws.batch(self.shape.0, self.per_image()),
+            None => self.draws.batch(self.shape.0, self.per_image(), dtype),
         };
         self.tensor(data)
     }
 
-    /// The VAE posterior noise of the init image, for every image of the batch.
-    fn posterior(&mut self) -> Result<Tensor> {
-        let data = self.draws.posterior(self.shape.0, self.per_image());
+    /// The VAE posterior noise of the init image, for every image of the batch, drawn in the
+    /// VAE's `dtype`.
+    fn posterior(&mut self, dtype: DType) -> Result<Tensor> {
+        let data = self.draws.posterior(self.shape.0, self.per_image(), dtype);
         self.tensor(data)
     }
 
-    /// The noise of one stochastic step: the next step of `replay`, else drawn by the generator.
-    fn step(&mut self, replay: Option<&HostTensor>) -> Result<Tensor> {
+    /// The noise of one stochastic step: the next step of `replay`, else drawn by the generator
+    /// in `dtype`.
+    fn step(&mut self, replay: Option<&HostTensor>, dtype: DType) -> Result<Tensor> {
         let Some(s) = replay else {
-            return self.latents(None);
+            return self.latents(None, dtype);
         };
         let (k, len) = (self.replayed_steps, self.shape.0 * self.per_image());
         self.replayed_steps += 1;

@@ -1,6 +1,6 @@
 //! DDIM (Song et al. 2020) with eta = 0, as diffusers' `DDIMScheduler`.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::config::{refuse_flag, Common, PredictionType, SchedulerConfig, Spacing};
 use super::schedule::{alphas_cumprod, ddpm_add_noise, div, f32_of, mul, np_linspace, trailing};
@@ -106,7 +106,7 @@ impl Scheduler for Ddim {
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
-        _noise: &mut dyn FnMut() -> Result<Tensor>,
+        _noise: &mut dyn FnMut(DType) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let t = self.timestep(step_index)?;
         let alpha_t = self.alphas_cumprod[t];

@@ -5,7 +5,7 @@
 //! `lambda_min_clipped` parameter: those keys are ignored, as `from_config` ignores them. The
 //! last sigma is the first training sigma (or the last Karras sigma), never zero.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::config::{refuse_flag, Common, PredictionType, SchedulerConfig, Spacing};
 use super::schedule::{
@@ -208,7 +208,7 @@ impl Scheduler for Deis {
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
-        _noise: &mut dyn FnMut() -> Result<Tensor>,
+        _noise: &mut dyn FnMut(DType) -> Result<Tensor>,
     ) -> Result<Tensor> {
         self.sigma(step_index)?;
         let len = self.timesteps.len();

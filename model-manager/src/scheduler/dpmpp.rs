@@ -2,7 +2,7 @@
 //! `algorithm_type = "dpmsolver++"` or, for the stochastic variant, `"sde-dpmsolver++"`
 //! (`solver_order = 2`, `solver_type = "midpoint"`).
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::config::{
     final_sigma_min, refuse_flag, require_one_of, BetaSchedule, Common, PredictionType,
@@ -158,7 +158,7 @@ impl Scheduler for DpmPp2m {
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
-        noise: &mut dyn FnMut() -> Result<Tensor>,
+        noise: &mut dyn FnMut(DType) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let len = self.timesteps.len();
         let (alpha_s, sigma_s) = alpha_sigma(self.sigma(step_index)?);
@@ -176,7 +176,8 @@ impl Scheduler for DpmPp2m {
 
         // diffusers draws the SDE's noise before choosing the update, at every step.
         let fresh = match self.sde {
-            true => Some(f32_of(&noise()?)?),
+            // Always a float32 draw, whatever the model's dtype (diffusers' `dtype=torch.float32`).
+            true => Some(f32_of(&noise(DType::F32)?)?),
             false => None,
         };
         let h = lambda(alpha_t, sigma_t) - lambda(alpha_s, sigma_s);

@@ -1,7 +1,7 @@
 //! Euler (Karras et al. 2022, algorithm 2 without churn), as diffusers'
 //! `EulerDiscreteScheduler`; also the sigma schedule `euler-a` shares.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::config::{
     final_sigma_min, refuse_flag, require_one_of, Common, PredictionType, SchedulerConfig, Spacing,
@@ -206,7 +206,7 @@ impl Scheduler for Euler {
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
-        _noise: &mut dyn FnMut() -> Result<Tensor>,
+        _noise: &mut dyn FnMut(DType) -> Result<Tensor>,
     ) -> Result<Tensor> {
         // Without churn sigma_hat = sigma.
         let sigma = self.schedule.sigma(step_index)?;

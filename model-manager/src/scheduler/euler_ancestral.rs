@@ -1,6 +1,6 @@
 //! Euler ancestral, as diffusers' `EulerAncestralDiscreteScheduler`.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::config::{Common, PredictionType, SchedulerConfig, Spacing};
 use super::euler::{predict_x0, SigmaOptions, SigmaSchedule};
@@ -52,7 +52,7 @@ impl Scheduler for EulerAncestral {
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
-        noise: &mut dyn FnMut() -> Result<Tensor>,
+        noise: &mut dyn FnMut(DType) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let sigma = self.schedule.sigma(step_index)?;
         let sigma_to = self.schedule.sigmas[step_index + 1];
@@ -63,7 +63,7 @@ impl Scheduler for EulerAncestral {
         let sigma_down = (to2 - sigma_up * sigma_up).sqrt();
         let derivative = div(&(&x - x0)?, sigma)?;
         let prev = (x + mul(&derivative, sigma_down - sigma)?)?;
-        let fresh = f32_of(&noise()?)?;
+        let fresh = f32_of(&noise(model_output.dtype())?)?;
         if fresh.dims() != prev.dims() {
             return Err(Error::invalid(
                 "noise",

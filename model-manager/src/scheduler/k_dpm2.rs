@@ -9,7 +9,7 @@
 //! last step is a plain Euler step to sigma 0. None of these classes reads
 //! `rescale_betas_zero_snr` (diffusers ignores it for them, so do we).
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::config::{refuse_flag, BetaDefaults, Common, PredictionType, SchedulerConfig, Spacing};
 use super::euler::{predict_x0, SigmaOptions, SigmaSchedule};
@@ -215,7 +215,7 @@ impl Scheduler for SecondOrder {
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
-        noise: &mut dyn FnMut() -> Result<Tensor>,
+        noise: &mut dyn FnMut(DType) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let (s, first) = self.locate(step_index)?;
         let (mo, x) = (f32_of(model_output)?, f32_of(sample)?);
@@ -247,7 +247,7 @@ impl Scheduler for SecondOrder {
                 Variant::Dpm2 => (half.sample + mul(&derivative, s.to - s.from)?)?,
                 Variant::Dpm2Ancestral => {
                     let prev = (half.sample + mul(&derivative, s.to - s.from)?)?;
-                    let fresh = f32_of(&noise()?)?;
+                    let fresh = f32_of(&noise(model_output.dtype())?)?;
                     if fresh.dims() != prev.dims() {
                         return Err(Error::invalid(
                             "noise",

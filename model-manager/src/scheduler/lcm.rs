@@ -5,7 +5,7 @@
 //! the consistency function's estimate (`c_skip · x + c_out · x0`) and, except at the last step,
 //! re-noises it to the next timestep with a fresh draw — with or without guidance.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::config::{refuse_flag, BetaDefaults, Common, PredictionType, SchedulerConfig, Spacing};
 use super::schedule::{alphas_cumprod, ddpm_add_noise, div, f32_of, mul};
@@ -113,7 +113,7 @@ impl Scheduler for Lcm {
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
-        noise: &mut dyn FnMut() -> Result<Tensor>,
+        noise: &mut dyn FnMut(DType) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let t = self.timestep(step_index)?;
         let alpha = self.alphas_cumprod[t];
@@ -132,7 +132,7 @@ impl Scheduler for Lcm {
         let prev = match self.steps.get(step_index + 1) {
             None => denoised,
             Some(&next) => {
-                let fresh = f32_of(&noise()?)?;
+                let fresh = f32_of(&noise(model_output.dtype())?)?;
                 if fresh.dims() != denoised.dims() {
                     return Err(Error::invalid(
                         "noise",

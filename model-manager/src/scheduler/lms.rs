@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::config::{refuse_flag, Common, PredictionType, SchedulerConfig, Spacing};
 use super::euler::{predict_x0, SigmaOptions, SigmaSchedule};
@@ -95,7 +95,7 @@ impl Scheduler for Lms {
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
-        _noise: &mut dyn FnMut() -> Result<Tensor>,
+        _noise: &mut dyn FnMut(DType) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let sigma = self.schedule.sigma(step_index)?;
         let (mo, x) = (f32_of(model_output)?, f32_of(sample)?);

@@ -28,7 +28,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 pub use config::SchedulerConfig;
 
@@ -167,14 +167,15 @@ pub trait Scheduler: Send {
     fn init_noise_sigma(&self) -> f64;
     /// Scale the (CFG-duplicated) latents before the UNet call at `step_index`.
     fn scale_model_input(&self, sample: Tensor, step_index: usize) -> Result<Tensor>;
-    /// One denoising step; `noise` is called (only by ancestral schedulers) to get a standard
-    /// normal tensor shaped like `sample`, drawn from the request's own RNG.
+    /// One denoising step; `noise(dtype)` is called (only by the schedulers that draw) for a
+    /// standard normal tensor shaped like `sample`, drawn from the request's own RNG as a
+    /// tensor of `dtype` (the model output's, or f32 where diffusers draws f32 regardless).
     fn step(
         &mut self,
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
-        noise: &mut dyn FnMut() -> Result<Tensor>,
+        noise: &mut dyn FnMut(DType) -> Result<Tensor>,
     ) -> Result<Tensor>;
     /// Noise clean latents to the level of `step_index` (img2img).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor>;

@@ -7,7 +7,7 @@
 //! come first, then PLMS. Like diffusers, the state (the counter, the last model outputs, the
 //! sample an interval started from) lives in the scheduler, which is why a run needs a fresh one.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::config::{Common, PredictionType, SchedulerConfig, Spacing};
 use super::schedule::{alphas_cumprod, ddpm_add_noise, div, f32_of, mul, np_linspace, trailing};
@@ -250,7 +250,7 @@ impl Scheduler for Pndm {
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
-        _noise: &mut dyn FnMut() -> Result<Tensor>,
+        _noise: &mut dyn FnMut(DType) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let t = *self.steps.get(step_index).ok_or_else(|| {
             Error::invalid(

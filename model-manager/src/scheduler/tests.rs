@@ -164,7 +164,7 @@ fn run(
     for i in begin..sched.timesteps().len() {
         let scaled = sched.scale_model_input(latents.clone(), i)?;
         let model_output = ((bank.get(i)? * 0.5)? + (scaled * 0.5)?)?;
-        let mut noise = || -> Result<Tensor> {
+        let mut noise = |_: DType| -> Result<Tensor> {
             draws += 1;
             Ok(noise_bank.get(draws - 1)?)
         };
@@ -343,7 +343,7 @@ fn half_precision_tensors_round_trip() {
             let mut half = build(kind, &cfg, 4, "cfg").unwrap();
             let x = (&t["base"] * reference.init_noise_sigma()).unwrap();
             let mo = t["bank"].get(0).unwrap();
-            let mut noise = || -> Result<Tensor> { Ok(t["noise_bank"].get(0)?) };
+            let mut noise = |_: DType| -> Result<Tensor> { Ok(t["noise_bank"].get(0)?) };
             let want = reference.step(&mo, 0, &x, &mut noise).unwrap();
             let scaled = half
                 .scale_model_input(x.to_dtype(dtype).unwrap(), 0)

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::config::{
     final_sigma_min, refuse_flag, Common, PredictionType, SchedulerConfig, Spacing,
@@ -391,7 +391,7 @@ impl Scheduler for UniPc {
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
-        _noise: &mut dyn FnMut() -> Result<Tensor>,
+        _noise: &mut dyn FnMut(DType) -> Result<Tensor>,
     ) -> Result<Tensor> {
         self.check_index(step_index)?;
         let (mo, mut x) = (f32_of(model_output)?, f32_of(sample)?);
