@@ -66,27 +66,33 @@ pub fn image_to_tensor(
 /// Decodes an init image from encoded bytes (PNG, JPEG, WebP, …), refusing more than
 /// `max_pixels` before allocating the pixel buffer (no decompression bombs).
 pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
+    decode_image_for(bytes, max_pixels, "init_image")
+}
+
+/// [`decode_image`] for the request field `field` (`init_image`, `mask`, a control image),
+/// which its errors name.
+pub fn decode_image_for(bytes: &[u8], max_pixels: u64, field: &'static str) -> Result<RgbImage> {
     let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| Error::invalid("init_image", e.to_string()))?;
+        .map_err(|e| Error::invalid(field, e.to_string()))?;
     let mut reader = reader;
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(max_pixels.saturating_mul(16));
     reader.limits(limits);
     let (w, h) = reader
         .into_dimensions()
-        .map_err(|e| Error::invalid("init_image", format!("cannot read the image: {e}")))?;
+        .map_err(|e| Error::invalid(field, format!("cannot read the image: {e}")))?;
     if w as u64 * h as u64 > max_pixels {
         return Err(Error::invalid(
-            "init_image",
+            field,
             format!("{w}×{h} exceeds the limit of {max_pixels} pixels"),
         ));
     }
     let img = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| Error::invalid("init_image", e.to_string()))?
+        .map_err(|e| Error::invalid(field, e.to_string()))?
         .decode()
-        .map_err(|e| Error::invalid("init_image", format!("cannot decode the image: {e}")))?;
+        .map_err(|e| Error::invalid(field, format!("cannot decode the image: {e}")))?;
     Ok(img.to_rgb8())
 }
 

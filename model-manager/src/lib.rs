@@ -8,11 +8,13 @@
 
 pub mod clip;
 pub mod config;
+pub mod controlnet;
 pub mod device;
 pub mod error;
 pub mod family;
 pub mod fetch;
 pub mod image_io;
+pub mod inpaint;
 pub mod kernels;
 pub mod layers;
 pub mod lora;

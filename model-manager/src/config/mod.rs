@@ -9,9 +9,11 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::path::Path;
 
+mod controlnet;
 mod unet;
 mod vae;
 
+pub use controlnet::{skip_connections, ControlNetConfig, ControlNetPlan, Skip, CONTROLNET_CONFIG};
 pub use unet::{AddedConditioningSpec, BlockKind, UNetBlockSpec, UNetConfig, UNetPlan};
 pub use vae::VaeConfig;
 
@@ -125,9 +127,9 @@ impl ModelIndex {
             "StableDiffusionPipeline"
             | "StableDiffusionImg2ImgPipeline"
             | "StableDiffusionInpaintPipeline" => PipelineKind::StableDiffusion,
-            "StableDiffusionXLPipeline" | "StableDiffusionXLImg2ImgPipeline" => {
-                PipelineKind::StableDiffusionXl
-            }
+            "StableDiffusionXLPipeline"
+            | "StableDiffusionXLImg2ImgPipeline"
+            | "StableDiffusionXLInpaintPipeline" => PipelineKind::StableDiffusionXl,
             other => {
                 return Err(Error::unsupported(
                     F,

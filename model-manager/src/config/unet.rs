@@ -239,46 +239,51 @@ pub struct UNetPlan {
 impl UNetConfig {
     /// Validates the config and expands it into a per-block plan.
     pub fn plan(&self) -> Result<UNetPlan> {
-        const F: &str = "unet/config.json";
+        self.plan_in("unet/config.json")
+    }
+
+    /// [`UNetConfig::plan`], errors naming `file` (a ControlNet's encoder is read with this
+    /// parser too).
+    pub(crate) fn plan_in(&self, file: &str) -> Result<UNetPlan> {
         let n = self.block_out_channels.len();
         require(
             n > 0,
-            F,
+            file,
             "block_out_channels",
             &self.block_out_channels,
             "needs at least one block",
         )?;
         require(
             self.down_block_types.len() == n,
-            F,
+            file,
             "down_block_types",
             &self.down_block_types,
             "one per block_out_channels entry",
         )?;
         require(
             self.up_block_types.len() == n,
-            F,
+            file,
             "up_block_types",
             &self.up_block_types,
             "one per block_out_channels entry",
         )?;
         require(
             self.act_fn == "silu",
-            F,
+            file,
             "act_fn",
             &self.act_fn,
             "only silu",
         )?;
         require(
             !self.dual_cross_attention,
-            F,
+            file,
             "dual_cross_attention",
             true,
             "not supported",
         )?;
         require(
             self.class_embed_type.is_none(),
-            F,
+            file,
             "class_embed_type",
             &self.class_embed_type,
             "class-conditioned UNets are not supported",
@@ -288,7 +293,7 @@ impl UNetConfig {
             Some("text_time") => {
                 let time_embed_dim = self.addition_time_embed_dim.ok_or_else(|| {
                     Error::unsupported(
-                        F,
+                        file,
                         "addition_time_embed_dim",
                         "null",
                         "addition_embed_type \"text_time\" needs it",
@@ -296,7 +301,7 @@ impl UNetConfig {
                 })?;
                 let in_dim = self.projection_class_embeddings_input_dim.ok_or_else(|| {
                     Error::unsupported(
-                        F,
+                        file,
                         "projection_class_embeddings_input_dim",
                         "null",
                         "addition_embed_type \"text_time\" needs it",
@@ -304,7 +309,7 @@ impl UNetConfig {
                 })?;
                 require(
                     time_embed_dim > 0 && in_dim > 6 * time_embed_dim,
-                    F,
+                    file,
                     "projection_class_embeddings_input_dim",
                     in_dim,
                     &format!("must exceed 6 × addition_time_embed_dim ({time_embed_dim})"),
@@ -316,7 +321,7 @@ impl UNetConfig {
             }
             Some(other) => {
                 return Err(Error::unsupported(
-                    F,
+                    file,
                     "addition_embed_type",
                     format!("{other:?}"),
                     "supported: null, \"text_time\" (SDXL)",
@@ -325,84 +330,84 @@ impl UNetConfig {
         };
         require(
             self.encoder_hid_dim.is_none(),
-            F,
+            file,
             "encoder_hid_dim",
             self.encoder_hid_dim,
             "not supported",
         )?;
         require(
             self.time_embedding_type == "positional",
-            F,
+            file,
             "time_embedding_type",
             &self.time_embedding_type,
             "only positional",
         )?;
         require(
             self.time_embedding_act_fn.is_none(),
-            F,
+            file,
             "time_embedding_act_fn",
             &self.time_embedding_act_fn,
             "not supported",
         )?;
         require(
             self.timestep_post_act.is_none(),
-            F,
+            file,
             "timestep_post_act",
             &self.timestep_post_act,
             "not supported",
         )?;
         require(
             self.time_cond_proj_dim.is_none(),
-            F,
+            file,
             "time_cond_proj_dim",
             self.time_cond_proj_dim,
             "guidance-embedding (LCM) UNets are not supported",
         )?;
         require(
             self.resnet_time_scale_shift == "default",
-            F,
+            file,
             "resnet_time_scale_shift",
             &self.resnet_time_scale_shift,
             "only default",
         )?;
         require(
             !self.resnet_skip_time_act,
-            F,
+            file,
             "resnet_skip_time_act",
             true,
             "not supported",
         )?;
         require(
             self.conv_in_kernel == 3,
-            F,
+            file,
             "conv_in_kernel",
             self.conv_in_kernel,
             "only 3",
         )?;
         require(
             self.conv_out_kernel == 3,
-            F,
+            file,
             "conv_out_kernel",
             self.conv_out_kernel,
             "only 3",
         )?;
         require(
             self.attention_type == "default",
-            F,
+            file,
             "attention_type",
             &self.attention_type,
             "only default",
         )?;
         require(
             self.cross_attention_norm.is_none(),
-            F,
+            file,
             "cross_attention_norm",
             &self.cross_attention_norm,
             "not supported",
         )?;
         require(
             self.mid_block_only_cross_attention != Some(true),
-            F,
+            file,
             "mid_block_only_cross_attention",
             true,
             "not supported",
@@ -411,16 +416,16 @@ impl UNetConfig {
             self.reverse_transformer_layers_per_block
                 .as_ref()
                 .is_none_or(|v| v.is_null()),
-            F,
+            file,
             "reverse_transformer_layers_per_block",
             &self.reverse_transformer_layers_per_block,
             "not supported",
         )?;
         if let Some(only) = &self.only_cross_attention {
-            let only = only.expand(n, F, "only_cross_attention")?;
+            let only = only.expand(n, file, "only_cross_attention")?;
             require(
                 only.iter().all(|o| !o),
-                F,
+                file,
                 "only_cross_attention",
                 &only,
                 "not supported",
@@ -428,7 +433,7 @@ impl UNetConfig {
         }
         let groups = self.norm_num_groups.ok_or_else(|| {
             Error::unsupported(
-                F,
+                file,
                 "norm_num_groups",
                 "null",
                 "GroupNorm-free UNets are not supported",
@@ -437,22 +442,24 @@ impl UNetConfig {
         for (i, c) in self.block_out_channels.iter().enumerate() {
             require(
                 c % groups == 0,
-                F,
+                file,
                 "block_out_channels",
                 &self.block_out_channels,
                 &format!("block {i} is not divisible by norm_num_groups = {groups}"),
             )?;
         }
-        let layers = self.layers_per_block.expand(n, F, "layers_per_block")?;
+        let layers = self.layers_per_block.expand(n, file, "layers_per_block")?;
         let depth =
             self.transformer_layers_per_block
-                .expand(n, F, "transformer_layers_per_block")?;
+                .expand(n, file, "transformer_layers_per_block")?;
         let cross = self
             .cross_attention_dim
-            .expand(n, F, "cross_attention_dim")?;
+            .expand(n, file, "cross_attention_dim")?;
         let heads = match &self.num_attention_heads {
-            Some(h) => h.expand(n, F, "num_attention_heads")?,
-            None => self.attention_head_dim.expand(n, F, "attention_head_dim")?,
+            Some(h) => h.expand(n, file, "num_attention_heads")?,
+            None => self
+                .attention_head_dim
+                .expand(n, file, "attention_head_dim")?,
         };
         let kind_of = |name: &str, down: bool| -> Result<BlockKind> {
             let (plain, attn) = if down {
@@ -466,7 +473,7 @@ impl UNetConfig {
                 Ok(BlockKind::CrossAttn)
             } else {
                 Err(Error::unsupported(
-                    F,
+                    file,
                     if down {
                         "down_block_types"
                     } else {
@@ -482,7 +489,7 @@ impl UNetConfig {
             if kind == BlockKind::CrossAttn {
                 require(
                     heads[i] > 0 && out_channels.is_multiple_of(heads[i]),
-                    F,
+                    file,
                     "attention_head_dim",
                     &heads,
                     &format!(
@@ -515,7 +522,7 @@ impl UNetConfig {
                 let last = n - 1;
                 require(
                     heads[last] > 0 && self.block_out_channels[last].is_multiple_of(heads[last]),
-                    F,
+                    file,
                     "attention_head_dim",
                     &heads,
                     "mid block channels are not divisible by its heads",
@@ -524,7 +531,7 @@ impl UNetConfig {
             }
             Some(other) => {
                 return Err(Error::unsupported(
-                    F,
+                    file,
                     "mid_block_type",
                     other,
                     "supported: UNetMidBlock2DCrossAttn or null",
