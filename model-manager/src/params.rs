@@ -50,13 +50,17 @@ impl ImageFormat {
     }
 }
 
-/// An init image for img2img, already decoded to RGB.
+/// An init image for img2img or, with a mask, inpainting; already decoded.
 #[derive(Debug, Clone)]
 pub struct InitImage {
     /// The pixels.
     pub image: image::RgbImage,
-    /// How much to change it, in (0, 1]: 1 ignores the image's content entirely.
+    /// How much to change it, in (0, 1]: 1 ignores the image's content entirely (where the
+    /// mask repaints, with a mask).
     pub strength: f64,
+    /// Inpainting: white (≥ 50% gray) = repaint, black = keep; resized to the output like the
+    /// image (see [`crate::inpaint`]).
+    pub mask: Option<image::GrayImage>,
 }
 
 /// A host-side tensor: values and shape.

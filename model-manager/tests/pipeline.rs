@@ -115,6 +115,7 @@ fn img2img_runs_only_the_last_steps_and_defaults_to_the_init_image_size() {
     req.init_image = Some(InitImage {
         image: init.clone(),
         strength: 0.35,
+        mask: None,
     });
     let mut steps = 0;
     let out = p

@@ -22,6 +22,12 @@ pub struct FixtureCase {
     pub num_images: usize,
     pub strength: Option<f64>,
     pub init_image: Option<String>,
+    /// Inpainting: the mask, relative to the pipeline's reference folder.
+    #[serde(default)]
+    pub mask: Option<String>,
+    /// Outpainting: `LEFT,TOP,RIGHT,BOTTOM` pixels added to the init image.
+    #[serde(default)]
+    pub outpaint: Option<String>,
     /// SDXL size conditioning, `[height, width]` / `[top, left]` as diffusers takes them.
     #[serde(default)]
     pub original_size: Option<[usize; 2]>,
@@ -58,14 +64,23 @@ pub fn load(pipeline: &str) -> Vec<FixtureCase> {
 /// The cases of `pipeline` checked from the seed alone (`seed_cases.json`, written by
 /// `tests/fixtures/generate_seed_cases.py`); none when the pipeline has no such file.
 pub fn load_seed_cases(pipeline: &str) -> Vec<FixtureCase> {
+    load_case_file(pipeline, "seed_cases.json")
+}
+
+/// The inpainting and outpainting cases of `pipeline` (`inpaint_cases.json`, written by
+/// `tests/fixtures/generate_inpaint_fixtures.py`, checked from the seed alone); none when the
+/// pipeline has no such file.
+pub fn load_inpaint_cases(pipeline: &str) -> Vec<FixtureCase> {
+    load_case_file(pipeline, "inpaint_cases.json")
+}
+
+/// The `cases` of a `{versions, cases}` file in `pipeline`'s reference folder, if it exists.
+fn load_case_file(pipeline: &str, file: &str) -> Vec<FixtureCase> {
     #[derive(Deserialize)]
     struct File {
         cases: Vec<FixtureCase>,
     }
-    let path = fixtures()
-        .join("reference")
-        .join(pipeline)
-        .join("seed_cases.json");
+    let path = fixtures().join("reference").join(pipeline).join(file);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             serde_json::from_str::<File>(&text)
@@ -158,6 +173,12 @@ impl FixtureCase {
                 "--strength".into(),
                 strength.to_string(),
             ]);
+        }
+        if let Some(mask) = &self.mask {
+            args.extend(["--mask".into(), ref_dir.join(mask).display().to_string()]);
+        }
+        if let Some(sides) = &self.outpaint {
+            args.extend(["--outpaint".into(), sides.clone()]);
         }
         args
     }

@@ -121,6 +121,8 @@ pub const FIELDS: &[&str] = &[
     "loras",
     "size_conditioning",
     "latents",
+    "mask",
+    "outpaint",
 ];
 
 fn text(rng: &mut Rng, max: u64) -> String {
@@ -222,6 +224,20 @@ pub fn request(rng: &mut Rng, png: &[u8]) -> pb::GenerateRequest {
             crop_left: size(rng),
             target_width: size(rng),
             target_height: size(rng),
+        }),
+        mask: if rng.chance(HOSTILE) {
+            init_image(rng, png)
+        } else {
+            Vec::new()
+        },
+        outpaint: rng.chance(HOSTILE).then(|| {
+            let side = |rng: &mut Rng| rng.pick(&[0u32, 0, 8, 3, 64, 4096, u32::MAX]);
+            pb::Outpaint {
+                left: side(rng),
+                top: side(rng),
+                right: side(rng),
+                bottom: side(rng),
+            }
         }),
     }
 }

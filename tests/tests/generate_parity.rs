@@ -125,6 +125,43 @@ fn every_seed_case_matches_diffusers() {
     }
 }
 
+/// Inpainting and outpainting from the seed alone, against diffusers' inpainting pipelines
+/// (`tests/fixtures/generate_inpaint_fixtures.py`): a 9-channel inpainting UNet at strength 1
+/// (no init-image draw) and 0.75, in a batch with SDE step noise and without guidance; SD's
+/// and SDXL's ordinary 4-channel UNets with diffusers' latent blending (Heun's half steps, a
+/// batch); outpainting, which must be the image of inpainting the extended canvas.
+#[test]
+fn every_inpaint_case_matches_diffusers() {
+    for (pipeline, min_cases) in [("sd1-inpaint-tiny", 4), ("sd1-tiny", 6), ("sdxl-tiny", 2)] {
+        let cases = jhakaas_tests::cases::load_inpaint_cases(pipeline);
+        check_cases(pipeline, cases, min_cases, CaseNoise::FromSeed);
+    }
+}
+
+/// `--outpaint` is inpainting the extended canvas with the new area's mask, pixel for pixel.
+#[test]
+fn outpainting_is_inpainting_the_extended_canvas() {
+    let cases = jhakaas_tests::cases::load_inpaint_cases("sd1-tiny");
+    let dir = scratch_dir("outpaint-identity");
+    let mut images = Vec::new();
+    for name in ["outpaint", "outpaint-canvas"] {
+        let case = cases.iter().find(|c| c.name == name).expect(name);
+        let out = dir.join(format!("{name}.png"));
+        let output = run_worker(case.cli_args_with(&out, CaseNoise::FromSeed));
+        assert!(
+            output.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        images.push(image::open(&out).unwrap().to_rgb8());
+    }
+    assert_eq!(images[0].dimensions(), (88, 72));
+    assert!(
+        images[0] == images[1],
+        "--outpaint differs from inpainting its canvas"
+    );
+}
+
 /// From the seed alone: every case of every fixture pipeline (SD 1, SD 2 v-prediction, SDXL,
 /// both turbos; every scheduler, guidance on and off, batches of 2, img2img with its posterior
 /// draw first) run with `--rng torch-cpu --seed S` and no noise file gives the image diffusers

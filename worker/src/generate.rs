@@ -64,12 +64,27 @@ pub struct GenerateArgs {
     /// Number of images.
     #[arg(long, default_value_t = 1)]
     num_images: usize,
-    /// Init image for img2img.
-    #[arg(long, requires = "strength")]
+    /// Init image for img2img (with --strength) or inpainting (with --mask or --outpaint).
+    #[arg(long)]
     init_image: Option<PathBuf>,
-    /// img2img strength in (0, 1].
+    /// How much to change the init image, in (0, 1]; required for img2img, 1 by default when
+    /// inpainting.
     #[arg(long, requires = "init_image")]
     strength: Option<f64>,
+    /// Inpainting mask (white = repaint, black = keep; gray is binarised at 50%), resized to
+    /// the output like the init image. The model may be an inpainting checkpoint (9-channel
+    /// UNet) or any other (diffusers' latent blending).
+    #[arg(long, requires = "init_image")]
+    mask: Option<PathBuf>,
+    /// Outpainting: pixels to add on each side, LEFT,TOP,RIGHT,BOTTOM (multiples of 8); the
+    /// canvas is extended with the image's edge pixels and the new area inpainted.
+    #[arg(
+        long,
+        value_name = "L,T,R,B",
+        requires = "init_image",
+        conflicts_with = "mask"
+    )]
+    outpaint: Option<String>,
     /// SDXL size conditioning: the source image size WIDTHxHEIGHT the model is told about
     /// (default: the output size).
     #[arg(long, value_name = "WxH")]
@@ -184,6 +199,41 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// The init image with its mask (`--mask`, or the canvas and mask `--outpaint` makes) and
+/// strength (required for img2img; 1 by default when inpainting).
+fn init_image(path: &std::path::Path, args: &GenerateArgs) -> Result<InitImage> {
+    let read = |path: &std::path::Path, field: &str| {
+        std::fs::read(path)
+            .with_context(|| format!("invalid {field}: cannot read {}", path.display()))
+    };
+    let image = decode_image(&read(path, "init_image")?, MAX_INIT_PIXELS)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let (image, mask) = match (&args.mask, &args.outpaint) {
+        (Some(mask), _) => {
+            let bytes = read(mask, "mask")?;
+            let mask = jhakaas_model_manager::inpaint::decode_mask(&bytes, MAX_INIT_PIXELS)
+                .with_context(|| format!("reading {}", mask.display()))?;
+            (image, Some(mask))
+        }
+        (None, Some(sides)) => {
+            let outpaint = jhakaas_model_manager::inpaint::Outpaint::parse(sides)?;
+            let (canvas, mask) = outpaint.apply(&image, MAX_INIT_PIXELS)?;
+            (canvas, Some(mask))
+        }
+        (None, None) => (image, None),
+    };
+    let strength = match (args.strength, &mask) {
+        (Some(s), _) => s,
+        (None, Some(_)) => 1.0,
+        (None, None) => anyhow::bail!("invalid strength: img2img needs --strength"),
+    };
+    Ok(InitImage {
+        image,
+        strength,
+        mask,
+    })
+}
+
 fn build_params(args: &GenerateArgs) -> Result<GenerateParams> {
     let scheduler = args
         .scheduler
@@ -191,15 +241,9 @@ fn build_params(args: &GenerateArgs) -> Result<GenerateParams> {
         .map(str::parse::<SchedulerKind>)
         .transpose()?;
     let rng = args.rng.as_deref().map(str::parse::<RngKind>).transpose()?;
-    let init_image = match (&args.init_image, args.strength) {
-        (Some(path), Some(strength)) => {
-            let bytes = std::fs::read(path)
-                .with_context(|| format!("invalid init_image: cannot read {}", path.display()))?;
-            let image = decode_image(&bytes, MAX_INIT_PIXELS)
-                .with_context(|| format!("reading {}", path.display()))?;
-            Some(InitImage { image, strength })
-        }
-        _ => None,
+    let init_image = match &args.init_image {
+        Some(path) => Some(init_image(path, args)?),
+        None => None,
     };
     let noise = args.latents.as_deref().map(NoiseReplay::load).transpose()?;
     if args.num_images == 0 {

@@ -5,6 +5,7 @@
 use super::{StableDiffusionPipeline, SCHEDULER_FILE};
 use crate::error::{Error, Result};
 use crate::image_io::{image_to_tensor, tensor_to_images};
+use crate::inpaint;
 use crate::noise::RequestNoise;
 use crate::params::*;
 use crate::scheduler;
@@ -92,7 +93,7 @@ impl StableDiffusionPipeline {
         let scale = self.vae_scale_factor();
         let shape = (
             rp.num_images,
-            self.unet.config().in_channels,
+            self.description.latent_channels,
             rp.height / scale,
             rp.width / scale,
         );
@@ -105,13 +106,15 @@ impl StableDiffusionPipeline {
                 device: self.device.clone(),
                 replayed_steps: 0,
             },
+            inputs: DenoiserInputs::default(),
+            blend: None,
             rp,
         })
     }
 
     /// txt2img: scaled noise from step 0. img2img: the encoded init image noised to the step
-    /// its strength starts at. Returns the first timestep index (diffusers' `t_start × order`)
-    /// and the latents.
+    /// its strength starts at. Inpainting: see [`Self::inpaint_latents`]. Returns the first
+    /// timestep index (diffusers' `t_start × order`) and the latents.
     fn initial_latents(&self, p: &GenerateParams, plan: &mut Plan) -> Result<(usize, Tensor)> {
         let replay = p.noise.as_ref();
         let (Some(init), Some(strength)) = (&p.init_image, plan.rp.strength) else {
@@ -120,17 +123,84 @@ impl StableDiffusionPipeline {
         };
         let steps = plan.rp.steps;
         let start = (steps - ((steps as f64 * strength) as usize).min(steps)) * plan.sched.order();
+        let image = image_to_tensor(&init.image, plan.rp.width, plan.rp.height, &self.device)?;
+        if let Some(mask) = &init.mask {
+            let latents = self.inpaint_latents(&image, mask, strength, start, plan)?;
+            return Ok((start, latents));
+        }
+        let encoder_noise = replay.and_then(|r| r.encoder_noise.as_ref());
+        let init_latents = self.encode_sample(&image, plan, encoder_noise)?;
+        let n = plan.noise.latents(replay.map(|r| &r.latents), self.dtype)?;
+        Ok((start, plan.sched.add_noise(&init_latents, &n, start)?))
+    }
+
+    /// Inpainting, in diffusers' order of draws: the init image's posterior sample (4-channel
+    /// UNets, or strength < 1), the initial noise, the masked image's posterior sample (always,
+    /// as diffusers draws it even where a 4-channel UNet never uses it). A 9-channel UNet gets
+    /// the latent mask ⊕ masked-image latents as extra input channels; a 4-channel UNet's
+    /// latents are blended with the re-noised init latents after every step ([`Blend`]).
+    fn inpaint_latents(
+        &self,
+        image: &Tensor,
+        mask: &image::GrayImage,
+        strength: f64,
+        start: usize,
+        plan: &mut Plan,
+    ) -> Result<Tensor> {
+        let nine = self.description.inpainting_unet;
+        let full = strength >= 1.0;
+        let image_latents = match !nine || !full {
+            true => Some(self.encode_sample(image, plan, None)?),
+            false => None,
+        };
+        let noise = plan.noise.latents(None, self.dtype)?;
+        let latents = match &image_latents {
+            Some(init) if !full => plan.sched.add_noise(init, &noise, start)?,
+            _ => (&noise * plan.sched.init_noise_sigma())?,
+        };
+        let (w, h) = (plan.rp.width, plan.rp.height);
+        let mask_px = inpaint::mask_tensor(mask, w, h, &self.device)?;
+        // The init image where the mask keeps, 0 where it repaints.
+        let masked_image = image.broadcast_mul(&(1.0 - &mask_px)?)?;
+        let masked_latents = self.encode_sample(&masked_image, plan, None)?;
+        let (n, _, lh, lw) = plan.noise.shape;
+        let latent_mask = inpaint::latent_mask(&mask_px, self.vae_scale_factor())?
+            .broadcast_as((n, 1, lh, lw))?
+            .contiguous()?;
+        match image_latents {
+            Some(image_latents) if !nine => {
+                plan.blend = Some(Blend {
+                    image_latents,
+                    noise,
+                    mask: latent_mask,
+                })
+            }
+            _ => {
+                let concat = Tensor::cat(&[&latent_mask, &masked_latents], 1)?;
+                plan.inputs.concat = Some(concat.to_dtype(self.dtype)?);
+            }
+        }
+        Ok(latents)
+    }
+
+    /// The VAE posterior sample of `image` (`[1, 3, H, W]` in [-1, 1]) for every image of the
+    /// batch, scaled: one draw of the request's generator (or `replay`'s noise).
+    fn encode_sample(
+        &self,
+        image: &Tensor,
+        plan: &mut Plan,
+        replay: Option<&HostTensor>,
+    ) -> Result<Tensor> {
         let dev = &self.device;
-        let image = image_to_tensor(&init.image, plan.rp.width, plan.rp.height, dev)?
-            .to_dtype(self.vae_dtype)?;
+        let image = image.to_dtype(self.vae_dtype)?;
         let dist = {
             let _tf32 = crate::device::allow_tf32(dev);
             self.vae.encode(&image)?
         };
         let shape = plan.noise.shape;
-        // diffusers draws one posterior sample for the init image before repeating it for the
+        // diffusers draws one posterior sample for the image before repeating it for the
         // batch (replay files may hold one for the whole batch); `chacha` draws one per image.
-        let enc_noise = match replay.and_then(|r| r.encoder_noise.as_ref()) {
+        let enc_noise = match replay {
             Some(t) => Tensor::from_vec(t.data.clone(), t.shape.as_slice(), dev)?
                 .broadcast_as(shape)?
                 .contiguous()?,
@@ -143,9 +213,7 @@ impl StableDiffusionPipeline {
             mean: widen(&dist.mean)?,
             logvar: widen(&dist.logvar)?,
         };
-        let init_latents = (dist.sample(&enc_noise)? * self.vae.config().scaling_factor)?;
-        let n = plan.noise.latents(replay.map(|r| &r.latents), self.dtype)?;
-        Ok((start, plan.sched.add_noise(&init_latents, &n, start)?))
+        Ok((dist.sample(&enc_noise)? * self.vae.config().scaling_factor)?)
     }
 
     /// The UNet's noise prediction for latents `x` at timestep `t`, with classifier-free
@@ -156,13 +224,18 @@ impl StableDiffusionPipeline {
         x: &Tensor,
         t: f64,
         cond: &Conditioning,
+        inputs: &DenoiserInputs,
         guidance: Option<f64>,
     ) -> Result<Tensor> {
+        let x = x.to_dtype(self.dtype)?;
+        let x = match &inputs.concat {
+            Some(extra) => Tensor::cat(&[&x, extra], 1)?,
+            None => x,
+        };
         let model_in = match guidance {
-            Some(_) => Tensor::cat(&[x, x], 0)?,
-            None => x.clone(),
-        }
-        .to_dtype(self.dtype)?;
+            Some(_) => Tensor::cat(&[&x, &x], 0)?,
+            None => x,
+        };
         let t = Tensor::full(t as f32, model_in.dim(0)?, &self.device)?;
         let pred = self
             .unet
@@ -194,6 +267,8 @@ impl StableDiffusionPipeline {
             sched,
             noise,
             cfg,
+            inputs,
+            blend,
         } = plan;
         let timesteps = sched.timesteps().to_vec();
         let guidance = cfg.then_some(rp.guidance_scale);
@@ -205,10 +280,14 @@ impl StableDiffusionPipeline {
         let mut done = 0;
         for (k, i) in (start..timesteps.len()).enumerate() {
             let x = sched.scale_model_input(latents.clone(), i)?;
-            let pred = self.predict(&x, timesteps[i], cond, guidance)?;
+            let pred = self.predict(&x, timesteps[i], cond, inputs, guidance)?;
             // Only a stochastic scheduler (euler-a, dpm2-a, the SDEs, lcm) draws.
             let mut draw = |dtype: DType| noise.step(replay, dtype);
             latents = sched.step(&pred, i, &latents, &mut draw)?;
+            if let Some(blend) = blend {
+                let next = (i + 1 < timesteps.len()).then_some(i + 1);
+                latents = blend.apply(sched.as_ref(), &latents, next)?;
+            }
             if !scheduler::counts_as_step(k, evaluations, total_steps, order) {
                 continue;
             }
@@ -311,6 +390,47 @@ struct Plan {
     noise: NoiseSource,
     /// Classifier-free guidance runs (guidance > 1).
     cfg: bool,
+    /// What the UNet takes besides latents, timestep and text.
+    inputs: DenoiserInputs,
+    /// 4-channel inpainting's blend after every step.
+    blend: Option<Blend>,
+}
+
+/// The UNet's inputs besides the latents, timestep and text, for every call of one request:
+/// the one place a new conditioning plugs in ([`StableDiffusionPipeline::predict`]).
+#[derive(Default)]
+struct DenoiserInputs {
+    /// Channels appended to the scaled latents (9-channel inpainting: the latent mask ⊕ the
+    /// masked image's latents), `[N, c, h, w]` in the UNet's dtype.
+    concat: Option<Tensor>,
+}
+
+/// 4-channel inpainting (diffusers' `num_channels_unet == 4` branch): after each step the
+/// latents keep the init image's latents — noised to the next timestep with the initial
+/// noise, clean after the last step — where the mask keeps.
+struct Blend {
+    image_latents: Tensor,
+    noise: Tensor,
+    /// `[N, 1, h, w]`, 1 = repaint.
+    mask: Tensor,
+}
+
+impl Blend {
+    /// `(1 − mask) · init + mask · latents`, `init` noised to timestep index `next`.
+    fn apply(
+        &self,
+        sched: &dyn scheduler::Scheduler,
+        latents: &Tensor,
+        next: Option<usize>,
+    ) -> Result<Tensor> {
+        let init = match next {
+            Some(j) => sched.add_noise(&self.image_latents, &self.noise, j)?,
+            None => self.image_latents.clone(),
+        };
+        let mask = self.mask.to_dtype(latents.dtype())?;
+        let keep = (1.0 - &mask)?.broadcast_mul(&init.to_dtype(latents.dtype())?)?;
+        Ok((keep + mask.broadcast_mul(latents)?)?)
+    }
 }
 
 /// Where a request's noise comes from: its generator, or a replay file.

@@ -332,8 +332,11 @@ pub struct ModelDescription {
     pub defaults: ModelDefaults,
     /// Pixels per latent along each axis (the VAE's downsampling).
     pub vae_scale_factor: usize,
-    /// Channels of the UNet's latents.
+    /// Channels of the latents (the VAE's).
     pub latent_channels: usize,
+    /// The UNet is an inpainting UNet: it takes the mask and the masked image's latents beside
+    /// the latents (`in_channels = 2 × latent + 1`, e.g. 9), so every request needs a mask.
+    pub inpainting_unet: bool,
 }
 
 /// Every config file of a pipeline, parsed and checked against each other.
@@ -408,7 +411,23 @@ fn read_configs(source: &ModelSource, options: &LoadOptions) -> Result<Configs> 
         rng: RngKind::default(),
     };
     options.defaults.apply(&mut defaults);
-    let (vae_scale_factor, latent_channels) = (vae.scale_factor(), unet.in_channels);
+    let (vae_scale_factor, latent_channels) = (vae.scale_factor(), vae.latent_channels);
+    let inpainting_unet = match unet.in_channels {
+        c if c == latent_channels => false,
+        c if c == 2 * latent_channels + 1 => true,
+        c => {
+            return Err(Error::unsupported(
+                "unet/config.json",
+                "in_channels",
+                c,
+                format!(
+                    "a UNet takes the VAE's {latent_channels} latent channels, or {} for \
+                     inpainting (latents, mask, masked-image latents)",
+                    2 * latent_channels + 1
+                ),
+            ))
+        }
+    };
     Ok(Configs {
         index,
         kind,
@@ -423,6 +442,7 @@ fn read_configs(source: &ModelSource, options: &LoadOptions) -> Result<Configs> 
             defaults,
             vae_scale_factor,
             latent_channels,
+            inpainting_unet,
         },
     })
 }

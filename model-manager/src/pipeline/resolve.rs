@@ -111,6 +111,19 @@ impl ModelDescription {
                 format!("{num_images} exceeds this server's limit of {max_images}"),
             ));
         }
+        let masked = p.init_image.as_ref().is_some_and(|i| i.mask.is_some());
+        if self.inpainting_unet && !masked {
+            return Err(Error::invalid(
+                "mask",
+                "this is an inpainting model: it needs an init_image and a mask",
+            ));
+        }
+        if masked && p.noise.is_some() {
+            return Err(Error::invalid(
+                "latents",
+                "noise replay files are not supported with a mask; use rng torch-cpu and a seed",
+            ));
+        }
         let strength = match &p.init_image {
             Some(init) => {
                 let s = init.strength;

@@ -265,9 +265,19 @@ impl Scheduler for SecondOrder {
         Ok(prev.to_dtype(model_output.dtype())?)
     }
 
+    /// `original + noise · sigmas[step_index]` with diffusers' interleaved sigmas: evaluation
+    /// `2k` is at `s_k`, its second half `2k + 1` at `s_{k+1}` (what inpainting's blend noises
+    /// to after a first half).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        let (s, _) = self.locate(step_index)?;
-        let noisy = (f32_of(original)? + mul(&f32_of(noise)?, s.from)?)?;
+        let (s, first) = self.locate(step_index)?;
+        let sigma = match first {
+            true => s.from,
+            false => self
+                .steps
+                .get(step_index / 2 + 1)
+                .map_or(0.0, |next| next.from),
+        };
+        let noisy = (f32_of(original)? + mul(&f32_of(noise)?, sigma)?)?;
         Ok(noisy.to_dtype(original.dtype())?)
     }
 

@@ -5,7 +5,8 @@
 use super::jobs::{EncodedImage, Job, JobEvent, JobRequest, JobSnapshot, JobState, JobTimings};
 use super::loras::MAX_LORAS_PER_REQUEST;
 use super::models::ModelTable;
-use jhakaas_model_manager::image_io::decode_image;
+use jhakaas_model_manager::image_io::decode_image_for;
+use jhakaas_model_manager::inpaint::{to_pil_gray, Outpaint};
 use jhakaas_model_manager::lora::{LoraAdapter, LoraPlan};
 use jhakaas_model_manager::pipeline::{random_seed, RequestLimits};
 use jhakaas_model_manager::{
@@ -101,7 +102,7 @@ pub fn job_request(
     };
     let format = output_format(req.output_format)?;
     let loras = loras(&req.loras, models)?;
-    let init_image = init_image(&req.init_image, req.strength, limits)?;
+    let init_image = init_image(req, limits)?;
     let non_zero = |v: u32| (v != 0).then_some(v as usize);
     let g = req.guidance_scale;
     let mut params = GenerateParams {
@@ -220,17 +221,60 @@ fn output_format(value: i32) -> Result<ImageFormat, Status> {
     }
 }
 
-/// The decoded init image (the engine's rules check the strength's range).
-fn init_image(bytes: &[u8], strength: f32, limits: &Limits) -> Result<Option<InitImage>, Status> {
-    if bytes.is_empty() {
-        if strength != 0.0 {
-            return Err(invalid("strength", "given without an init_image"));
+/// The decoded init image with its mask (`mask`, or the canvas and mask `outpaint` makes) and
+/// strength (0 = unset: 1 when inpainting; the engine's rules check the range).
+fn init_image(req: &pb::GenerateRequest, limits: &Limits) -> Result<Option<InitImage>, Status> {
+    let outpaint = req.outpaint.as_ref().map(|o| Outpaint {
+        left: o.left,
+        top: o.top,
+        right: o.right,
+        bottom: o.bottom,
+    });
+    if req.init_image.is_empty() {
+        for (given, field) in [
+            (req.strength != 0.0, "strength"),
+            (!req.mask.is_empty(), "mask"),
+            (outpaint.is_some(), "outpaint"),
+        ] {
+            if given {
+                return Err(invalid(field, "given without an init_image"));
+            }
         }
         return Ok(None);
     }
+    let image = decode_bounded(&req.init_image, "init_image", limits)?;
+    let (image, mask) = match (req.mask.is_empty(), outpaint) {
+        (false, Some(_)) => return Err(invalid("outpaint", "cannot be combined with a mask")),
+        (false, None) => {
+            let mask = decode_bounded(&req.mask, "mask", limits)?;
+            (image, Some(to_pil_gray(&mask)))
+        }
+        (true, Some(o)) => {
+            let (canvas, mask) = o.apply(&image, limits.max_pixels).map_err(refused)?;
+            (canvas, Some(mask))
+        }
+        (true, None) => (image, None),
+    };
+    let strength = match req.strength == 0.0 && mask.is_some() {
+        true => 1.0,
+        false => req.strength as f64,
+    };
+    Ok(Some(InitImage {
+        image,
+        strength,
+        mask,
+    }))
+}
+
+/// An encoded image of the request field `field`, within the server's byte and pixel limits.
+fn decode_bounded(
+    bytes: &[u8],
+    field: &'static str,
+    limits: &Limits,
+) -> Result<image::RgbImage, Status> {
     if bytes.len() > limits.max_init_image_bytes {
         return Err(invalid(
-            "init_image",
+            field,
             format!(
                 "{} bytes exceed this server's limit of {}",
                 bytes.len(),
@@ -238,12 +282,7 @@ fn init_image(bytes: &[u8], strength: f32, limits: &Limits) -> Result<Option<Ini
             ),
         ));
     }
-    let image = decode_image(bytes, limits.max_pixels)
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    Ok(Some(InitImage {
-        image,
-        strength: strength as f64,
-    }))
+    decode_image_for(bytes, limits.max_pixels, field).map_err(refused)
 }
 
 /// Zero fields are unset; a size needs both sides or neither.
