@@ -41,6 +41,29 @@ pub fn image_to_tensor(
     height: usize,
     device: &Device,
 ) -> Result<Tensor> {
+    rgb_tensor(img, width, height, device, |b| b as f32 / 255.0 * 2.0 - 1.0)
+}
+
+/// RGB8 image → `[1, 3, H, W]` in [0, 1], resized like [`image_to_tensor`]: a control image as
+/// diffusers' control image processor (`do_normalize=False`) gives it.
+pub fn image_to_unit_tensor(
+    img: &RgbImage,
+    width: usize,
+    height: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    rgb_tensor(img, width, height, device, |b| b as f32 / 255.0)
+}
+
+/// `img` resized (Lanczos3) to `width × height` when it is not that size, each byte mapped
+/// by `value`, as a `[1, 3, H, W]` tensor.
+fn rgb_tensor(
+    img: &RgbImage,
+    width: usize,
+    height: usize,
+    device: &Device,
+    value: impl Fn(u8) -> f32,
+) -> Result<Tensor> {
     let resized;
     let img = if img.width() as usize != width || img.height() as usize != height {
         resized = image::imageops::resize(
@@ -53,11 +76,7 @@ pub fn image_to_tensor(
     } else {
         img
     };
-    let data: Vec<f32> = img
-        .as_raw()
-        .iter()
-        .map(|&b| b as f32 / 255.0 * 2.0 - 1.0)
-        .collect();
+    let data: Vec<f32> = img.as_raw().iter().map(|&b| value(b)).collect();
     Ok(Tensor::from_vec(data, (1, height, width, 3), device)?
         .permute((0, 3, 1, 2))?
         .contiguous()?)

@@ -63,6 +63,22 @@ pub struct InitImage {
     pub mask: Option<image::GrayImage>,
 }
 
+/// One ControlNet steering a request (diffusers' `controlnet_conditioning_scale`,
+/// `control_guidance_start` / `_end`); several are summed as diffusers' `MultiControlNetModel`.
+#[derive(Debug, Clone)]
+pub struct ControlNetRequest {
+    /// The net: a name the server registered (`--controlnet NAME=SOURCE`), or the CLI's own.
+    pub name: String,
+    /// The control image (edges, depth, pose… already made), resized to the output.
+    pub image: image::RgbImage,
+    /// Multiplies every residual (default 1).
+    pub scale: f64,
+    /// The fraction of the steps where the net starts to steer (default 0).
+    pub start: f64,
+    /// The fraction of the steps where it stops (default 1).
+    pub end: f64,
+}
+
 /// A host-side tensor: values and shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostTensor {
@@ -155,6 +171,8 @@ pub struct GenerateParams {
     pub noise: Option<NoiseReplay>,
     /// SDXL size micro-conditioning (other families reject it).
     pub size_conditioning: SizeConditioning,
+    /// ControlNets steering the request, in order (the caller supplies the loaded nets).
+    pub controlnets: Vec<ControlNetRequest>,
 }
 
 /// Defaults a model applies to unset request fields.

@@ -28,6 +28,9 @@ pub struct FixtureCase {
     /// Outpainting: `LEFT,TOP,RIGHT,BOTTOM` pixels added to the init image.
     #[serde(default)]
     pub outpaint: Option<String>,
+    /// ControlNets steering the case, in order.
+    #[serde(default)]
+    pub controlnets: Vec<CaseControlNet>,
     /// SDXL size conditioning, `[height, width]` / `[top, left]` as diffusers takes them.
     #[serde(default)]
     pub original_size: Option<[usize; 2]>,
@@ -40,6 +43,18 @@ pub struct FixtureCase {
     pub image: serde_json::Value,
     /// The `torch.Generator("cpu").manual_seed` diffusers ran with (its draws are `noise`).
     pub seed: u64,
+}
+
+/// One ControlNet of a case.
+#[derive(Debug, Deserialize)]
+pub struct CaseControlNet {
+    /// The fixture folder under `tests/fixtures/models/`.
+    pub net: String,
+    /// The control image, relative to the pipeline's reference folder.
+    pub image: String,
+    pub scale: f64,
+    pub start: f64,
+    pub end: f64,
 }
 
 /// Where a case's noise comes from when we run it.
@@ -72,6 +87,12 @@ pub fn load_seed_cases(pipeline: &str) -> Vec<FixtureCase> {
 /// pipeline has no such file.
 pub fn load_inpaint_cases(pipeline: &str) -> Vec<FixtureCase> {
     load_case_file(pipeline, "inpaint_cases.json")
+}
+
+/// The ControlNet cases of `pipeline` (`controlnet_cases.json`, written by
+/// `tests/fixtures/generate_controlnet_cases.py`, checked from the seed alone).
+pub fn load_controlnet_cases(pipeline: &str) -> Vec<FixtureCase> {
+    load_case_file(pipeline, "controlnet_cases.json")
 }
 
 /// The `cases` of a `{versions, cases}` file in `pipeline`'s reference folder, if it exists.
@@ -179,6 +200,21 @@ impl FixtureCase {
         }
         if let Some(sides) = &self.outpaint {
             args.extend(["--outpaint".into(), sides.clone()]);
+        }
+        for c in &self.controlnets {
+            let net = fixtures().join("models").join(&c.net);
+            args.extend([
+                "--controlnet".into(),
+                net.display().to_string(),
+                "--control-image".into(),
+                ref_dir.join(&c.image).display().to_string(),
+                "--controlnet-scale".into(),
+                c.scale.to_string(),
+                "--control-guidance-start".into(),
+                c.start.to_string(),
+                "--control-guidance-end".into(),
+                c.end.to_string(),
+            ]);
         }
         args
     }

@@ -138,6 +138,18 @@ fn every_inpaint_case_matches_diffusers() {
     }
 }
 
+/// ControlNets from the seed alone, against diffusers' ControlNet pipelines
+/// (`tests/fixtures/generate_controlnet_cases.py`): SD at several scales, a guidance window,
+/// two nets at once (one reading BGR), without guidance, a batch, with img2img and with
+/// inpainting; SDXL at two scales.
+#[test]
+fn every_controlnet_case_matches_diffusers() {
+    for (pipeline, min_cases) in [("sd1-tiny", 8), ("sdxl-tiny", 2)] {
+        let cases = jhakaas_tests::cases::load_controlnet_cases(pipeline);
+        check_cases(pipeline, cases, min_cases, CaseNoise::FromSeed);
+    }
+}
+
 /// `--outpaint` is inpainting the extended canvas with the new area's mask, pixel for pixel.
 #[test]
 fn outpainting_is_inpainting_the_extended_canvas() {

@@ -3,15 +3,20 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use jhakaas_model_manager::image_io::{decode_image, encode_image, parameters_text};
+use jhakaas_model_manager::controlnet::ControlNetModel;
+use jhakaas_model_manager::image_io::{
+    decode_image, decode_image_for, encode_image, parameters_text,
+};
 use jhakaas_model_manager::lora::LoraAdapter;
-use jhakaas_model_manager::params::{parse_offset, parse_size};
+use jhakaas_model_manager::params::{parse_offset, parse_size, ControlNetRequest};
+use jhakaas_model_manager::pipeline::RequestLimits;
 use jhakaas_model_manager::{
     device, DeviceChoice, GenerateParams, ImageFormat, InitImage, LoadOptions, ModelSource,
     NoiseReplay, RngKind, SchedulerKind, SizeConditioning, StableDiffusionPipeline,
 };
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Largest init image accepted, in pixels (decoding is refused beyond this).
@@ -85,6 +90,28 @@ pub struct GenerateArgs {
         conflicts_with = "mask"
     )]
     outpaint: Option<String>,
+    /// A ControlNet (a diffusers ControlNetModel folder or hub id of the model's family),
+    /// steering with the --control-image at the same position; repeat for several (their
+    /// residuals are summed, as diffusers' MultiControlNetModel).
+    #[arg(
+        long = "controlnet",
+        value_name = "SOURCE",
+        requires = "control_images"
+    )]
+    controlnets: Vec<String>,
+    /// The control image (an edge, depth, pose… map, made beforehand) of the --controlnet at
+    /// the same position; resized to the output.
+    #[arg(long = "control-image", value_name = "PATH", requires = "controlnets")]
+    control_images: Vec<PathBuf>,
+    /// Each ControlNet's scale (default 1); one value applies to all.
+    #[arg(long = "controlnet-scale", value_name = "F")]
+    controlnet_scales: Vec<f64>,
+    /// Each ControlNet's first step, as a fraction of the steps (default 0); one applies to all.
+    #[arg(long = "control-guidance-start", value_name = "F")]
+    control_starts: Vec<f64>,
+    /// Each ControlNet's last step, as a fraction of the steps (default 1); one applies to all.
+    #[arg(long = "control-guidance-end", value_name = "F")]
+    control_ends: Vec<f64>,
     /// SDXL size conditioning: the source image size WIDTHxHEIGHT the model is told about
     /// (default: the output size).
     #[arg(long, value_name = "WxH")]
@@ -161,7 +188,18 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         seed: Some(resolved.seed),
         ..params
     };
-    let generation = pipeline.generate(&params, &mut |p| {
+    let nets = params
+        .controlnets
+        .iter()
+        .map(|c| {
+            let source = ModelSource::parse(&c.name)?;
+            let net = ControlNetModel::load(&source, &device, pipeline.dtype())
+                .with_context(|| format!("loading ControlNet `{source}`"))?;
+            Ok(Arc::new(net))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let limits = RequestLimits::default();
+    let generation = pipeline.generate_with_nets(&params, &limits, &nets, &mut |p| {
         bar.set_length(p.total_steps as u64);
         bar.set_position(p.step as u64);
         ControlFlow::Continue(())
@@ -234,6 +272,48 @@ fn init_image(path: &std::path::Path, args: &GenerateArgs) -> Result<InitImage> 
     })
 }
 
+/// `--controlnet`s with their images and per-net values (one value for all, or one each).
+fn controlnet_requests(args: &GenerateArgs) -> Result<Vec<ControlNetRequest>> {
+    let n = args.controlnets.len();
+    if args.control_images.len() != n {
+        anyhow::bail!(
+            "invalid control_image: {} given for {n} --controlnet",
+            args.control_images.len()
+        );
+    }
+    let each = |values: &[f64], field: &str, default: f64| -> Result<Vec<f64>> {
+        match values.len() {
+            0 => Ok(vec![default; n]),
+            1 => Ok(vec![values[0]; n]),
+            k if k == n => Ok(values.to_vec()),
+            k => anyhow::bail!("invalid {field}: {k} values for {n} --controlnet"),
+        }
+    };
+    let scales = each(&args.controlnet_scales, "controlnet_scale", 1.0)?;
+    let starts = each(&args.control_starts, "control_guidance_start", 0.0)?;
+    let ends = each(&args.control_ends, "control_guidance_end", 1.0)?;
+    let mut requests = Vec::with_capacity(n);
+    for (i, (name, path)) in args
+        .controlnets
+        .iter()
+        .zip(&args.control_images)
+        .enumerate()
+    {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("invalid control_image: cannot read {}", path.display()))?;
+        let image = decode_image_for(&bytes, MAX_INIT_PIXELS, "control_image")
+            .with_context(|| format!("reading {}", path.display()))?;
+        requests.push(ControlNetRequest {
+            name: name.clone(),
+            image,
+            scale: scales[i],
+            start: starts[i],
+            end: ends[i],
+        });
+    }
+    Ok(requests)
+}
+
 fn build_params(args: &GenerateArgs) -> Result<GenerateParams> {
     let scheduler = args
         .scheduler
@@ -262,6 +342,7 @@ fn build_params(args: &GenerateArgs) -> Result<GenerateParams> {
         num_images: args.num_images,
         init_image,
         noise,
+        controlnets: controlnet_requests(args)?,
         size_conditioning: SizeConditioning {
             original_size: args
                 .original_size

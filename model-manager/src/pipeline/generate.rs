@@ -2,7 +2,9 @@
 //! noise) → condition (text encoders) → initial latents (txt2img noise or an encoded init
 //! image) → denoise (classifier-free guidance in one `predict`) → decode.
 
+use super::control::{self, ActiveControl, CallConditioning};
 use super::{StableDiffusionPipeline, SCHEDULER_FILE};
+use crate::controlnet::ControlNetModel;
 use crate::error::{Error, Result};
 use crate::image_io::{image_to_tensor, tensor_to_images};
 use crate::inpaint;
@@ -12,6 +14,7 @@ use crate::scheduler;
 use crate::unet::AddedConditioning;
 use candle_core::{DType, Tensor};
 use std::ops::ControlFlow;
+use std::sync::Arc;
 use std::time::Instant;
 
 impl StableDiffusionPipeline {
@@ -54,7 +57,41 @@ impl StableDiffusionPipeline {
         limits: &super::RequestLimits,
         on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<Generation> {
+        self.generate_with_nets(p, limits, &[], on_progress)
+    }
+
+    /// [`StableDiffusionPipeline::generate_within`] steered by `nets`, the loaded ControlNets
+    /// of `p.controlnets` in the same order (each must fit this model:
+    /// [`ControlNetModel::check_compatible`]).
+    pub fn generate_with_nets(
+        &self,
+        p: &GenerateParams,
+        limits: &super::RequestLimits,
+        nets: &[Arc<ControlNetModel>],
+        on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        if p.controlnets.len() != nets.len() {
+            return Err(Error::invalid(
+                "controlnets",
+                format!("{} requested, {} loaded", p.controlnets.len(), nets.len()),
+            ));
+        }
+        for net in nets {
+            net.check_compatible(self.unet.config(), self.vae_scale_factor())?;
+        }
         let mut plan = self.plan(p, limits)?;
+        let frame = (plan.rp.width, plan.rp.height, plan.rp.num_images);
+        for (net, request) in nets.iter().zip(&p.controlnets) {
+            let active = ActiveControl::new(
+                net.clone(),
+                request,
+                frame,
+                plan.cfg,
+                self.dtype,
+                &self.device,
+            )?;
+            plan.inputs.controls.push(active);
+        }
         let t0 = Instant::now();
         let cond = self.condition(
             &p.prompt,
@@ -219,6 +256,8 @@ impl StableDiffusionPipeline {
     /// The UNet's noise prediction for latents `x` at timestep `t`, with classifier-free
     /// guidance when `guidance` is given (the batch runs the unconditional and conditional
     /// halves at once). LoRA-merged weights, ControlNet residuals and batching plug in here.
+    /// `step` is the evaluation's index in the run and the run's length (ControlNets steer a
+    /// window of it).
     fn predict(
         &self,
         x: &Tensor,
@@ -226,8 +265,17 @@ impl StableDiffusionPipeline {
         cond: &Conditioning,
         inputs: &DenoiserInputs,
         guidance: Option<f64>,
+        step: (usize, usize),
     ) -> Result<Tensor> {
         let x = x.to_dtype(self.dtype)?;
+        let rows = x.dim(0)? * if guidance.is_some() { 2 } else { 1 };
+        let t = Tensor::full(t as f32, rows, &self.device)?;
+        let call = CallConditioning {
+            context: &cond.context,
+            added: cond.added.as_ref(),
+        };
+        let residuals =
+            control::residuals(&inputs.controls, &x, &t, &call, guidance.is_some(), step)?;
         let x = match &inputs.concat {
             Some(extra) => Tensor::cat(&[&x, extra], 1)?,
             None => x,
@@ -236,10 +284,15 @@ impl StableDiffusionPipeline {
             Some(_) => Tensor::cat(&[&x, &x], 0)?,
             None => x,
         };
-        let t = Tensor::full(t as f32, model_in.dim(0)?, &self.device)?;
         let pred = self
             .unet
-            .forward_with(&model_in, &t, &cond.context, cond.added.as_ref())?
+            .forward_with_residuals(
+                &model_in,
+                &t,
+                &cond.context,
+                cond.added.as_ref(),
+                residuals.as_ref(),
+            )?
             .to_dtype(DType::F32)?;
         match guidance {
             Some(g) => {
@@ -280,7 +333,7 @@ impl StableDiffusionPipeline {
         let mut done = 0;
         for (k, i) in (start..timesteps.len()).enumerate() {
             let x = sched.scale_model_input(latents.clone(), i)?;
-            let pred = self.predict(&x, timesteps[i], cond, inputs, guidance)?;
+            let pred = self.predict(&x, timesteps[i], cond, inputs, guidance, (k, evaluations))?;
             // Only a stochastic scheduler (euler-a, dpm2-a, the SDEs, lcm) draws.
             let mut draw = |dtype: DType| noise.step(replay, dtype);
             latents = sched.step(&pred, i, &latents, &mut draw)?;
@@ -403,6 +456,8 @@ struct DenoiserInputs {
     /// Channels appended to the scaled latents (9-channel inpainting: the latent mask ⊕ the
     /// masked image's latents), `[N, c, h, w]` in the UNet's dtype.
     concat: Option<Tensor>,
+    /// ControlNets, whose summed residuals the UNet adds to its skip connections.
+    controls: Vec<ActiveControl>,
 }
 
 /// 4-channel inpainting (diffusers' `num_channels_unet == 4` branch): after each step the

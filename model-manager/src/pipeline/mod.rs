@@ -3,9 +3,11 @@
 //! config files, then txt2img / img2img run with classifier-free guidance exactly as diffusers'
 //! pipelines compute them.
 
+mod control;
 mod generate;
 mod resolve;
 
+pub use control::MAX_CONTROLNETS;
 pub use resolve::{RequestLimits, MAX_IMAGES, MAX_SIDE, MAX_STEPS};
 
 use crate::config::{
@@ -303,7 +305,12 @@ impl StableDiffusionPipeline {
         &self.vae
     }
 
-    /// The device the pipeline runs on.
+    /// The dtype its UNet runs in (f16/bf16 on CUDA, f32 on the CPU); ControlNets load in it.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device it runs on.
     pub fn device(&self) -> &Device {
         &self.device
     }

@@ -111,6 +111,7 @@ impl ModelDescription {
                 format!("{num_images} exceeds this server's limit of {max_images}"),
             ));
         }
+        super::control::check_requests(&p.controlnets)?;
         let masked = p.init_image.as_ref().is_some_and(|i| i.mask.is_some());
         if self.inpainting_unet && !masked {
             return Err(Error::invalid(

@@ -119,6 +119,7 @@ pub fn job_request(
         init_image,
         noise: None,
         size_conditioning,
+        controlnets: Vec::new(),
     };
     // The engine's rules (sizes after defaults, steps, guidance, strength, size conditioning,
     // and this server's limits on the resolved values) run before the job is queued when the
