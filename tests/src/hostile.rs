@@ -123,6 +123,9 @@ pub const FIELDS: &[&str] = &[
     "latents",
     "mask",
     "outpaint",
+    "controlnets",
+    "control_image",
+    "controlnet",
 ];
 
 fn text(rng: &mut Rng, max: u64) -> String {
@@ -227,6 +230,19 @@ pub fn request(rng: &mut Rng, png: &[u8]) -> pb::GenerateRequest {
         }),
         mask: if rng.chance(HOSTILE) {
             init_image(rng, png)
+        } else {
+            Vec::new()
+        },
+        controlnets: if rng.chance(HOSTILE) {
+            (0..rng.below(6))
+                .map(|_| pb::ControlNetInput {
+                    name: rng.pick(&["edges", "", "nope", "../edges"]).into(),
+                    image: init_image(rng, png),
+                    scale: rng.pick(&[0.0, 1.0, -1.0, 1e9, f32::NAN]),
+                    start: rng.pick(&[0.0, 0.5, 1.0, -0.1, f32::NAN]),
+                    end: rng.pick(&[0.0, 0.4, 1.0, 2.0]),
+                })
+                .collect()
         } else {
             Vec::new()
         },

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use serde::Deserialize;
 
 /// `unet/config.json` of a diffusers `UNet2DConditionModel`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct UNetConfig {
     /// Default latent size (image size / VAE scale factor).
     #[serde(default)]

@@ -344,6 +344,22 @@ pub struct ModelDescription {
     /// The UNet is an inpainting UNet: it takes the mask and the masked image's latents beside
     /// the latents (`in_channels = 2 × latent + 1`, e.g. 9), so every request needs a mask.
     pub inpainting_unet: bool,
+    /// The UNet's config (which ControlNets fit it is decided from it).
+    pub unet: UNetConfig,
+}
+
+impl ModelDescription {
+    /// Fails with [`Error::InvalidParam`] (`controlnet`) unless the ControlNet `config`
+    /// (named `name`) can steer this model's UNet.
+    pub fn check_controlnet(
+        &self,
+        name: &str,
+        config: &crate::config::ControlNetConfig,
+    ) -> Result<()> {
+        config
+            .plan()?
+            .check_compatible(name, &self.unet, self.vae_scale_factor)
+    }
 }
 
 /// Every config file of a pipeline, parsed and checked against each other.
@@ -435,6 +451,7 @@ fn read_configs(source: &ModelSource, options: &LoadOptions) -> Result<Configs> 
             ))
         }
     };
+    let unet_for_description = unet.clone();
     Ok(Configs {
         index,
         kind,
@@ -450,6 +467,7 @@ fn read_configs(source: &ModelSource, options: &LoadOptions) -> Result<Configs> 
             vae_scale_factor,
             latent_channels,
             inpainting_unet,
+            unet: unet_for_description,
         },
     })
 }

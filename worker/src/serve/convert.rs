@@ -8,7 +8,8 @@ use super::models::ModelTable;
 use jhakaas_model_manager::image_io::decode_image_for;
 use jhakaas_model_manager::inpaint::{to_pil_gray, Outpaint};
 use jhakaas_model_manager::lora::{LoraAdapter, LoraPlan};
-use jhakaas_model_manager::pipeline::{random_seed, RequestLimits};
+use jhakaas_model_manager::params::ControlNetRequest;
+use jhakaas_model_manager::pipeline::{random_seed, RequestLimits, MAX_CONTROLNETS};
 use jhakaas_model_manager::{
     GenerateParams, ImageFormat, InitImage, Progress, RngKind, SchedulerKind, SizeConditioning,
 };
@@ -119,7 +120,7 @@ pub fn job_request(
         init_image,
         noise: None,
         size_conditioning,
-        controlnets: Vec::new(),
+        controlnets: controlnets(&req.controlnets, models, &model, limits)?,
     };
     // The engine's rules (sizes after defaults, steps, guidance, strength, size conditioning,
     // and this server's limits on the resolved values) run before the job is queued when the
@@ -220,6 +221,57 @@ fn output_format(value: i32) -> Result<ImageFormat, Status> {
         Ok(pb::OutputFormat::Webp) => Ok(ImageFormat::Webp),
         Err(_) => Err(invalid("output_format", format!("unknown value {value}"))),
     }
+}
+
+/// The request's ControlNets: registered names, decoded images within the limits, proto3's
+/// zero defaults (scale 0 and end 0 mean 1), and — when both configs were read — each net
+/// checked against the model's UNet.
+fn controlnets(
+    wire: &[pb::ControlNetInput],
+    models: &ModelTable,
+    model: &str,
+    limits: &Limits,
+) -> Result<Vec<ControlNetRequest>, Status> {
+    if wire.len() > MAX_CONTROLNETS {
+        return Err(invalid(
+            "controlnets",
+            format!("{} given; at most {MAX_CONTROLNETS}", wire.len()),
+        ));
+    }
+    let description = models.description(model);
+    wire.iter()
+        .map(|c| {
+            let Some(spec) = models.controlnet(&c.name) else {
+                let names: Vec<&str> = models
+                    .controlnets()
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect();
+                return Err(invalid(
+                    "controlnets",
+                    format!(
+                        "unknown ControlNet `{}`; registered: [{}]",
+                        c.name,
+                        names.join(", ")
+                    ),
+                ));
+            };
+            if let (Some(d), Ok(config)) = (&description, &spec.config) {
+                d.check_controlnet(&c.name, config).map_err(refused)?;
+            }
+            if c.image.is_empty() {
+                return Err(invalid("controlnets", format!("`{}` has no image", c.name)));
+            }
+            let image = decode_bounded(&c.image, "control_image", limits)?;
+            Ok(ControlNetRequest {
+                name: c.name.clone(),
+                image,
+                scale: if c.scale == 0.0 { 1.0 } else { c.scale as f64 },
+                start: c.start as f64,
+                end: if c.end == 0.0 { 1.0 } else { c.end as f64 },
+            })
+        })
+        .collect()
 }
 
 /// The decoded init image with its mask (`mask`, or the canvas and mask `outpaint` makes) and

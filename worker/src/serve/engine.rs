@@ -7,6 +7,7 @@ use super::encoder;
 use super::jobs::{Job, JobEvent, JobTimings};
 use super::models::{LoadedModels, ModelTable};
 use super::source::JobSource;
+use jhakaas_model_manager::controlnet::ControlNetModel;
 use jhakaas_model_manager::{Error, Generation, StableDiffusionPipeline};
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -190,13 +191,28 @@ fn run_job(models: &mut LoadedModels, job: &Arc<Job>) -> Outcome {
             return ENDED;
         }
     };
+    let names: Vec<String> = job
+        .request
+        .params
+        .controlnets
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    let nets = match models.get_controlnets(&names, name, loras, &pipeline) {
+        Ok(nets) => nets,
+        Err(reason) => {
+            let timings = job.timings_so_far(queue_wait);
+            finish(job, JobEvent::Failed { reason, timings }, "failed");
+            return ENDED;
+        }
+    };
     job.emit(JobEvent::Started);
     tracing::info!("job started");
     let mut timings = JobTimings {
         queue: queue_wait,
         ..Default::default()
     };
-    match denoise(job, &pipeline) {
+    match denoise(job, &pipeline, &nets) {
         Ok(generation) => {
             timings.text_encode = generation.timings.text_encode;
             timings.denoise = generation.timings.denoise;
@@ -226,10 +242,12 @@ fn run_job(models: &mut LoadedModels, job: &Arc<Job>) -> Outcome {
 fn denoise(
     job: &Job,
     pipeline: &StableDiffusionPipeline,
+    nets: &[Arc<ControlNetModel>],
 ) -> jhakaas_model_manager::Result<Generation> {
     let request = &job.request;
     let mut last_step = Instant::now();
-    pipeline.generate_within(&request.params, &request.limits, &mut |p| {
+    let limits = &request.limits;
+    pipeline.generate_with_nets(&request.params, limits, nets, &mut |p| {
         metrics::histogram!("jhakaas_step_duration_seconds")
             .record(last_step.elapsed().as_secs_f64());
         last_step = Instant::now();

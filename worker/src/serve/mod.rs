@@ -21,7 +21,7 @@ use clap::Args;
 use convert::Limits;
 use jhakaas_model_manager::{DeviceChoice, ModelSource};
 use jhakaas_proto::v1::worker_server::WorkerServer;
-use models::{ModelSpec, ModelTable};
+use models::{ControlNetSpec, ModelSpec, ModelTable};
 use service::WorkerService;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -138,7 +138,17 @@ pub struct ServeArgs {
     /// name in `loras`; a model + adapter set is merged once and cached like a model.
     #[arg(long, env = "JHAKAAS_LORA_DIR")]
     lora_dir: Option<PathBuf>,
-    /// Largest encoded init image, in bytes.
+    /// A ControlNet requests may name, as NAME=SOURCE (a diffusers ControlNetModel folder or
+    /// hub id); repeat for more. Loaded on first use and cached with the models, within
+    /// --memory-budget.
+    #[arg(
+        long = "controlnet",
+        env = "JHAKAAS_CONTROLNETS",
+        value_delimiter = ',',
+        value_name = "NAME=SOURCE"
+    )]
+    controlnets: Vec<String>,
+    /// Largest encoded init image (and mask, and control image), in bytes.
     #[arg(long, env = "JHAKAAS_MAX_INIT_IMAGE_BYTES", default_value_t = 8 * 1024 * 1024)]
     max_init_image_bytes: usize,
 }
@@ -190,6 +200,23 @@ fn model_specs(args: &ServeArgs) -> Result<(Vec<ModelSpec>, String)> {
         None => specs[0].name.clone(),
     };
     Ok((specs, default))
+}
+
+/// Every `--controlnet NAME=SOURCE`, its config read now when its files are on disk.
+fn controlnet_specs(args: &ServeArgs) -> Result<Vec<ControlNetSpec>> {
+    let mut specs: Vec<ControlNetSpec> = Vec::new();
+    for c in args.controlnets.iter().filter(|c| !c.trim().is_empty()) {
+        let (name, source) = c
+            .split_once('=')
+            .with_context(|| format!("invalid --controlnet `{c}`: expected NAME=SOURCE"))?;
+        if name.is_empty() || specs.iter().any(|s| s.name == name) {
+            bail!("invalid --controlnet `{c}`: names must be non-empty and unique");
+        }
+        let source =
+            ModelSource::parse(source).with_context(|| format!("invalid --controlnet `{c}`"))?;
+        specs.push(ControlNetSpec::read(name, source));
+    }
+    Ok(specs)
 }
 
 /// The `fetch --check` of every model: an incomplete default model that cannot be downloaded
@@ -372,7 +399,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     let table = Arc::new(
         ModelTable::new(specs, default_model.clone())
-            .with_loras(loras::LoraLibrary::new(args.lora_dir.clone())),
+            .with_loras(loras::LoraLibrary::new(args.lora_dir.clone()))
+            .with_controlnets(controlnet_specs(&args)?),
     );
     table.describe_available();
     let limits = Limits {

@@ -5,7 +5,8 @@
 
 use super::events::lock;
 use super::loras::LoraLibrary;
-use jhakaas_model_manager::config::PipelineKind;
+use jhakaas_model_manager::config::{read_json, ControlNetConfig, PipelineKind};
+use jhakaas_model_manager::controlnet::ControlNetModel;
 use jhakaas_model_manager::lora::{LoraAdapter, LoraTargets};
 use jhakaas_model_manager::pipeline::{
     describe, estimate_loaded_bytes, DefaultsOverride, ModelDescription,
@@ -38,6 +39,37 @@ impl ModelSpec {
     }
 }
 
+/// One registered ControlNet (`--controlnet NAME=SOURCE`).
+#[derive(Debug, Clone)]
+pub struct ControlNetSpec {
+    /// Name requests use.
+    pub name: String,
+    /// Where its files are.
+    pub source: ModelSource,
+    /// Its config, read at start-up when its files are on disk (requests are then checked
+    /// against the model before queueing); else why not.
+    pub config: Result<ControlNetConfig, String>,
+}
+
+impl ControlNetSpec {
+    /// Registers `source` as `name`, reading its config if the files are there.
+    pub fn read(name: &str, source: ModelSource) -> Self {
+        let config = ["config.json", "controlnet/config.json"]
+            .iter()
+            .find_map(|f| source.optional_file(f).ok().flatten().map(|p| (p, *f)))
+            .ok_or_else(|| "no config.json on disk yet".to_string())
+            .and_then(|(path, file)| read_json(&path, file).map_err(|e| e.to_string()));
+        if let Err(reason) = &config {
+            tracing::warn!(controlnet = %name, source = %source, %reason, "ControlNet config not read at start-up");
+        }
+        ControlNetSpec {
+            name: name.to_string(),
+            source,
+            config,
+        }
+    }
+}
+
 /// What `ListModels` reports for a model.
 #[derive(Debug, Clone, Default)]
 pub struct ModelStatus {
@@ -61,6 +93,9 @@ pub struct ModelTable {
     /// Per model, the weights LoRA adapters may update (read once, on the first request with
     /// adapters).
     lora_targets: Mutex<HashMap<String, Arc<LoraTargets>>>,
+    controlnets: Vec<ControlNetSpec>,
+    /// Bytes each loaded ControlNet holds (absent: not loaded).
+    controlnet_bytes: Mutex<HashMap<String, u64>>,
 }
 
 impl ModelTable {
@@ -76,7 +111,30 @@ impl ModelTable {
             status: Mutex::new(status),
             loras: LoraLibrary::default(),
             lora_targets: Mutex::new(HashMap::new()),
+            controlnets: Vec::new(),
+            controlnet_bytes: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same table, with the ControlNets requests may name.
+    pub fn with_controlnets(mut self, controlnets: Vec<ControlNetSpec>) -> Self {
+        self.controlnets = controlnets;
+        self
+    }
+
+    /// Every registered ControlNet, in registration order.
+    pub fn controlnets(&self) -> &[ControlNetSpec] {
+        &self.controlnets
+    }
+
+    /// The ControlNet named `name`.
+    pub fn controlnet(&self, name: &str) -> Option<&ControlNetSpec> {
+        self.controlnets.iter().find(|c| c.name == name)
+    }
+
+    /// Bytes ControlNet `name` holds while loaded (`None`: not loaded).
+    pub fn controlnet_loaded_bytes(&self, name: &str) -> Option<u64> {
+        lock(&self.controlnet_bytes).get(name).copied()
     }
 
     /// The same table, with the LoRA adapters requests may name.
@@ -203,6 +261,8 @@ pub struct LoadedModels {
     max_loaded: usize,
     memory_budget: Option<u64>,
     loaded: Vec<(VariantKey, Arc<StableDiffusionPipeline>)>,
+    /// Loaded ControlNets, least recently used first; their bytes count in the budget.
+    nets: Vec<(String, Arc<ControlNetModel>)>,
     failures: HashMap<String, LoadFailure>,
 }
 
@@ -233,13 +293,73 @@ impl LoadedModels {
             max_loaded: max_loaded.max(1),
             memory_budget,
             loaded: Vec::new(),
+            nets: Vec::new(),
             failures: HashMap::new(),
         }
     }
 
-    /// Bytes of weights loaded now.
+    /// Bytes of weights loaded now, models and ControlNets.
     pub fn loaded_bytes(&self) -> u64 {
-        self.loaded.iter().map(|(_, p)| p.weight_bytes()).sum()
+        let models: u64 = self.loaded.iter().map(|(_, p)| p.weight_bytes()).sum();
+        models + self.nets.iter().map(|(_, n)| n.weight_bytes()).sum::<u64>()
+    }
+
+    /// The ControlNets `names` for `pipeline` (the job's, kept loaded), loading the missing
+    /// ones in its dtype and evicting, to fit the budget, the least recently used ControlNets
+    /// the job does not need, then models other than `model`.
+    pub fn get_controlnets(
+        &mut self,
+        names: &[String],
+        model: &str,
+        loras: &[LoraAdapter],
+        pipeline: &StableDiffusionPipeline,
+    ) -> Result<Vec<Arc<ControlNetModel>>, String> {
+        let keep = VariantKey::new(model, loras);
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            if let Some(i) = self.nets.iter().position(|(n, _)| n == name) {
+                let entry = self.nets.remove(i);
+                out.push(entry.1.clone());
+                self.nets.push(entry);
+                continue;
+            }
+            let spec = self
+                .table
+                .controlnet(name)
+                .ok_or_else(|| format!("ControlNet `{name}` is not registered"))?
+                .clone();
+            let dtype = pipeline.dtype();
+            let fail = |e: jhakaas_model_manager::Error| {
+                format!("ControlNet `{name}` failed to load: {e}")
+            };
+            let needed = ControlNetModel::estimate_loaded_bytes(&spec.source, &self.device, dtype)
+                .map_err(fail)?;
+            if let Some(budget) = self.memory_budget {
+                while self.loaded_bytes() + needed > budget {
+                    let spare = self.nets.iter().position(|(n, _)| !names.contains(n));
+                    if let Some(i) = spare {
+                        let (evicted, net) = self.nets.remove(i);
+                        tracing::info!(controlnet = %evicted, bytes = net.weight_bytes(), "evicting least recently used ControlNet");
+                        lock(&self.table.controlnet_bytes).remove(&evicted);
+                    } else if !self.evict_oldest_except(Some(&keep)) {
+                        return Err(format!(
+                            "ControlNet `{name}` needs {} of weights; the budget of {} holds \
+                             only the model and the job's other ControlNets",
+                            human_bytes(needed),
+                            human_bytes(budget)
+                        ));
+                    }
+                }
+            }
+            let started = std::time::Instant::now();
+            let net =
+                Arc::new(ControlNetModel::load(&spec.source, &self.device, dtype).map_err(fail)?);
+            tracing::info!(controlnet = %name, source = %spec.source, elapsed = ?started.elapsed(), "ControlNet loaded");
+            lock(&self.table.controlnet_bytes).insert(name.clone(), net.weight_bytes());
+            self.nets.push((name.clone(), net.clone()));
+            out.push(net);
+        }
+        Ok(out)
     }
 
     /// Evicts the least recently used pipeline other than `keep` — a base model together

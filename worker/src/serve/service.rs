@@ -174,6 +174,21 @@ impl pb::worker_server::Worker for WorkerService {
             models,
             schedulers: SchedulerKind::ALL.iter().map(|k| k.to_string()).collect(),
             rngs: RngKind::ALL.iter().map(|k| k.to_string()).collect(),
+            controlnets: self
+                .models
+                .controlnets()
+                .iter()
+                .map(|c| {
+                    let bytes = self.models.controlnet_loaded_bytes(&c.name);
+                    pb::ControlNetInfo {
+                        name: c.name.clone(),
+                        source: c.source.to_string(),
+                        loaded: bytes.is_some(),
+                        loaded_bytes: bytes.unwrap_or(0),
+                        error: c.config.as_ref().err().cloned().unwrap_or_default(),
+                    }
+                })
+                .collect(),
         }))
     }
 }

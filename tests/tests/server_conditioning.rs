@@ -1,6 +1,7 @@
-//! Inpainting and outpainting over gRPC: `mask` and `outpaint` beside `init_image` give
-//! diffusers' images (the committed inpainting cases, from their seeds), and every bad
-//! combination is INVALID_ARGUMENT naming the field before anything is queued.
+//! Inpainting, outpainting and ControlNets over gRPC: `mask` and `outpaint` beside
+//! `init_image`, and `controlnets`, give diffusers' images (the committed cases, from their
+//! seeds), registered nets are listed and budgeted, and every bad combination is
+//! INVALID_ARGUMENT naming the field before anything is queued.
 
 use jhakaas_proto::v1 as pb;
 use jhakaas_tests::cases::{load_inpaint_cases, FixtureCase};
@@ -222,4 +223,121 @@ async fn bad_masks_and_outpaints_name_the_field() {
     // A valid inpainting request still runs.
     let done = completed(&mut client, ok).await;
     assert_eq!(done.images.len(), 1);
+}
+
+/// The request of ControlNet case `name` of `pipeline` for the server's model `model`, the
+/// nets named as the server registered them (`--controlnet NAME=fixture folder`).
+fn controlnet_request(
+    pipeline: &str,
+    name: &str,
+    model: &str,
+) -> (pb::GenerateRequest, FixtureCase) {
+    let case = jhakaas_tests::cases::load_controlnet_cases(pipeline)
+        .into_iter()
+        .find(|c| c.name == name)
+        .unwrap();
+    let req = pb::GenerateRequest {
+        model: model.into(),
+        prompt: case.prompt.clone(),
+        negative_prompt: case.negative_prompt.clone().unwrap_or_default(),
+        steps: case.steps as u32,
+        guidance_scale: case.guidance_scale as f32,
+        seed: Some(case.seed),
+        rng: "torch-cpu".into(),
+        scheduler: case.scheduler.clone().unwrap_or_default(),
+        num_images: case.num_images as u32,
+        controlnets: case
+            .controlnets
+            .iter()
+            .map(|c| pb::ControlNetInput {
+                name: c.net.clone(),
+                image: read(pipeline, &c.image),
+                scale: c.scale as f32,
+                start: c.start as f32,
+                end: c.end as f32,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    (req, case)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn controlnets_over_grpc_give_diffusers_images_and_are_listed() {
+    let sd1 = fixture_model("sd1", "sd1-tiny");
+    let nets = fixtures().join("models");
+    let net = |n: &str| format!("{n}={}", nets.join(n).display());
+    let server = TestServer::start(&[
+        "--model",
+        &sd1,
+        "--controlnet",
+        &net("controlnet-sd1-tiny"),
+        "--controlnet",
+        &net("controlnet-sd1-tiny-bgr"),
+        "--controlnet",
+        &net("controlnet-sdxl-tiny"),
+    ]);
+    server.wait_ready().await;
+    let mut client = server.client().await;
+    let listed = client
+        .list_models(pb::ListModelsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.controlnets.len(), 3);
+    assert!(listed
+        .controlnets
+        .iter()
+        .all(|c| !c.loaded && c.error.is_empty()));
+    for name in ["scale-1", "two-nets"] {
+        let (req, case) = controlnet_request("sd1-tiny", name, "sd1");
+        let done = completed(&mut client, req).await;
+        let ours = image::load_from_memory(&done.images[0].data)
+            .unwrap()
+            .to_rgb8();
+        let want = read("sd1-tiny", case.image.as_str().unwrap());
+        let theirs = image::load_from_memory(&want).unwrap().to_rgb8();
+        let (mean, max) = image_diff(&ours, &theirs);
+        assert!(mean <= 0.5 && max <= 6, "{name}: mean {mean}, max {max}");
+    }
+    let listed = client
+        .list_models(pb::ListModelsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let loaded: Vec<_> = listed.controlnets.iter().filter(|c| c.loaded).collect();
+    assert_eq!(loaded.len(), 2, "{listed:?}");
+    assert!(loaded.iter().all(|c| c.loaded_bytes > 0));
+
+    // Bad ControlNet inputs, refused naming the field before anything is queued.
+    let (ok, _) = controlnet_request("sd1-tiny", "scale-1", "sd1");
+    let with = |f: &dyn Fn(&mut pb::ControlNetInput)| {
+        let mut r = ok.clone();
+        f(&mut r.controlnets[0]);
+        r
+    };
+    let cases = [
+        ("controlnets", with(&|c| c.name = "nope".into())),
+        (
+            "controlnet",
+            with(&|c| c.name = "controlnet-sdxl-tiny".into()),
+        ),
+        ("controlnets", with(&|c| c.image.clear())),
+        (
+            "control_image",
+            with(&|c| c.image = b"not an image".to_vec()),
+        ),
+        ("controlnets", with(&|c| c.scale = f32::NAN)),
+        ("controlnets", with(&|c| (c.start, c.end) = (0.8, 0.4))),
+        ("controlnets", {
+            let mut r = ok.clone();
+            r.controlnets = vec![r.controlnets[0].clone(); 5];
+            r
+        }),
+    ];
+    for (field, req) in cases {
+        let err = client.generate(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
 }
