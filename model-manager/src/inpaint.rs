@@ -67,6 +67,121 @@ pub fn latent_mask(mask: &Tensor, scale: usize) -> Result<Tensor> {
     Ok(mask.index_select(&rows, 2)?.index_select(&cols, 3)?)
 }
 
+/// The rectangle (`x1..x2`, `y1..y2` in pixels) diffusers' `padding_mask_crop` inpaints: the
+/// mask's bounding box grown by the padding, then to the output's aspect ratio, inside the
+/// image (`VaeImageProcessor.get_crop_region`, integer for integer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CropRegion {
+    /// Left edge.
+    pub x1: u32,
+    /// Top edge.
+    pub y1: u32,
+    /// Right edge (exclusive).
+    pub x2: u32,
+    /// Bottom edge (exclusive).
+    pub y2: u32,
+}
+
+impl CropRegion {
+    /// The region of `mask` (any non-zero pixel counts) padded by `pad` for an output of
+    /// `width × height`; a mask without a single non-zero pixel is an invalid `mask`.
+    pub fn of(mask: &GrayImage, width: usize, height: usize, pad: u32) -> Result<Self> {
+        let (w, h) = (mask.width() as i64, mask.height() as i64);
+        let col = |x: u32| (0..mask.height()).any(|y| mask.get_pixel(x, y).0[0] != 0);
+        let row = |y: u32| (0..mask.width()).any(|x| mask.get_pixel(x, y).0[0] != 0);
+        let (Some(left), Some(top)) = (
+            (0..mask.width()).find(|&x| col(x)),
+            (0..mask.height()).find(|&y| row(y)),
+        ) else {
+            return Err(Error::invalid("mask", "has no pixel to repaint"));
+        };
+        let right = (0..mask.width()).rev().find(|&x| col(x)).unwrap_or(left) as i64 + 1;
+        let bottom = (0..mask.height()).rev().find(|&y| row(y)).unwrap_or(top) as i64 + 1;
+        let pad = pad as i64;
+        let (mut x1, mut y1) = ((left as i64 - pad).max(0), (top as i64 - pad).max(0));
+        let (mut x2, mut y2) = ((right + pad).min(w), (bottom + pad).min(h));
+        let ratio_crop = (x2 - x1) as f64 / (y2 - y1) as f64;
+        let ratio = width as f64 / height as f64;
+        // Grow the short side to the output's aspect ratio, centred, shifted back inside.
+        let grow = |lo: &mut i64, hi: &mut i64, diff: i64, limit: i64| {
+            *lo -= diff.div_euclid(2);
+            *hi += diff - diff.div_euclid(2);
+            if *hi >= limit {
+                let over = *hi - limit;
+                *hi -= over;
+                *lo -= over;
+            }
+            if *lo < 0 {
+                *hi -= *lo;
+                *lo = 0;
+            }
+            if *hi >= limit {
+                *hi = limit;
+            }
+        };
+        if ratio_crop > ratio {
+            let diff = ((x2 - x1) as f64 / ratio - (y2 - y1) as f64) as i64;
+            grow(&mut y1, &mut y2, diff, h);
+        } else {
+            let diff = ((y2 - y1) as f64 * ratio - (x2 - x1) as f64) as i64;
+            grow(&mut x1, &mut x2, diff, w);
+        }
+        Ok(CropRegion {
+            x1: x1 as u32,
+            y1: y1 as u32,
+            x2: x2 as u32,
+            y2: y2 as u32,
+        })
+    }
+
+    /// The region's pixels of `image`.
+    pub fn crop<P: image::Pixel + 'static>(
+        &self,
+        image: &image::ImageBuffer<P, Vec<P::Subpixel>>,
+    ) -> image::ImageBuffer<P, Vec<P::Subpixel>> {
+        image::imageops::crop_imm(
+            image,
+            self.x1,
+            self.y1,
+            self.x2 - self.x1,
+            self.y2 - self.y1,
+        )
+        .to_image()
+    }
+
+    /// diffusers' `apply_overlay`: `generated` resized (Lanczos3) into the region of
+    /// `original`, then `original` laid over it where `mask` keeps (alpha `255 − mask`, so gray
+    /// mask pixels blend): the image outside what was repainted is the original's.
+    pub fn paste_back(
+        &self,
+        generated: &RgbImage,
+        original: &RgbImage,
+        mask: &GrayImage,
+    ) -> RgbImage {
+        let (cw, ch) = (self.x2 - self.x1, self.y2 - self.y1);
+        let resized;
+        let generated = if generated.dimensions() == (cw, ch) {
+            generated
+        } else {
+            resized =
+                image::imageops::resize(generated, cw, ch, image::imageops::FilterType::Lanczos3);
+            &resized
+        };
+        RgbImage::from_fn(original.width(), original.height(), |x, y| {
+            let inside = x >= self.x1 && x < self.x2 && y >= self.y1 && y < self.y2;
+            let under = match inside {
+                true => generated.get_pixel(x - self.x1, y - self.y1).0,
+                false => [0, 0, 0],
+            };
+            let keep = 255 - mask.get_pixel(x, y).0[0] as u32;
+            let top = original.get_pixel(x, y).0;
+            image::Rgb(std::array::from_fn(|c| {
+                ((top[c] as u32 * keep + under[c] as u32 * (255 - keep) + 127) / 255) as u8
+            }))
+        })
+    }
+}
+
 /// Pixels to add on each side of an image before inpainting the new area.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Outpaint {
@@ -192,6 +307,25 @@ mod tests {
         assert_eq!(mask.get_pixel(9, 3).0, [0]);
         assert_eq!(mask.get_pixel(3, 3).0, [255]);
         assert_eq!(mask.get_pixel(9, 8).0, [255]);
+    }
+
+    /// Values diffusers' `get_crop_region` gives for the same masks.
+    #[test]
+    fn crop_regions_are_diffusers() {
+        let mask = |w, h, x0: u32, y0: u32, x1: u32, y1: u32| {
+            GrayImage::from_fn(w, h, |x, y| {
+                Luma([if x >= x0 && x < x1 && y >= y0 && y < y1 {
+                    255
+                } else {
+                    0
+                }])
+            })
+        };
+        let r = CropRegion::of(&mask(64, 64, 20, 30, 30, 34), 32, 32, 4).unwrap();
+        assert_eq!((r.x1, r.y1, r.x2, r.y2), (16, 23, 34, 41));
+        let r = CropRegion::of(&mask(64, 48, 0, 40, 10, 48), 64, 32, 0).unwrap();
+        assert_eq!((r.x1, r.y1, r.x2, r.y2), (0, 40, 16, 48));
+        assert!(CropRegion::of(&mask(8, 8, 0, 0, 0, 0), 8, 8, 2).is_err());
     }
 
     #[test]

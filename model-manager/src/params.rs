@@ -61,6 +61,10 @@ pub struct InitImage {
     /// Inpainting: white (≥ 50% gray) = repaint, black = keep; resized to the output like the
     /// image (see [`crate::inpaint`]).
     pub mask: Option<image::GrayImage>,
+    /// diffusers' `padding_mask_crop` (A1111's "inpaint only masked"): inpaint only the
+    /// mask's bounding box grown by this many pixels, at the output size, and paste the
+    /// result back into the full image.
+    pub mask_crop_padding: Option<u32>,
 }
 
 /// One ControlNet steering a request (diffusers' `controlnet_conditioning_scale`,

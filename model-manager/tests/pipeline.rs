@@ -116,6 +116,7 @@ fn img2img_runs_only_the_last_steps_and_defaults_to_the_init_image_size() {
         image: init.clone(),
         strength: 0.35,
         mask: None,
+        mask_crop_padding: None,
     });
     let mut steps = 0;
     let out = p

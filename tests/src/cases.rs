@@ -25,6 +25,9 @@ pub struct FixtureCase {
     /// Inpainting: the mask, relative to the pipeline's reference folder.
     #[serde(default)]
     pub mask: Option<String>,
+    /// Inpainting only the mask's box grown by this many pixels (`padding_mask_crop`).
+    #[serde(default)]
+    pub mask_crop_padding: Option<u32>,
     /// Outpainting: `LEFT,TOP,RIGHT,BOTTOM` pixels added to the init image.
     #[serde(default)]
     pub outpaint: Option<String>,
@@ -197,6 +200,9 @@ impl FixtureCase {
         }
         if let Some(mask) = &self.mask {
             args.extend(["--mask".into(), ref_dir.join(mask).display().to_string()]);
+        }
+        if let Some(pad) = self.mask_crop_padding {
+            args.extend(["--mask-crop-padding".into(), pad.to_string()]);
         }
         if let Some(sides) = &self.outpaint {
             args.extend(["--outpaint".into(), sides.clone()]);

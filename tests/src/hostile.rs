@@ -126,6 +126,7 @@ pub const FIELDS: &[&str] = &[
     "controlnets",
     "control_image",
     "controlnet",
+    "mask_crop_padding",
 ];
 
 fn text(rng: &mut Rng, max: u64) -> String {
@@ -246,6 +247,9 @@ pub fn request(rng: &mut Rng, png: &[u8]) -> pb::GenerateRequest {
         } else {
             Vec::new()
         },
+        mask_crop_padding: rng
+            .chance(HOSTILE)
+            .then(|| rng.pick(&[0, 8, 1000, u32::MAX])),
         outpaint: rng.chance(HOSTILE).then(|| {
             let side = |rng: &mut Rng| rng.pick(&[0u32, 0, 8, 3, 64, 4096, u32::MAX]);
             pb::Outpaint {

@@ -208,6 +208,23 @@ async fn bad_masks_and_outpaints_name_the_field() {
                 ..ok.clone()
             },
         ),
+        (
+            "mask_crop_padding",
+            pb::GenerateRequest {
+                mask: vec![],
+                mask_crop_padding: Some(4),
+                ..ok.clone()
+            },
+        ),
+        // Cropping around a mask of another size than the image.
+        (
+            "mask",
+            pb::GenerateRequest {
+                mask: read("sd1-tiny", "../outpaint-mask.png"),
+                mask_crop_padding: Some(4),
+                ..ok.clone()
+            },
+        ),
     ];
     for (field, req) in cases {
         for via_submit in [false, true] {

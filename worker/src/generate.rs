@@ -81,6 +81,11 @@ pub struct GenerateArgs {
     /// UNet) or any other (diffusers' latent blending).
     #[arg(long, requires = "init_image")]
     mask: Option<PathBuf>,
+    /// Inpaint only the mask's bounding box grown by N pixels (diffusers' `padding_mask_crop`,
+    /// A1111's "inpaint only masked"), at the output size (default: the model's), and paste
+    /// the result back into the full image.
+    #[arg(long, value_name = "N", requires = "mask")]
+    mask_crop_padding: Option<u32>,
     /// Outpainting: pixels to add on each side, LEFT,TOP,RIGHT,BOTTOM (multiples of 8); the
     /// canvas is extended with the image's edge pixels and the new area inpainted.
     #[arg(
@@ -269,6 +274,7 @@ fn init_image(path: &std::path::Path, args: &GenerateArgs) -> Result<InitImage> 
         image,
         strength,
         mask,
+        mask_crop_padding: args.mask_crop_padding,
     })
 }
 

@@ -70,6 +70,9 @@ impl StableDiffusionPipeline {
         nets: &[Arc<ControlNetModel>],
         on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<Generation> {
+        if let Some(cropped) = self.crop_inpaint(p, limits, nets, on_progress)? {
+            return Ok(cropped);
+        }
         if p.controlnets.len() != nets.len() {
             return Err(Error::invalid(
                 "controlnets",
@@ -116,6 +119,44 @@ impl StableDiffusionPipeline {
                 decode: t2.elapsed(),
             },
         })
+    }
+
+    /// diffusers' `padding_mask_crop`: when the request asks for it, inpaints only the
+    /// mask's padded bounding box (at the resolved output size) and pastes each image back
+    /// into the full init image; `None` for every other request.
+    fn crop_inpaint(
+        &self,
+        p: &GenerateParams,
+        limits: &super::RequestLimits,
+        nets: &[Arc<ControlNetModel>],
+        on_progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+    ) -> Result<Option<Generation>> {
+        let Some(init) = &p.init_image else {
+            return Ok(None);
+        };
+        let (Some(mask), Some(pad)) = (&init.mask, init.mask_crop_padding) else {
+            return Ok(None);
+        };
+        // The rules (a mask of the image's size, with something to repaint) are resolve's.
+        let rp = self.resolve_within(p, limits)?;
+        let region = inpaint::CropRegion::of(mask, rp.width, rp.height, pad)?;
+        let cropped = GenerateParams {
+            width: Some(rp.width),
+            height: Some(rp.height),
+            seed: Some(rp.seed),
+            init_image: Some(InitImage {
+                image: region.crop(&init.image),
+                strength: init.strength,
+                mask: Some(region.crop(mask)),
+                mask_crop_padding: None,
+            }),
+            ..p.clone()
+        };
+        let mut generation = self.generate_with_nets(&cropped, limits, nets, on_progress)?;
+        for img in &mut generation.images {
+            img.image = region.paste_back(&img.image, &init.image, mask);
+        }
+        Ok(Some(generation))
     }
 
     /// The resolved request, its scheduler and its noise generator.

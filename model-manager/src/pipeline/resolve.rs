@@ -49,6 +49,10 @@ impl ModelDescription {
         let scale = self.vae_scale_factor;
         let from_latents = |axis: usize| p.noise.as_ref().map(|n| n.latents.shape[axis] * scale);
         let (default_w, default_h) = match &p.init_image {
+            // Inpainting a crop renders it at the model's size, as diffusers does.
+            Some(init) if init.mask_crop_padding.is_some() => {
+                (self.defaults.width, self.defaults.height)
+            }
             Some(init) => (
                 init.image.width() as usize / scale * scale,
                 init.image.height() as usize / scale * scale,
@@ -118,6 +122,22 @@ impl ModelDescription {
                 "mask",
                 "this is an inpainting model: it needs an init_image and a mask",
             ));
+        }
+        if let Some(init) = &p.init_image {
+            if let (Some(mask), Some(_)) = (&init.mask, init.mask_crop_padding) {
+                if mask.dimensions() != init.image.dimensions() {
+                    return Err(Error::invalid(
+                        "mask",
+                        "must be the init image's size to crop around it (mask_crop_padding)",
+                    ));
+                }
+                if mask.as_raw().iter().all(|&v| v == 0) {
+                    return Err(Error::invalid(
+                        "mask",
+                        "has no pixel to repaint, nothing to crop around",
+                    ));
+                }
+            }
         }
         if masked && p.noise.is_some() {
             return Err(Error::invalid(

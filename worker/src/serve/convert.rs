@@ -312,10 +312,14 @@ fn init_image(req: &pb::GenerateRequest, limits: &Limits) -> Result<Option<InitI
         true => 1.0,
         false => req.strength as f64,
     };
+    if req.mask_crop_padding.is_some() && req.mask.is_empty() {
+        return Err(invalid("mask_crop_padding", "needs a mask"));
+    }
     Ok(Some(InitImage {
         image,
         strength,
         mask,
+        mask_crop_padding: req.mask_crop_padding,
     }))
 }
 
