@@ -66,6 +66,10 @@ pub struct GenerateArgs {
     /// torch-cuda (torch's CUDA generator, computed on the host; not yet verified on a GPU).
     #[arg(long)]
     rng: Option<String>,
+    /// The GPU the Python worker's `torch.Generator("cuda")` drew on, for `--rng torch-cuda`:
+    /// h100, h200, a100, l4, a10g, t4, or MULTIPROCESSORS:THREADS_PER_MULTIPROCESSOR.
+    #[arg(long, env = "JHAKAAS_TORCH_CUDA_GPU", default_value = "h100")]
+    torch_cuda_gpu: String,
     /// Number of images.
     #[arg(long, default_value_t = 1)]
     num_images: usize,
@@ -161,6 +165,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             .iter()
             .map(|l| LoraAdapter::parse(l))
             .collect::<Result<_, _>>()?,
+        torch_cuda_grid: args.torch_cuda_gpu.parse()?,
         ..Default::default()
     };
     let lora_summary: Vec<String> = options

@@ -30,8 +30,8 @@ pub enum RngKind {
     /// diffusers' image. Every image of the request reports the request's seed.
     TorchCpu,
     /// `torch-cuda`: the same with `torch.Generator("cuda")` (Philox4x32-10, computed on the
-    /// host), for Python workers that drew on the GPU; laid out as on an H100-sized GPU
-    /// ([`CudaGrid::H100`]). Not yet compared with a GPU's draws bit for bit.
+    /// host), for Python workers that drew on the GPU; laid out as on the GPU the request's
+    /// [`CudaGrid`] describes (an H100 by default). Not yet compared with a GPU's draws.
     TorchCuda,
 }
 
@@ -94,8 +94,9 @@ pub enum RequestNoise {
 }
 
 impl RequestNoise {
-    /// The generator(s) of a request seeded `seed` with `images` images.
-    pub fn new(kind: RngKind, seed: u64, images: usize) -> Self {
+    /// The generator(s) of a request seeded `seed` with `images` images; `grid` is the GPU
+    /// `torch-cuda` lays its draws out for.
+    pub fn new(kind: RngKind, seed: u64, images: usize, grid: CudaGrid) -> Self {
         match kind {
             RngKind::ChaCha => RequestNoise::PerImage(
                 (0..images)
@@ -103,9 +104,7 @@ impl RequestNoise {
                     .collect(),
             ),
             RngKind::TorchCpu => RequestNoise::TorchCpu(TorchCpuGenerator::new(seed)),
-            RngKind::TorchCuda => {
-                RequestNoise::TorchCuda(TorchCudaGenerator::new(seed, CudaGrid::H100))
-            }
+            RngKind::TorchCuda => RequestNoise::TorchCuda(TorchCudaGenerator::new(seed, grid)),
         }
     }
 
@@ -161,24 +160,24 @@ mod tests {
 
     #[test]
     fn per_image_streams_do_not_depend_on_the_batch_but_torch_draws_do() {
-        let mut two = RequestNoise::new(RngKind::ChaCha, 7, 2);
-        let mut one = RequestNoise::new(RngKind::ChaCha, 8, 1);
+        let mut two = RequestNoise::new(RngKind::ChaCha, 7, 2, CudaGrid::H100);
+        let mut one = RequestNoise::new(RngKind::ChaCha, 8, 1, CudaGrid::H100);
         assert_eq!(
             two.batch(2, 32, DType::F32)[32..],
             one.batch(1, 32, DType::F32)[..]
         );
 
-        let mut torch = RequestNoise::new(RngKind::TorchCpu, 7, 2);
+        let mut torch = RequestNoise::new(RngKind::TorchCpu, 7, 2, CudaGrid::H100);
         assert_eq!(
             torch.batch(2, 32, DType::F32),
             TorchCpuGenerator::new(7).randn(64)
         );
-        let mut torch = RequestNoise::new(RngKind::TorchCpu, 7, 2);
+        let mut torch = RequestNoise::new(RngKind::TorchCpu, 7, 2, CudaGrid::H100);
         assert_eq!(
             torch.batch(2, 81, DType::F16),
             TorchCpuGenerator::new(7).randn_half(162)
         );
-        let mut torch = RequestNoise::new(RngKind::TorchCpu, 7, 3);
+        let mut torch = RequestNoise::new(RngKind::TorchCpu, 7, 3, CudaGrid::H100);
         let posterior = torch.posterior(3, 20, DType::F32);
         assert_eq!(posterior[..20], posterior[40..]);
         assert_eq!(RngKind::TorchCpu.image_seed(7, 2), 7);

@@ -40,11 +40,77 @@ impl CudaGrid {
         multiprocessors: 132,
         max_threads_per_multiprocessor: 2048,
     };
+    /// NVIDIA A100: 108 × 2,048.
+    pub const A100: CudaGrid = CudaGrid {
+        multiprocessors: 108,
+        max_threads_per_multiprocessor: 2048,
+    };
+    /// NVIDIA L4: 58 × 1,536 (draws above 89,088 values differ from an H100's layout).
+    pub const L4: CudaGrid = CudaGrid {
+        multiprocessors: 58,
+        max_threads_per_multiprocessor: 1536,
+    };
+    /// NVIDIA A10G: 80 × 1,536.
+    pub const A10G: CudaGrid = CudaGrid {
+        multiprocessors: 80,
+        max_threads_per_multiprocessor: 1536,
+    };
+    /// NVIDIA T4: 40 × 1,024.
+    pub const T4: CudaGrid = CudaGrid {
+        multiprocessors: 40,
+        max_threads_per_multiprocessor: 1024,
+    };
+    /// The names [`CudaGrid::from_str`] knows, with their grids.
+    pub const NAMED: [(&'static str, CudaGrid); 6] = [
+        ("h100", CudaGrid::H100),
+        ("h200", CudaGrid::H100),
+        ("a100", CudaGrid::A100),
+        ("l4", CudaGrid::L4),
+        ("a10g", CudaGrid::A10G),
+        ("t4", CudaGrid::T4),
+    ];
 
     /// The most blocks torch launches.
     fn max_blocks(self) -> u64 {
         let per_sm = (self.max_threads_per_multiprocessor as u64 / BLOCK).max(1);
         self.multiprocessors.max(1) as u64 * per_sm
+    }
+}
+
+impl Default for CudaGrid {
+    /// An H100's (the GPUs this worker is deployed on).
+    fn default() -> Self {
+        CudaGrid::H100
+    }
+}
+
+impl std::str::FromStr for CudaGrid {
+    type Err = crate::error::Error;
+
+    /// A GPU name (`h100`, `h200`, `a100`, `l4`, `a10g`, `t4`; case-insensitive) or
+    /// `MULTIPROCESSORS:THREADS_PER_MULTIPROCESSOR` as `torch.cuda.get_device_properties` gives
+    /// them; errors name the field `torch_cuda_gpu`.
+    fn from_str(s: &str) -> crate::error::Result<Self> {
+        let wanted = s.trim().to_ascii_lowercase();
+        if let Some((_, grid)) = CudaGrid::NAMED.iter().find(|(n, _)| *n == wanted) {
+            return Ok(*grid);
+        }
+        let parsed = wanted.split_once(':').and_then(|(sms, threads)| {
+            Some(CudaGrid {
+                multiprocessors: sms.parse().ok().filter(|&v: &u32| v > 0)?,
+                max_threads_per_multiprocessor: threads.parse().ok().filter(|&v: &u32| v >= 256)?,
+            })
+        });
+        parsed.ok_or_else(|| {
+            let names: Vec<&str> = CudaGrid::NAMED.iter().map(|(n, _)| *n).collect();
+            crate::error::Error::invalid(
+                "torch_cuda_gpu",
+                format!(
+                    "`{s}` is neither a GPU ({}) nor MULTIPROCESSORS:THREADS (threads ≥ 256)",
+                    names.join(", ")
+                ),
+            )
+        })
     }
 }
 
@@ -226,6 +292,30 @@ mod tests {
         let mean = big.iter().sum::<f32>() / 2000.0;
         let var = big.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / 2000.0;
         assert!(mean.abs() < 0.1 && (var - 1.0).abs() < 0.1, "{mean} {var}");
+    }
+
+    #[test]
+    fn gpus_parse_by_name_or_size_and_lay_large_draws_out_by_their_size() {
+        assert_eq!("L4".parse::<CudaGrid>().unwrap(), CudaGrid::L4);
+        assert_eq!("h200".parse::<CudaGrid>().unwrap(), CudaGrid::H100);
+        let custom: CudaGrid = "58:1536".parse().unwrap();
+        assert_eq!(custom, CudaGrid::L4);
+        for bad in ["v100x", "0:1024", "58:100", "58", ""] {
+            let err = bad.parse::<CudaGrid>().unwrap_err().to_string();
+            assert!(err.contains("torch_cuda_gpu"), "{bad}: {err}");
+        }
+        // One SDXL latent (65,536 values) fits both GPUs' resident threads: the same draw.
+        let n = 4 * 128 * 128;
+        let (h, l) = (CudaGrid::H100, CudaGrid::L4);
+        assert_eq!(
+            TorchCudaGenerator::new(3, h).randn(n),
+            TorchCudaGenerator::new(3, l).randn(n)
+        );
+        // Two of them exceed the L4's 89,088: laid out differently.
+        assert_ne!(
+            TorchCudaGenerator::new(3, h).randn(2 * n),
+            TorchCudaGenerator::new(3, l).randn(2 * n)
+        );
     }
 
     #[test]

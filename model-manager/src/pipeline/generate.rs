@@ -179,7 +179,7 @@ impl StableDiffusionPipeline {
             cfg: rp.guidance_scale > 1.0,
             sched,
             noise: NoiseSource {
-                draws: RequestNoise::new(rp.rng, rp.seed, rp.num_images),
+                draws: RequestNoise::new(rp.rng, rp.seed, rp.num_images, self.torch_cuda_grid),
                 shape,
                 device: self.device.clone(),
                 replayed_steps: 0,

@@ -55,6 +55,8 @@ pub struct LoadOptions {
     /// variant takes every layer its adapters leave untouched from there instead of loading
     /// its own copy.
     pub share_with: Option<Arc<SharedWeights>>,
+    /// The GPU the `torch-cuda` generator lays its draws out for (the Python worker's).
+    pub torch_cuda_grid: crate::noise::CudaGrid,
 }
 
 /// A loaded pipeline, ready to generate.
@@ -72,6 +74,7 @@ pub struct StableDiffusionPipeline {
     weight_bytes: u64,
     shared: Arc<SharedWeights>,
     shared_bytes: u64,
+    torch_cuda_grid: crate::noise::CudaGrid,
 }
 
 impl std::fmt::Debug for StableDiffusionPipeline {
@@ -219,6 +222,7 @@ impl StableDiffusionPipeline {
             weight_bytes: text_bytes + unet_bytes + vae_bytes,
             shared: share.record,
             shared_bytes: text_shared + unet_shared + vae_shared,
+            torch_cuda_grid: options.torch_cuda_grid,
         })
     }
 

@@ -148,6 +148,10 @@ pub struct ServeArgs {
         value_name = "NAME=SOURCE"
     )]
     controlnets: Vec<String>,
+    /// The GPU the Python worker's `torch.Generator("cuda")` drew on, for `rng torch-cuda`:
+    /// h100, h200, a100, l4, a10g, t4, or MULTIPROCESSORS:THREADS_PER_MULTIPROCESSOR.
+    #[arg(long, env = "JHAKAAS_TORCH_CUDA_GPU", default_value = "h100")]
+    torch_cuda_gpu: String,
     /// Largest encoded init image (and mask, and control image), in bytes.
     #[arg(long, env = "JHAKAAS_MAX_INIT_IMAGE_BYTES", default_value_t = 8 * 1024 * 1024)]
     max_init_image_bytes: usize,
@@ -400,7 +404,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let table = Arc::new(
         ModelTable::new(specs, default_model.clone())
             .with_loras(loras::LoraLibrary::new(args.lora_dir.clone()))
-            .with_controlnets(controlnet_specs(&args)?),
+            .with_controlnets(controlnet_specs(&args)?)
+            .with_torch_cuda_grid(args.torch_cuda_gpu.parse()?),
     );
     table.describe_available();
     let limits = Limits {

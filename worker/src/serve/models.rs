@@ -8,6 +8,7 @@ use super::loras::LoraLibrary;
 use jhakaas_model_manager::config::{read_json, ControlNetConfig, PipelineKind};
 use jhakaas_model_manager::controlnet::ControlNetModel;
 use jhakaas_model_manager::lora::{LoraAdapter, LoraTargets};
+use jhakaas_model_manager::noise::CudaGrid;
 use jhakaas_model_manager::pipeline::{
     describe, estimate_loaded_bytes, DefaultsOverride, ModelDescription,
 };
@@ -96,6 +97,8 @@ pub struct ModelTable {
     controlnets: Vec<ControlNetSpec>,
     /// Bytes each loaded ControlNet holds (absent: not loaded).
     controlnet_bytes: Mutex<HashMap<String, u64>>,
+    /// The GPU `torch-cuda` lays draws out for (`--torch-cuda-gpu`).
+    torch_cuda_grid: CudaGrid,
 }
 
 impl ModelTable {
@@ -113,7 +116,14 @@ impl ModelTable {
             lora_targets: Mutex::new(HashMap::new()),
             controlnets: Vec::new(),
             controlnet_bytes: Mutex::new(HashMap::new()),
+            torch_cuda_grid: CudaGrid::default(),
         }
+    }
+
+    /// The same table, `torch-cuda` drawing as on a `grid`-sized GPU.
+    pub fn with_torch_cuda_grid(mut self, grid: CudaGrid) -> Self {
+        self.torch_cuda_grid = grid;
+        self
     }
 
     /// The same table, with the ControlNets requests may name.
@@ -429,6 +439,7 @@ impl LoadedModels {
             .clone();
         let mut options = spec.load_options();
         options.loras = loras.to_vec();
+        options.torch_cuda_grid = self.table.torch_cuda_grid;
         let base = if loras.is_empty() {
             None
         } else {
