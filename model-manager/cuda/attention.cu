@@ -10,6 +10,12 @@
 #include <mma.h>
 #include <stdint.h>
 
+// The kernel needs bf16 tensor cores (compute capability 8.0+). Built for an older GPU it would
+// compile to an empty body that launches and leaves the output uninitialised, so refuse loudly.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "attention.cu needs compute capability 8.0 or newer (bf16 tensor cores): build with CUDA_COMPUTE_CAP >= 80"
+#endif
+
 using namespace nvcuda;
 
 namespace {
@@ -31,7 +37,6 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
                                 int q_rs, long long kb_stride, int k_rs, long long vb_stride,
                                 int v_rs, int lq, int lk, int heads, int d, float scale_log2) {
 #if __CUDA_ARCH__ >= 800
-  constexpr int WARPS = BR / 16;
   constexpr int DT = DP / 16;  // 16-wide tiles along the head width
   __shared__ __align__(32) T k_s[BC * DP];
   __shared__ __align__(32) T v_s[BC * DP];

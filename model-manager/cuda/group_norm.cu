@@ -18,9 +18,12 @@ __device__ float block_sum(float x, float* shared) {
   if (lane == 0) shared[warp] = x;
   __syncthreads();
   const int warps = blockDim.x / 32;
-  x = lane < warps ? shared[lane] : 0.f;
-  if (warp == 0)
+  // Only warp 0 reads the per-warp sums: another warp's read of shared[0] would race with
+  // thread 0's write below (no barrier between them).
+  if (warp == 0) {
+    x = lane < warps ? shared[lane] : 0.f;
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
+  }
   if (threadIdx.x == 0) shared[0] = x;
   __syncthreads();
   x = shared[0];
