@@ -34,6 +34,14 @@ async fn succeeded(client: &mut WorkerClient<Channel>, id: &str, within: Duratio
 /// A lease short enough that a killed pod's job reruns within seconds.
 const LEASE: &str = "2s";
 
+/// One test of this file at a time: each runs several replicas whose engines fill the CPU,
+/// and two at once on a 2-core machine starve the lease renewals (every 0.67 s for the 2 s
+/// lease) past the lease, so healthy pods would lose jobs they are running.
+async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
 fn replica(pg: &Postgres, extra: &[&str]) -> TestServer {
     let model = fixture_model("tiny", "sd1-tiny");
     let mut args = vec![
@@ -107,6 +115,7 @@ fn png(job: &pb::Job) -> image::RgbImage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_replica_answers_any_job_and_cancels_it() {
+    let _serial = one_at_a_time().await;
     let pg = Postgres::start();
     let a = ready(&pg, &[]).await;
     let b = ready(&pg, &[]).await;
@@ -201,6 +210,7 @@ async fn any_replica_answers_any_job_and_cancels_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_request_id_is_one_job_across_replicas() {
+    let _serial = one_at_a_time().await;
     let pg = Postgres::start();
     let a = ready(&pg, &[]).await;
     let b = ready(&pg, &[]).await;
@@ -228,6 +238,7 @@ async fn one_request_id_is_one_job_across_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replicas_job_finishes_elsewhere_with_the_same_pixels() {
+    let _serial = one_at_a_time().await;
     let pg = Postgres::start();
     let mut a = ready(&pg, &[]).await;
     let mut ca = a.client().await;
@@ -283,6 +294,7 @@ async fn a_killed_replicas_job_finishes_elsewhere_with_the_same_pixels() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_queued_and_running_jobs_to_the_other_replicas() {
+    let _serial = one_at_a_time().await;
     let pg = Postgres::start();
     let mut a = ready(&pg, &["--drain-timeout", "1s"]).await;
     let mut ca = a.client().await;
@@ -317,6 +329,7 @@ async fn sigterm_hands_queued_and_running_jobs_to_the_other_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_of_200_jobs_over_3_replicas_with_random_kills_loses_and_duplicates_nothing() {
+    let _serial = one_at_a_time().await;
     let pg = Postgres::start();
     let mut replicas = Vec::new();
     for _ in 0..3 {
