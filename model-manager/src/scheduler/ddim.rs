@@ -3,7 +3,9 @@
 use candle_core::{DType, Tensor};
 
 use super::config::{refuse_flag, Common, PredictionType, SchedulerConfig, Spacing};
-use super::schedule::{alphas_cumprod, ddpm_add_noise, div, f32_of, mul, np_linspace, trailing};
+use super::schedule::{
+    alphas_cumprod, ddpm_add_noise, div, f32_of, mul, np_linspace, past_end, trailing,
+};
 use super::Scheduler;
 use crate::error::{Error, Result};
 
@@ -76,29 +78,16 @@ impl Ddim {
     }
 
     fn timestep(&self, step_index: usize) -> Result<usize> {
-        self.steps.get(step_index).copied().ok_or_else(|| {
-            Error::invalid(
-                "steps",
-                format!(
-                    "step index {step_index} is past the {} timesteps",
-                    self.steps.len()
-                ),
-            )
-        })
+        self.steps
+            .get(step_index)
+            .copied()
+            .ok_or_else(|| past_end(step_index, self.steps.len()))
     }
 }
 
 impl Scheduler for Ddim {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor, _step_index: usize) -> Result<Tensor> {
-        Ok(sample)
     }
 
     fn step(

@@ -10,7 +10,7 @@ use candle_core::{DType, Tensor};
 use super::config::{refuse_flag, Common, PredictionType, SchedulerConfig, Spacing};
 use super::schedule::{
     alpha_sigma, alphas_cumprod, div, f32_of, interp, mul, multistep_karras, multistep_timesteps,
-    train_sigmas,
+    past_end, train_sigmas,
 };
 use super::Scheduler;
 use crate::error::{Error, Result};
@@ -100,13 +100,7 @@ impl Deis {
     /// The sigma at `step_index`, or an error past the last timestep.
     fn sigma(&self, step_index: usize) -> Result<f32> {
         if step_index >= self.timesteps.len() {
-            return Err(Error::invalid(
-                "steps",
-                format!(
-                    "step index {step_index} is past the {} timesteps",
-                    self.timesteps.len()
-                ),
-            ));
+            return Err(past_end(step_index, self.timesteps.len()));
         }
         Ok(self.sigmas[step_index])
     }
@@ -193,14 +187,6 @@ fn ind3(t: f32, b: f32, c: f32, d: f32) -> f32 {
 impl Scheduler for Deis {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor, _step_index: usize) -> Result<Tensor> {
-        Ok(sample)
     }
 
     fn step(

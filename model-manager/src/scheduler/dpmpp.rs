@@ -9,8 +9,8 @@ use super::config::{
     SchedulerConfig, Spacing,
 };
 use super::schedule::{
-    alpha_sigma, alphas_cumprod_finite, div, f32_of, interp, mul, multistep_karras,
-    multistep_timesteps, train_sigmas,
+    alpha_sigma, alphas_cumprod_finite, check_noise_shape, div, f32_of, interp, mul,
+    multistep_karras, multistep_timesteps, past_end, train_sigmas,
 };
 use super::Scheduler;
 use crate::error::{Error, Result};
@@ -123,13 +123,7 @@ impl DpmPp2m {
 
     fn sigma(&self, step_index: usize) -> Result<f32> {
         if step_index >= self.timesteps.len() {
-            return Err(Error::invalid(
-                "steps",
-                format!(
-                    "step index {step_index} is past the {} timesteps",
-                    self.timesteps.len()
-                ),
-            ));
+            return Err(past_end(step_index, self.timesteps.len()));
         }
         Ok(self.sigmas[step_index])
     }
@@ -143,14 +137,6 @@ fn lambda(alpha: f32, sigma: f32) -> f32 {
 impl Scheduler for DpmPp2m {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor, _step_index: usize) -> Result<Tensor> {
-        Ok(sample)
     }
 
     fn step(
@@ -202,16 +188,7 @@ impl Scheduler for DpmPp2m {
             _ => {}
         }
         if let Some(fresh) = fresh {
-            if fresh.dims() != prev.dims() {
-                return Err(Error::invalid(
-                    "noise",
-                    format!(
-                        "step noise has shape {:?}, the sample {:?}",
-                        fresh.dims(),
-                        prev.dims()
-                    ),
-                ));
-            }
+            check_noise_shape(&fresh, &prev)?;
             let c_noise = sigma_t * (1.0 - (-2.0 * h).exp()).sqrt();
             prev = (prev + mul(&fresh, c_noise)?)?;
         }

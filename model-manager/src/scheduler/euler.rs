@@ -7,8 +7,8 @@ use super::config::{
     final_sigma_min, refuse_flag, require_one_of, Common, PredictionType, SchedulerConfig, Spacing,
 };
 use super::schedule::{
-    alphas_cumprod_finite, div, f32_of, interp, karras, log_sigmas, mul, np_linspace, sigma_to_t,
-    trailing, train_sigmas,
+    alphas_cumprod_finite, div, f32_of, interp, karras, log_sigmas, mul, np_linspace, past_end,
+    sigma_to_t, trailing, train_sigmas,
 };
 use super::Scheduler;
 use crate::error::{Error, Result};
@@ -87,13 +87,7 @@ impl SigmaSchedule {
     /// `sigmas[step_index]`, or an error naming the step past the end.
     pub fn sigma(&self, step_index: usize) -> Result<f32> {
         if step_index >= self.timesteps.len() {
-            return Err(Error::invalid(
-                "steps",
-                format!(
-                    "step index {step_index} is past the {} timesteps",
-                    self.timesteps.len()
-                ),
-            ));
+            return Err(past_end(step_index, self.timesteps.len()));
         }
         Ok(self.sigmas[step_index])
     }

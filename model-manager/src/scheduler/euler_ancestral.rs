@@ -4,7 +4,7 @@ use candle_core::{DType, Tensor};
 
 use super::config::{Common, PredictionType, SchedulerConfig, Spacing};
 use super::euler::{predict_x0, SigmaOptions, SigmaSchedule};
-use super::schedule::{div, f32_of, mul};
+use super::schedule::{check_noise_shape, div, f32_of, mul};
 use super::Scheduler;
 use crate::error::{Error, Result};
 
@@ -64,16 +64,7 @@ impl Scheduler for EulerAncestral {
         let derivative = div(&(&x - x0)?, sigma)?;
         let prev = (x + mul(&derivative, sigma_down - sigma)?)?;
         let fresh = f32_of(&noise(model_output.dtype())?)?;
-        if fresh.dims() != prev.dims() {
-            return Err(Error::invalid(
-                "noise",
-                format!(
-                    "step noise has shape {:?}, the sample {:?}",
-                    fresh.dims(),
-                    prev.dims()
-                ),
-            ));
-        }
+        check_noise_shape(&fresh, &prev)?;
         let prev = (prev + mul(&fresh, sigma_up)?)?;
         Ok(prev.to_dtype(model_output.dtype())?)
     }

@@ -13,7 +13,10 @@ use candle_core::{DType, Tensor};
 
 use super::config::{refuse_flag, BetaDefaults, Common, PredictionType, SchedulerConfig, Spacing};
 use super::euler::{predict_x0, SigmaOptions, SigmaSchedule};
-use super::schedule::{alphas_cumprod, div, f32_of, log_sigmas, mul, sigma_to_t, train_sigmas};
+use super::schedule::{
+    alphas_cumprod, check_noise_shape, div, f32_of, log_sigmas, mul, past_end, sigma_to_t,
+    train_sigmas,
+};
 use super::Scheduler;
 use crate::error::{Error, Result};
 
@@ -176,13 +179,7 @@ impl SecondOrder {
     /// The step evaluation `index` belongs to and whether it is that step's first half.
     fn locate(&self, index: usize) -> Result<(StepSigmas, bool)> {
         if index >= self.timesteps.len() {
-            return Err(Error::invalid(
-                "steps",
-                format!(
-                    "step index {index} is past the {} timesteps",
-                    self.timesteps.len()
-                ),
-            ));
+            return Err(past_end(index, self.timesteps.len()));
         }
         Ok((self.steps[index / 2], index.is_multiple_of(2)))
     }
@@ -248,16 +245,7 @@ impl Scheduler for SecondOrder {
                 Variant::Dpm2Ancestral => {
                     let prev = (half.sample + mul(&derivative, s.to - s.from)?)?;
                     let fresh = f32_of(&noise(model_output.dtype())?)?;
-                    if fresh.dims() != prev.dims() {
-                        return Err(Error::invalid(
-                            "noise",
-                            format!(
-                                "step noise has shape {:?}, the sample {:?}",
-                                fresh.dims(),
-                                prev.dims()
-                            ),
-                        ));
-                    }
+                    check_noise_shape(&fresh, &prev)?;
                     (prev + mul(&fresh, s.up)?)?
                 }
             }

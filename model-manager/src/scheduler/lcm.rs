@@ -8,7 +8,9 @@
 use candle_core::{DType, Tensor};
 
 use super::config::{refuse_flag, BetaDefaults, Common, PredictionType, SchedulerConfig, Spacing};
-use super::schedule::{alphas_cumprod, ddpm_add_noise, div, f32_of, mul};
+use super::schedule::{
+    alphas_cumprod, check_noise_shape, ddpm_add_noise, div, f32_of, mul, past_end,
+};
 use super::Scheduler;
 use crate::error::{Error, Result};
 
@@ -73,15 +75,10 @@ impl Lcm {
 
     /// The training timestep of `step_index`, or an error naming the step past the end.
     fn timestep(&self, step_index: usize) -> Result<usize> {
-        self.steps.get(step_index).copied().ok_or_else(|| {
-            Error::invalid(
-                "steps",
-                format!(
-                    "step index {step_index} is past the {} timesteps",
-                    self.steps.len()
-                ),
-            )
-        })
+        self.steps
+            .get(step_index)
+            .copied()
+            .ok_or_else(|| past_end(step_index, self.steps.len()))
     }
 
     /// The boundary-condition scalings `(c_skip, c_out)` at training timestep `t`, in f32.
@@ -97,14 +94,6 @@ impl Lcm {
 impl Scheduler for Lcm {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor, _step_index: usize) -> Result<Tensor> {
-        Ok(sample)
     }
 
     /// Calls `noise` at every step but the last, as diffusers draws.
@@ -133,16 +122,7 @@ impl Scheduler for Lcm {
             None => denoised,
             Some(&next) => {
                 let fresh = f32_of(&noise(model_output.dtype())?)?;
-                if fresh.dims() != denoised.dims() {
-                    return Err(Error::invalid(
-                        "noise",
-                        format!(
-                            "step noise has shape {:?}, the sample {:?}",
-                            fresh.dims(),
-                            denoised.dims()
-                        ),
-                    ));
-                }
+                check_noise_shape(&fresh, &denoised)?;
                 let alpha_prev = self.alphas_cumprod[next];
                 (mul(&denoised, alpha_prev.sqrt())? + mul(&fresh, (1.0 - alpha_prev).sqrt())?)?
             }

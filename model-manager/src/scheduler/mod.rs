@@ -163,10 +163,17 @@ pub const FALLBACK: SchedulerKind = SchedulerKind::Ddim;
 pub trait Scheduler: Send {
     /// The timesteps to feed the UNet, in order (fractional where the scheduler makes them so).
     fn timesteps(&self) -> &[f64];
-    /// Factor the initial noise is multiplied by for txt2img.
-    fn init_noise_sigma(&self) -> f64;
-    /// Scale the (CFG-duplicated) latents before the UNet call at `step_index`.
-    fn scale_model_input(&self, sample: Tensor, step_index: usize) -> Result<Tensor>;
+    /// Factor the initial noise is multiplied by for txt2img (1 for the variance-preserving
+    /// schedulers: DDIM, PNDM, the DPM/UniPC/DEIS solvers, LCM).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// Scale the (CFG-duplicated) latents before the UNet call at `step_index` (unchanged
+    /// for the variance-preserving schedulers; the k-diffusion ones divide by
+    /// `sqrt(sigma² + 1)`).
+    fn scale_model_input(&self, sample: Tensor, _step_index: usize) -> Result<Tensor> {
+        Ok(sample)
+    }
     /// One denoising step; `noise(dtype)` is called (only by the schedulers that draw) for a
     /// standard normal tensor shaped like `sample`, drawn from the request's own RNG as a
     /// tensor of `dtype` (the model output's, or f32 where diffusers draws f32 regardless).

@@ -10,7 +10,9 @@
 use candle_core::{DType, Tensor};
 
 use super::config::{Common, PredictionType, SchedulerConfig, Spacing};
-use super::schedule::{alphas_cumprod, ddpm_add_noise, div, f32_of, mul, np_linspace, trailing};
+use super::schedule::{
+    alphas_cumprod, ddpm_add_noise, div, f32_of, mul, np_linspace, past_end, trailing,
+};
 use super::Scheduler;
 use crate::error::{Error, Result};
 
@@ -237,14 +239,6 @@ impl Scheduler for Pndm {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor, _step_index: usize) -> Result<Tensor> {
-        Ok(sample)
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -252,15 +246,10 @@ impl Scheduler for Pndm {
         sample: &Tensor,
         _noise: &mut dyn FnMut(DType) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let t = *self.steps.get(step_index).ok_or_else(|| {
-            Error::invalid(
-                "steps",
-                format!(
-                    "step index {step_index} is past the {} timesteps",
-                    self.steps.len()
-                ),
-            )
-        })?;
+        let t = *self
+            .steps
+            .get(step_index)
+            .ok_or_else(|| past_end(step_index, self.steps.len()))?;
         let (output, x) = (f32_of(model_output)?, f32_of(sample)?);
         let prev = if self.counter < self.prk_len {
             self.step_prk(&output, t, &x)?

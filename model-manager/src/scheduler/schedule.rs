@@ -269,6 +269,29 @@ pub(super) fn ddpm_add_noise(original: &Tensor, noise: &Tensor, alpha: f32) -> R
     Ok(noisy.to_dtype(original.dtype())?)
 }
 
+/// Fails (`noise`) unless a step's fresh noise is shaped like the sample it perturbs.
+pub(super) fn check_noise_shape(noise: &Tensor, sample: &Tensor) -> Result<()> {
+    if noise.dims() == sample.dims() {
+        return Ok(());
+    }
+    Err(crate::error::Error::invalid(
+        "noise",
+        format!(
+            "step noise has shape {:?}, the sample {:?}",
+            noise.dims(),
+            sample.dims()
+        ),
+    ))
+}
+
+/// The error for a step index past a run's `len` timesteps (field `steps`).
+pub(super) fn past_end(step_index: usize, len: usize) -> crate::error::Error {
+    crate::error::Error::invalid(
+        "steps",
+        format!("step index {step_index} is past the {len} timesteps"),
+    )
+}
+
 /// The tensor as f32 (step maths runs in f32 whatever the model's dtype).
 pub(super) fn f32_of(t: &Tensor) -> Result<Tensor> {
     Ok(if t.dtype() == DType::F32 {

@@ -12,7 +12,7 @@ use super::config::{
 };
 use super::schedule::{
     alpha_sigma, alphas_cumprod_finite, div, f32_of, interp, mul, multistep_karras,
-    multistep_timesteps, train_sigmas,
+    multistep_timesteps, past_end, train_sigmas,
 };
 use super::Scheduler;
 use crate::error::{Error, Result};
@@ -150,10 +150,7 @@ impl UniPc {
     fn check_index(&self, step_index: usize) -> Result<()> {
         let len = self.timesteps.len();
         if step_index >= len {
-            return Err(Error::invalid(
-                "steps",
-                format!("step index {step_index} is past the {len} timesteps"),
-            ));
+            return Err(past_end(step_index, len));
         }
         if self.next_step.is_some_and(|next| next != step_index) {
             return Err(Error::invalid(
@@ -378,14 +375,6 @@ impl Scheduler for UniPc {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor, _step_index: usize) -> Result<Tensor> {
-        Ok(sample)
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -422,13 +411,7 @@ impl Scheduler for UniPc {
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         if step_index >= self.timesteps.len() {
-            return Err(Error::invalid(
-                "steps",
-                format!(
-                    "step index {step_index} is past the {} timesteps",
-                    self.timesteps.len()
-                ),
-            ));
+            return Err(past_end(step_index, self.timesteps.len()));
         }
         let (alpha, sigma) = alpha_sigma(self.sigmas[step_index]);
         let noisy = (mul(&f32_of(original)?, alpha)? + mul(&f32_of(noise)?, sigma)?)?;
