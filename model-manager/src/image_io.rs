@@ -64,22 +64,26 @@ fn rgb_tensor(
     device: &Device,
     value: impl Fn(u8) -> f32,
 ) -> Result<Tensor> {
-    let resized;
-    let img = if img.width() as usize != width || img.height() as usize != height {
-        resized = image::imageops::resize(
-            img,
-            width as u32,
-            height as u32,
-            image::imageops::FilterType::Lanczos3,
-        );
-        &resized
-    } else {
-        img
-    };
+    let img = resized(img, width as u32, height as u32);
     let data: Vec<f32> = img.as_raw().iter().map(|&b| value(b)).collect();
     Ok(Tensor::from_vec(data, (1, height, width, 3), device)?
         .permute((0, 3, 1, 2))?
         .contiguous()?)
+}
+
+/// `img` at `width × height`: itself when it already is, else resized with Lanczos3 (the one
+/// resize every input image, mask and control image goes through).
+pub fn resized<P: image::Pixel + 'static>(
+    img: &image::ImageBuffer<P, Vec<P::Subpixel>>,
+    width: u32,
+    height: u32,
+) -> std::borrow::Cow<'_, image::ImageBuffer<P, Vec<P::Subpixel>>> {
+    if img.dimensions() == (width, height) {
+        std::borrow::Cow::Borrowed(img)
+    } else {
+        let filter = image::imageops::FilterType::Lanczos3;
+        std::borrow::Cow::Owned(image::imageops::resize(img, width, height, filter))
+    }
 }
 
 /// Decodes an init image from encoded bytes (PNG, JPEG, WebP, …), refusing more than

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use image::{GrayImage, Luma, RgbImage};
 
 use crate::error::{Error, Result};
-use crate::image_io::decode_image_for;
+use crate::image_io::{decode_image_for, resized};
 
 /// PIL's `convert("L")` of one RGB pixel: ITU-R 601-2 luma in 16-bit fixed point.
 fn pil_luma(r: u8, g: u8, b: u8) -> u8 {
@@ -38,18 +38,7 @@ pub fn mask_tensor(
     height: usize,
     device: &Device,
 ) -> Result<Tensor> {
-    let resized;
-    let mask = if mask.width() as usize != width || mask.height() as usize != height {
-        resized = image::imageops::resize(
-            mask,
-            width as u32,
-            height as u32,
-            image::imageops::FilterType::Lanczos3,
-        );
-        &resized
-    } else {
-        mask
-    };
+    let mask = resized(mask, width as u32, height as u32);
     let data: Vec<f32> = mask
         .as_raw()
         .iter()
@@ -159,14 +148,7 @@ impl CropRegion {
         mask: &GrayImage,
     ) -> RgbImage {
         let (cw, ch) = (self.x2 - self.x1, self.y2 - self.y1);
-        let resized;
-        let generated = if generated.dimensions() == (cw, ch) {
-            generated
-        } else {
-            resized =
-                image::imageops::resize(generated, cw, ch, image::imageops::FilterType::Lanczos3);
-            &resized
-        };
+        let generated = resized(generated, cw, ch);
         RgbImage::from_fn(original.width(), original.height(), |x, y| {
             let inside = x >= self.x1 && x < self.x2 && y >= self.y1 && y < self.y2;
             let under = match inside {

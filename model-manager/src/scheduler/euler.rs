@@ -13,6 +13,34 @@ use super::schedule::{
 use super::Scheduler;
 use crate::error::{Error, Result};
 
+/// The [`super::Scheduler`] methods a scheduler with a `schedule: SigmaSchedule` field takes
+/// from it unchanged (Euler, Euler-a, LMS): timesteps, initial sigma, input scaling, add_noise.
+macro_rules! sigma_schedule_delegates {
+    () => {
+        fn timesteps(&self) -> &[f64] {
+            &self.schedule.timesteps
+        }
+
+        fn init_noise_sigma(&self) -> f64 {
+            self.schedule.init_noise_sigma
+        }
+
+        fn scale_model_input(&self, sample: Tensor, step_index: usize) -> Result<Tensor> {
+            self.schedule.scale_model_input(sample, step_index)
+        }
+
+        fn add_noise(
+            &self,
+            original: &Tensor,
+            noise: &Tensor,
+            step_index: usize,
+        ) -> Result<Tensor> {
+            self.schedule.add_noise(original, noise, step_index)
+        }
+    };
+}
+pub(super) use sigma_schedule_delegates;
+
 /// Timesteps and float32 sigmas (one more sigma than timesteps) of a k-diffusion style schedule.
 #[derive(Debug, Clone)]
 pub(super) struct SigmaSchedule {
@@ -183,17 +211,7 @@ impl Euler {
 }
 
 impl Scheduler for Euler {
-    fn timesteps(&self) -> &[f64] {
-        &self.schedule.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.schedule.init_noise_sigma
-    }
-
-    fn scale_model_input(&self, sample: Tensor, step_index: usize) -> Result<Tensor> {
-        self.schedule.scale_model_input(sample, step_index)
-    }
+    sigma_schedule_delegates!();
 
     fn step(
         &mut self,
@@ -210,9 +228,5 @@ impl Scheduler for Euler {
         let dt = self.schedule.sigmas[step_index + 1] - sigma;
         let prev = (x + mul(&derivative, dt)?)?;
         Ok(prev.to_dtype(model_output.dtype())?)
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        self.schedule.add_noise(original, noise, step_index)
     }
 }

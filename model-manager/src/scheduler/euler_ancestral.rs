@@ -3,7 +3,7 @@
 use candle_core::{DType, Tensor};
 
 use super::config::{Common, PredictionType, SchedulerConfig, Spacing};
-use super::euler::{predict_x0, SigmaOptions, SigmaSchedule};
+use super::euler::{predict_x0, sigma_schedule_delegates, SigmaOptions, SigmaSchedule};
 use super::schedule::{check_noise_shape, div, f32_of, mul};
 use super::Scheduler;
 use crate::error::{Error, Result};
@@ -33,17 +33,7 @@ impl EulerAncestral {
 }
 
 impl Scheduler for EulerAncestral {
-    fn timesteps(&self) -> &[f64] {
-        &self.schedule.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.schedule.init_noise_sigma
-    }
-
-    fn scale_model_input(&self, sample: Tensor, step_index: usize) -> Result<Tensor> {
-        self.schedule.scale_model_input(sample, step_index)
-    }
+    sigma_schedule_delegates!();
 
     /// Calls `noise` exactly once per step, the last one included (where its weight is 0), so a
     /// seeded stream stays aligned with diffusers' generator.
@@ -67,9 +57,5 @@ impl Scheduler for EulerAncestral {
         check_noise_shape(&fresh, &prev)?;
         let prev = (prev + mul(&fresh, sigma_up)?)?;
         Ok(prev.to_dtype(model_output.dtype())?)
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        self.schedule.add_noise(original, noise, step_index)
     }
 }

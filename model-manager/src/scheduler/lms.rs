@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use candle_core::{DType, Tensor};
 
 use super::config::{refuse_flag, Common, PredictionType, SchedulerConfig, Spacing};
-use super::euler::{predict_x0, SigmaOptions, SigmaSchedule};
+use super::euler::{predict_x0, sigma_schedule_delegates, SigmaOptions, SigmaSchedule};
 use super::schedule::{div, f32_of, mul};
 use super::Scheduler;
 use crate::error::Result;
@@ -75,17 +75,7 @@ impl Lms {
 }
 
 impl Scheduler for Lms {
-    fn timesteps(&self) -> &[f64] {
-        &self.schedule.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.schedule.init_noise_sigma
-    }
-
-    fn scale_model_input(&self, sample: Tensor, step_index: usize) -> Result<Tensor> {
-        self.schedule.scale_model_input(sample, step_index)
-    }
+    sigma_schedule_delegates!();
 
     /// diffusers' step: the polynomial's order is `min(step_index + 1, 4)` even when fewer
     /// derivatives exist (an img2img run's first steps), and only as many coefficients as
@@ -117,9 +107,5 @@ impl Scheduler for Lms {
             None => x,
         };
         Ok(prev.to_dtype(model_output.dtype())?)
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        self.schedule.add_noise(original, noise, step_index)
     }
 }
