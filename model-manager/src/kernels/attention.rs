@@ -31,11 +31,16 @@ pub struct FusedAttention {
 
 /// Sizes and strides of one attention call, checked once.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Dims {
+pub struct Dims {
+    /// Batch.
     pub b: usize,
+    /// Query rows.
     pub lq: usize,
+    /// Key (and value) rows.
     pub lk: usize,
+    /// Heads packed in the last dimension.
     pub heads: usize,
+    /// Head width.
     pub d: usize,
     /// (batch stride, row stride, start offset) of q, k and v, in elements.
     pub q: (usize, usize, usize),
@@ -55,7 +60,8 @@ fn row_strides(name: &str, l: &Layout) -> Result<(usize, usize, usize)> {
 }
 
 impl FusedAttention {
-    pub(crate) fn dims(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
+    /// Checks q, k and v's layouts and returns the call's sizes and strides.
+    pub fn dims(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
         let (b, lq, inner) = q.shape().dims3()?;
         let (bk, lk, ik) = k.shape().dims3()?;
         let (bv, lv, iv) = v.shape().dims3()?;

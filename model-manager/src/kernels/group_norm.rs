@@ -20,14 +20,18 @@ pub struct FusedGroupNorm {
 
 /// Sizes of one call: `b` batches of `channels` channels of `spatial` elements each.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Dims {
+pub struct Dims {
+    /// Batch.
     pub b: usize,
+    /// Channels.
     pub channels: usize,
+    /// Elements per channel.
     pub spatial: usize,
 }
 
 impl FusedGroupNorm {
-    pub(crate) fn dims(&self, x: &Layout, gamma: &Layout, beta: &Layout) -> Result<Dims> {
+    /// Checks x, gamma and beta's layouts and returns the call's sizes.
+    pub fn dims(&self, x: &Layout, gamma: &Layout, beta: &Layout) -> Result<Dims> {
         let dims = x.shape().dims();
         if dims.len() < 3 {
             candle_core::bail!("group_norm: input rank must be at least 3, got {:?}", dims);

@@ -21,6 +21,7 @@ mod cuda;
 pub mod geglu;
 pub mod group_norm;
 pub mod held;
+pub mod launch;
 pub mod layout;
 pub mod linear;
 mod microkernel;
