@@ -4,6 +4,8 @@
 # so a run cut short still answers the first questions:
 #   0. the torch-cuda generator: torch's own CUDA draws against ours (seconds; issue 22);
 #   1. our CUDA kernels against their f32 references (tests/kernels.rs built --features cuda);
+#      1b. the same tests under compute-sanitizer memcheck and racecheck, where the machine has
+#      it (issue 24: what the CPU emulation in model-manager/cuda/emu/ cannot see);
 #   2. the profile: one SD 1.5 UNet step at 512² (CFG batch 2) and one VAE decode split by
 #      attention / conv / linear / norm / GEGLU / rest, host enqueue time, an 8×8-latent step —
 #      for --kernels reference, auto and fused;
@@ -31,6 +33,22 @@ tail -n 3 "$OUT/torch-cuda-randn.txt"
 
 step "1. CUDA kernels vs their f32 references"
 "$BIN/kernels-test" --nocapture --test-threads 1 cuda_ 2>&1 | tee "$OUT/kernel-tests.txt" | grep -E "^test |relative|result"
+
+step "1b. compute-sanitizer memcheck and racecheck on the kernel tests"
+sanitizer="$(command -v compute-sanitizer || true)"
+for s in /usr/local/cuda*/bin/compute-sanitizer; do
+  if [ -z "$sanitizer" ] && [ -x "$s" ]; then sanitizer="$s"; fi
+done
+if [ -n "$sanitizer" ]; then
+  for tool in memcheck racecheck; do
+    timeout 90 "$sanitizer" --tool "$tool" --error-exitcode 9 "$BIN/kernels-test" --test-threads 1 cuda_ \
+      > "$OUT/compute-sanitizer-$tool.txt" 2>&1
+    echo "$tool: exit $? (0 clean, 9 errors found, 124 cut at 90 s)"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|Race" "$OUT/compute-sanitizer-$tool.txt" | head -n 5
+  done
+else
+  echo "no compute-sanitizer on this machine" | tee "$OUT/compute-sanitizer.txt"
+fi
 
 step "2. profile: SD 1.5 architecture, random weights, 512², fp16"
 python3 benches/compare/make_model.py --arch sd15 --out /tmp/models/sd15 \
