@@ -2,27 +2,21 @@
 //! bounded queue; tonic serves the Worker API, health and reflection; Prometheus metrics are
 //! served on their own port; SIGTERM/SIGINT drain the worker before it exits.
 
-mod backend;
-mod convert;
-#[cfg(test)]
-mod convert_fuzz;
-mod encoder;
+mod api;
 mod engine;
-mod events;
-mod jobs;
-mod loras;
-mod models;
+mod job;
 mod postgres;
-mod service;
-mod source;
 
 use anyhow::{bail, Context, Result};
+use api::backend;
+use api::convert::Limits;
+use api::service::WorkerService;
 use clap::Args;
-use convert::Limits;
+use engine::loras;
+use engine::models::{self, ControlNetSpec, ModelSpec, ModelTable};
 use jhakaas_model_manager::{DeviceChoice, ModelSource};
 use jhakaas_proto::v1::worker_server::WorkerServer;
-use models::{ControlNetSpec, ModelSpec, ModelTable};
-use service::WorkerService;
+use job::store as jobs;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -438,10 +432,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let ready_health = health.clone();
     let fatal_health = health.clone();
     let fatal_rt = rt.clone();
-    let engine = engine::spawn(
+    let engine = engine::thread::spawn(
         jobs.source(),
         table.clone(),
-        engine::EngineConfig {
+        engine::thread::EngineConfig {
             device,
             max_loaded: args.max_loaded_models,
             memory_budget: args.memory_budget,

@@ -4,11 +4,11 @@
 
 use super::wake::Wake;
 use super::{sql, PgConfig};
-use crate::serve::convert::{self, Limits};
-use crate::serve::events::lock;
-use crate::serve::jobs::{Job, JobEvent};
-use crate::serve::models::ModelTable;
-use crate::serve::source::JobSource;
+use crate::serve::api::convert::{self, Limits};
+use crate::serve::engine::models::ModelTable;
+use crate::serve::job::events::lock;
+use crate::serve::job::source::JobSource;
+use crate::serve::job::store::{Job, JobEvent};
 use jhakaas_proto::v1 as pb;
 use prost::Message;
 use sqlx::postgres::PgPool;

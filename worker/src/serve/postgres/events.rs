@@ -3,7 +3,7 @@
 
 use super::sql;
 use super::wake::{Notice, Wake};
-use crate::serve::backend::EventStream;
+use crate::serve::api::backend::EventStream;
 use jhakaas_proto::v1 as pb;
 use prost::Message;
 use sqlx::postgres::PgPool;
@@ -128,7 +128,7 @@ async fn forward(
         }
     }
     let Some((state, position)) = sql::position(pool, id).await.map_err(super::unavailable)? else {
-        return Err(crate::serve::backend::not_found(id));
+        return Err(crate::serve::api::backend::not_found(id));
     };
     if state == "queued" && *last_position != Some(position) {
         *last_position = Some(position);

@@ -13,11 +13,11 @@ mod wake;
 #[cfg(test)]
 mod tests;
 
-use super::backend::{submit_status, Accepted, EventStream, JobBackend};
-use super::convert::Limits;
-use super::jobs::SubmitError;
-use super::models::ModelTable;
-use super::source::JobSource;
+use crate::serve::api::backend::{submit_status, Accepted, EventStream, JobBackend};
+use crate::serve::api::convert::Limits;
+use crate::serve::engine::models::ModelTable;
+use crate::serve::job::source::JobSource;
+use crate::serve::job::store::SubmitError;
 use claim::PgSource;
 use jhakaas_proto::v1 as pb;
 use prost::Message;
@@ -175,7 +175,7 @@ impl JobBackend for PgJobs {
         sql::job(&self.pool, id)
             .await
             .map_err(unavailable)?
-            .ok_or_else(|| super::backend::not_found(id))
+            .ok_or_else(|| crate::serve::api::backend::not_found(id))
     }
 
     async fn watch(&self, id: &str) -> Result<EventStream, Status> {
@@ -195,7 +195,7 @@ impl JobBackend for PgJobs {
             .await
             .map_err(unavailable)?
         {
-            return Err(super::backend::not_found(id));
+            return Err(crate::serve::api::backend::not_found(id));
         }
         self.get(id).await
     }

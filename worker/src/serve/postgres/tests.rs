@@ -3,9 +3,9 @@
 //! fencing, exactly one terminal event, lease expiry and the attempt limit, drain.
 
 use super::*;
-use crate::serve::events::{EncodedImage, JobTimings};
-use crate::serve::jobs::JobEvent;
-use crate::serve::models::ModelSpec;
+use crate::serve::engine::models::ModelSpec;
+use crate::serve::job::events::{EncodedImage, JobTimings};
+use crate::serve::job::store::JobEvent;
 use jhakaas_model_manager::{ModelSource, Progress};
 use jhakaas_tests::postgres::Postgres;
 
@@ -52,7 +52,8 @@ fn accepted(request_id: &str) -> Accepted {
         seed: Some(5),
         ..Default::default()
     };
-    let request = crate::serve::convert::job_request(&wire, &table(), &limits(), None).unwrap();
+    let request =
+        crate::serve::api::convert::job_request(&wire, &table(), &limits(), None).unwrap();
     Accepted { request, wire }
 }
 
@@ -64,7 +65,7 @@ async fn store(pg: &Postgres) -> PgJobs {
 
 /// Claims the next job on a blocking thread, as the engine does. Fails the test (and stops
 /// the claiming thread) if no job comes within 30 s instead of waiting forever.
-async fn claim(jobs: &PgJobs) -> Arc<crate::serve::jobs::Job> {
+async fn claim(jobs: &PgJobs) -> Arc<crate::serve::job::store::Job> {
     let source = jobs.source();
     let claiming = tokio::task::spawn_blocking({
         let source = source.clone();
@@ -87,7 +88,7 @@ async fn lose_lease(pg: &Postgres, jobs: &PgJobs, id: &str) {
     maintain_once(&jobs.pool, &jobs.config).await.unwrap();
 }
 
-async fn done(jobs: &PgJobs, job: &Arc<crate::serve::jobs::Job>) {
+async fn done(jobs: &PgJobs, job: &Arc<crate::serve::job::store::Job>) {
     let (source, job) = (jobs.source(), job.clone());
     tokio::task::spawn_blocking(move || source.done(&job))
         .await

@@ -2,7 +2,7 @@
 //! for the idle engine (a job was queued) and for the watchers a change concerns (their job's
 //! events, or the queue while their job waits)//! changed). A wake-up lost while the listener reconnects costs one poll interval, no more.
 
-use crate::serve::events::lock;
+use crate::serve::job::events::lock;
 use sqlx::postgres::{PgListener, PgPool};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;

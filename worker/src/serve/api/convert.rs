@@ -2,9 +2,12 @@
 //! [`JobRequest`] (every field checked before anything is queued, errors naming the field) and
 //! conversion of jobs and events back to protobuf.
 
-use super::jobs::{EncodedImage, Job, JobEvent, JobRequest, JobSnapshot, JobState, JobTimings};
-use super::loras::MAX_LORAS_PER_REQUEST;
-use super::models::ModelTable;
+use crate::serve::engine::loras::{LoraInfo, MAX_LORAS_PER_REQUEST};
+use crate::serve::engine::models::ModelTable;
+use crate::serve::job::error::RequestError;
+use crate::serve::job::store::{
+    EncodedImage, Job, JobEvent, JobRequest, JobSnapshot, JobState, JobTimings,
+};
 use jhakaas_model_manager::image_io::decode_image_for;
 use jhakaas_model_manager::inpaint::{to_pil_gray, Outpaint};
 use jhakaas_model_manager::lora::{LoraAdapter, LoraPlan};
@@ -44,6 +47,22 @@ impl Limits {
 
 const MAX_PROMPT_CHARS: usize = 8192;
 const MAX_REQUEST_ID_CHARS: usize = 128;
+
+/// The gRPC status of a refused request: the one place request errors get their codes.
+pub fn status(e: RequestError) -> Status {
+    match e {
+        RequestError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+        RequestError::Unknown { .. } => Status::not_found(e.to_string()),
+    }
+}
+
+/// A LoRA adapter as `ListLoras` reports it.
+pub fn lora_info(l: LoraInfo) -> pb::LoraInfo {
+    pb::LoraInfo {
+        name: l.name,
+        bytes: l.bytes,
+    }
+}
 
 fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("invalid {field}: {reason}"))
@@ -167,7 +186,10 @@ fn loras(wire: &[pb::LoraAdapter], models: &ModelTable) -> Result<Vec<LoraAdapte
     wire.iter()
         .enumerate()
         .map(|(i, l)| {
-            let path = models.loras().find(&l.name, &format!("loras[{i}].name"))?;
+            let path = models
+                .loras()
+                .find(&l.name, &format!("loras[{i}].name"))
+                .map_err(status)?;
             let weight = if l.weight == 0.0 {
                 1.0
             } else {

@@ -2,12 +2,20 @@
 //! their file stem. Requests name adapters, never paths; the folder is read when asked, so
 //! adapters added to it are served without a restart.
 
-use jhakaas_proto::v1 as pb;
+use crate::serve::job::error::RequestError;
 use std::path::PathBuf;
-use tonic::Status;
 
 /// Most adapters one request may merge.
 pub const MAX_LORAS_PER_REQUEST: usize = 8;
+
+/// One adapter the worker can apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoraInfo {
+    /// The name requests use (the file stem).
+    pub name: String,
+    /// The file's size.
+    pub bytes: u64,
+}
 
 /// The adapter folder (none: requests with adapters are refused).
 #[derive(Debug, Clone, Default)]
@@ -22,36 +30,39 @@ impl LoraLibrary {
     }
 
     /// The file of adapter `name`; `field` names it in errors (`loras[0].name`).
-    pub fn find(&self, name: &str, field: &str) -> Result<PathBuf, Status> {
+    pub fn find(&self, name: &str, field: &str) -> Result<PathBuf, RequestError> {
         let Some(dir) = &self.dir else {
-            return Err(Status::invalid_argument(format!(
-                "invalid {field}: this worker serves no LoRA adapters (no --lora-dir)"
-            )));
+            return Err(RequestError::invalid(
+                field,
+                "this worker serves no LoRA adapters (no --lora-dir)",
+            ));
         };
         let plain = !name.is_empty()
             && name.len() <= 128
             && !name.starts_with('.')
             && !name.contains(['/', '\\', '\0']);
         if !plain {
-            return Err(Status::invalid_argument(format!(
-                "invalid {field}: `{name}` is not an adapter name (a file stem, no path)"
-            )));
+            return Err(RequestError::invalid(
+                field,
+                format!("`{name}` is not an adapter name (a file stem, no path)"),
+            ));
         }
         let path = dir.join(format!("{name}.safetensors"));
         if !path.is_file() {
-            return Err(Status::not_found(format!(
-                "invalid {field}: no LoRA adapter `{name}` here (see ListLoras)"
-            )));
+            return Err(RequestError::unknown(
+                field,
+                format!("no LoRA adapter `{name}` here (see ListLoras)"),
+            ));
         }
         Ok(path)
     }
 
     /// Every adapter, sorted by name.
-    pub fn list(&self) -> Vec<pb::LoraInfo> {
+    pub fn list(&self) -> Vec<LoraInfo> {
         let Some(dir) = &self.dir else {
             return Vec::new();
         };
-        let mut loras: Vec<pb::LoraInfo> = std::fs::read_dir(dir)
+        let mut loras: Vec<LoraInfo> = std::fs::read_dir(dir)
             .into_iter()
             .flatten()
             .flatten()
@@ -62,7 +73,7 @@ impl LoraLibrary {
                 }
                 let name = path.file_stem()?.to_str()?.to_string();
                 let bytes = e.metadata().ok()?.len();
-                Some(pb::LoraInfo { name, bytes })
+                Some(LoraInfo { name, bytes })
             })
             .collect();
         loras.sort_by(|a, b| a.name.cmp(&b.name));

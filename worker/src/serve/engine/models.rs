@@ -3,8 +3,8 @@
 //! room — beyond `--max-loaded-models`, or beyond `--memory-budget` bytes of weights.
 //! A shared status table lets `ListModels` answer without touching the engine.
 
-use super::events::lock;
 use super::loras::LoraLibrary;
+use crate::serve::job::events::lock;
 use jhakaas_model_manager::config::{read_json, ControlNetConfig, PipelineKind};
 use jhakaas_model_manager::controlnet::ControlNetModel;
 use jhakaas_model_manager::lora::{LoraAdapter, LoraTargets};

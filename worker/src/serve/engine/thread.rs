@@ -4,9 +4,9 @@
 //! does device work only: images are encoded on the encoder thread (`encoder.rs`).
 
 use super::encoder;
-use super::jobs::{Job, JobEvent, JobTimings};
 use super::models::{LoadedModels, ModelTable};
-use super::source::JobSource;
+use crate::serve::job::source::JobSource;
+use crate::serve::job::store::{Job, JobEvent, JobTimings};
 use jhakaas_model_manager::controlnet::ControlNetModel;
 use jhakaas_model_manager::{Error, Generation, StableDiffusionPipeline};
 use std::ops::ControlFlow;

@@ -3,7 +3,7 @@
 
 use super::backend::{Accepted, EventStream, JobBackend};
 use super::convert::{self, Limits};
-use super::models::ModelTable;
+use crate::serve::engine::models::ModelTable;
 use jhakaas_model_manager::{RngKind, SchedulerKind};
 use jhakaas_proto::v1 as pb;
 use std::sync::Arc;
@@ -136,7 +136,9 @@ impl pb::worker_server::Worker for WorkerService {
         let loras = tokio::task::spawn_blocking(move || loras.list())
             .await
             .map_err(|e| Status::internal(format!("listing adapters stopped: {e}")))?;
-        Ok(Response::new(pb::ListLorasResponse { loras }))
+        Ok(Response::new(pb::ListLorasResponse {
+            loras: loras.into_iter().map(convert::lora_info).collect(),
+        }))
     }
 
     async fn list_models(

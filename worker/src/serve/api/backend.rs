@@ -1,10 +1,10 @@
 //! What the gRPC service asks of a job store, whichever it is: accept a job, report it, stream
 //! its events, cancel it, and drain. [`MemoryJobs`] is the embedded store of one process; the
-//! PostgreSQL store (`super::postgres`) shares one durable queue between replicas.
+//! PostgreSQL store (`serve/postgres/`) shares one durable queue between replicas.
 
 use super::convert;
-use super::jobs::{Job, JobEvent, JobRequest, JobState, JobStore, SubmitError};
-use super::source::JobSource;
+use crate::serve::job::source::JobSource;
+use crate::serve::job::store::{Job, JobEvent, JobRequest, JobState, JobStore, SubmitError};
 use jhakaas_proto::v1 as pb;
 use std::sync::Arc;
 use std::time::Duration;

@@ -6,7 +6,7 @@
 //! in benches/results used 1,000,000).
 
 use super::convert::{job_request, Limits};
-use super::models::{ModelSpec, ModelTable};
+use crate::serve::engine::models::{ModelSpec, ModelTable};
 use jhakaas_model_manager::ModelSource;
 use jhakaas_proto::v1 as pb;
 use jhakaas_tests::hostile::{request, Rng, FIELDS};
@@ -24,7 +24,7 @@ fn table() -> ModelTable {
         }],
         "tiny".into(),
     )
-    .with_loras(super::loras::LoraLibrary::new(Some(
+    .with_loras(crate::serve::engine::loras::LoraLibrary::new(Some(
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/reference/lora-sd1-tiny"),
     )));
     table.describe_available();

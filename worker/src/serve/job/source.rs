@@ -3,7 +3,7 @@
 //! its events on the job's [`EventBus`](super::events::EventBus) and says when it is done; the
 //! source decides what publishing means (watchers in this process, rows in a database).
 
-use super::jobs::Job;
+use super::store::Job;
 use std::sync::Arc;
 
 /// Where the engine takes its jobs from.

@@ -2,9 +2,9 @@
 //! and completes the job, while the engine thread already runs the next one, so the device
 //! never waits on an encoder.
 
-use super::engine::finish;
-use super::jobs::{EncodedImage, Job, JobEvent, JobTimings};
-use super::source::JobSource;
+use super::thread::finish;
+use crate::serve::job::source::JobSource;
+use crate::serve::job::store::{EncodedImage, Job, JobEvent, JobTimings};
 use jhakaas_model_manager::image_io::{encode_image, parameters_text};
 use jhakaas_model_manager::{Error, Generation};
 use std::sync::mpsc;
