@@ -244,8 +244,8 @@ void run_block(dim3 index, dim3 grid, dim3 dim) {
   const unsigned threads = dim.x * dim.y * dim.z;
   ensure_fibers(threads);
 #ifdef JHAKAAS_EMU_POISON_SHARED
-  if (__start_jhakaas_emu_shared)
-    memset(__start_jhakaas_emu_shared, 0xff, __stop_jhakaas_emu_shared - __start_jhakaas_emu_shared);
+  if (!__start_jhakaas_emu_shared) fail("the build did not gather __shared__ memory (shared.ld)");
+  memset(__start_jhakaas_emu_shared, 0xff, __stop_jhakaas_emu_shared - __start_jhakaas_emu_shared);
 #endif
   block.index = index;
   block.threads = block.live = threads;

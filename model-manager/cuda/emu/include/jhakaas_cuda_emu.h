@@ -20,14 +20,9 @@
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 // `__shared__` variables are statics: blocks run one after another, so a static is one block's
-// shared memory. In plain mode they live in one section that the runtime fills with NaN bytes
-// before every block (a read before any write shows in the result); AddressSanitizer keeps
-// redzones only around statics outside named sections, so its build leaves them where they are.
-#ifdef JHAKAAS_EMU_POISON_SHARED
-#define __shared__ static __attribute__((section("jhakaas_emu_shared")))
-#else
+// shared memory. The plain build gathers them (shared.ld) and the runtime fills them with NaN
+// bytes before every block, so a read before any write shows in the result.
 #define __shared__ static
-#endif
 
 namespace jhakaas_emu {
 
