@@ -8,7 +8,6 @@ mod job;
 mod postgres;
 
 use anyhow::{bail, Context, Result};
-use api::backend;
 use api::convert::Limits;
 use api::service::WorkerService;
 use clap::Args;
@@ -314,7 +313,7 @@ async fn job_backend(
     args: &ServeArgs,
     table: &Arc<ModelTable>,
     limits: Limits,
-) -> Result<Arc<dyn backend::JobBackend>> {
+) -> Result<Arc<dyn job::backend::JobBackend>> {
     if args.job_store.starts_with("postgres://") || args.job_store.starts_with("postgresql://") {
         if args.job_lease < Duration::from_secs(1) {
             bail!("invalid --job-lease: at least 1s");
@@ -348,7 +347,7 @@ async fn job_backend(
     ));
     let sweep_every =
         (args.result_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    Ok(Arc::new(backend::MemoryJobs::new(store, sweep_every)))
+    Ok(Arc::new(job::memory::MemoryJobs::new(store, sweep_every)))
 }
 
 /// Runs `serve` until a signal drains and stops it.

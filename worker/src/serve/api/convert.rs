@@ -5,16 +5,14 @@
 use crate::serve::engine::loras::{LoraInfo, MAX_LORAS_PER_REQUEST};
 use crate::serve::engine::models::ModelTable;
 use crate::serve::job::error::RequestError;
-use crate::serve::job::store::{
-    EncodedImage, Job, JobEvent, JobRequest, JobSnapshot, JobState, JobTimings,
-};
+use crate::serve::job::store::JobRequest;
 use jhakaas_model_manager::image_io::decode_image_for;
 use jhakaas_model_manager::inpaint::{to_pil_gray, Outpaint};
 use jhakaas_model_manager::lora::{LoraAdapter, LoraPlan};
 use jhakaas_model_manager::params::ControlNetRequest;
 use jhakaas_model_manager::pipeline::{random_seed, RequestLimits, MAX_CONTROLNETS};
 use jhakaas_model_manager::{
-    GenerateParams, ImageFormat, InitImage, Progress, RngKind, SchedulerKind, SizeConditioning,
+    GenerateParams, ImageFormat, InitImage, RngKind, SchedulerKind, SizeConditioning,
 };
 use jhakaas_proto::v1 as pb;
 use std::time::Instant;
@@ -395,95 +393,4 @@ fn size_conditioning(sc: Option<&pb::SizeConditioning>) -> Result<SizeConditioni
             sc.target_height,
         )?,
     })
-}
-
-fn state(s: JobState) -> pb::JobState {
-    match s {
-        JobState::Queued => pb::JobState::Queued,
-        JobState::Running => pb::JobState::Running,
-        JobState::Succeeded => pb::JobState::Succeeded,
-        JobState::Failed => pb::JobState::Failed,
-        JobState::Cancelled => pb::JobState::Cancelled,
-    }
-}
-
-fn progress(p: &Progress) -> pb::Progress {
-    pb::Progress {
-        step: p.step as u32,
-        total_steps: p.total_steps as u32,
-        timestep: p.timestep,
-    }
-}
-
-fn timings(t: &JobTimings) -> pb::Timings {
-    pb::Timings {
-        queue_seconds: t.queue.as_secs_f64(),
-        text_encode_seconds: t.text_encode.as_secs_f64(),
-        denoise_seconds: t.denoise.as_secs_f64(),
-        decode_seconds: t.decode.as_secs_f64(),
-        image_encode_seconds: t.image_encode.as_secs_f64(),
-        total_seconds: t.total.as_secs_f64(),
-    }
-}
-
-fn images(imgs: &[EncodedImage]) -> Vec<pb::Image> {
-    imgs.iter()
-        .map(|i| pb::Image {
-            data: i.data.clone(),
-            mime_type: i.mime_type.to_string(),
-            width: i.width,
-            height: i.height,
-            seed: i.seed,
-        })
-        .collect()
-}
-
-/// A job as the API reports it.
-pub fn job(job: &Job, snap: &JobSnapshot) -> pb::Job {
-    pb::Job {
-        job_id: job.id.clone(),
-        request_id: job.request.request_id.clone(),
-        model: job.request.model.clone(),
-        state: state(snap.state) as i32,
-        queue_position: snap.queue_position,
-        progress: snap.progress.as_ref().map(progress),
-        images: images(&snap.images),
-        timings: snap.timings.as_ref().map(timings),
-        error: snap.error.clone(),
-        seed: job.request.params.seed.unwrap_or_default(),
-    }
-}
-
-/// An event as the API streams it.
-pub fn event(job_id: &str, e: &JobEvent) -> pb::JobEvent {
-    use pb::job_event::Event;
-    let event = match e {
-        JobEvent::Queued { position } => Event::Queued(pb::Queued {
-            queue_position: *position,
-        }),
-        JobEvent::ModelLoading { model } => Event::ModelLoading(pb::ModelLoading {
-            model: model.clone(),
-        }),
-        JobEvent::Started => Event::Started(pb::Started {}),
-        JobEvent::Progress(p) => Event::Progress(progress(p)),
-        JobEvent::Completed {
-            images: imgs,
-            timings: t,
-        } => Event::Completed(pb::Completed {
-            images: images(imgs),
-            timings: Some(timings(t)),
-        }),
-        JobEvent::Failed { reason, timings: t } => Event::Failed(pb::Failed {
-            reason: reason.clone(),
-            timings: Some(timings(t)),
-        }),
-        JobEvent::Cancelled { reason, timings: t } => Event::Cancelled(pb::Cancelled {
-            reason: reason.clone(),
-            timings: Some(timings(t)),
-        }),
-    };
-    pb::JobEvent {
-        job_id: job_id.to_string(),
-        event: Some(event),
-    }
 }

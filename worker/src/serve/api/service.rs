@@ -1,14 +1,37 @@
 //! The `jhakaas.worker.v1.Worker` gRPC service: thin handlers over the job store
-//! ([`JobBackend`]).
+//! ([`JobBackend`]), converting its domain answers to the wire ([`job_wire`]).
 
-use super::backend::{Accepted, EventStream, JobBackend};
 use super::convert::{self, Limits};
+use super::job_wire;
 use crate::serve::engine::models::ModelTable;
+use crate::serve::job::backend::{Accepted, JobBackend, JobEvents, JobView};
+use crate::serve::job::error::JobError;
 use jhakaas_model_manager::{RngKind, SchedulerKind};
 use jhakaas_proto::v1 as pb;
+use prost::Message;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
+
+/// A job's events as the API streams them.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+
+/// The domain stream on the wire: each event tagged with its job, an error as its status.
+fn wire_events(e: JobEvents) -> EventStream {
+    let id = e.job_id;
+    Box::pin(e.events.map(move |r| {
+        r.map(|event| job_wire::event(&id, &event))
+            .map_err(job_wire::status)
+    }))
+}
+
+/// A store's answer about one job, on the wire.
+fn wire_job(r: Result<JobView, JobError>) -> Result<Response<pb::Job>, Status> {
+    r.map(|v| Response::new(job_wire::job(&v)))
+        .map_err(job_wire::status)
+}
 
 impl WorkerService {
     /// Validates a request off the async threads (an init image is decoded here) and fixes
@@ -22,7 +45,10 @@ impl WorkerService {
         tokio::task::spawn_blocking(move || {
             let request = convert::job_request(&wire, &models, &limits, deadline)?;
             wire.seed = request.params.seed;
-            Ok(Accepted { request, wire })
+            Ok(Accepted {
+                request,
+                wire: wire.encode_to_vec(),
+            })
         })
         .await
         .map_err(|e| Status::internal(format!("request validation stopped: {e}")))?
@@ -90,7 +116,12 @@ impl pb::worker_server::Worker for WorkerService {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let deadline = grpc_deadline(&request)?;
         let accepted = self.accept(request.into_inner(), deadline).await?;
-        Ok(Response::new(self.jobs.generate(accepted).await?))
+        let events = self
+            .jobs
+            .generate(accepted)
+            .await
+            .map_err(job_wire::status)?;
+        Ok(Response::new(wire_events(events)))
     }
 
     async fn submit_job(
@@ -98,34 +129,33 @@ impl pb::worker_server::Worker for WorkerService {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let accepted = self.accept(request.into_inner(), None).await?;
-        Ok(Response::new(self.jobs.submit(accepted).await?))
+        wire_job(self.jobs.submit(accepted).await)
     }
 
     async fn get_job(
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        Ok(Response::new(
-            self.jobs.get(&request.into_inner().job_id).await?,
-        ))
+        wire_job(self.jobs.get(&request.into_inner().job_id).await)
     }
 
     async fn watch_job(
         &self,
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        Ok(Response::new(
-            self.jobs.watch(&request.into_inner().job_id).await?,
-        ))
+        let events = self
+            .jobs
+            .watch(&request.into_inner().job_id)
+            .await
+            .map_err(job_wire::status)?;
+        Ok(Response::new(wire_events(events)))
     }
 
     async fn cancel_job(
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        Ok(Response::new(
-            self.jobs.cancel(&request.into_inner().job_id).await?,
-        ))
+        wire_job(self.jobs.cancel(&request.into_inner().job_id).await)
     }
 
     async fn list_loras(

@@ -39,3 +39,29 @@ impl RequestError {
         }
     }
 }
+
+/// Why a job store refused or could not serve a call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobError {
+    /// The queue is at its bound.
+    #[error("the queue is full ({max_queue} jobs); retry later")]
+    QueueFull {
+        /// The bound.
+        max_queue: usize,
+    },
+    /// The worker is shutting down.
+    #[error("the worker is shutting down; retry on another replica")]
+    Draining,
+    /// No such job (never accepted, or expired).
+    #[error("invalid job_id: no job `{0}` (unknown or expired)")]
+    NotFound(String),
+    /// The client's deadline passed before the job ended.
+    #[error("the request's deadline passed")]
+    DeadlineExceeded,
+    /// A repeated `request_id` raced with its job's expiry.
+    #[error("the job with this request_id just expired")]
+    Conflict,
+    /// The shared job store cannot be reached.
+    #[error("the job store is unavailable: {0}")]
+    Unavailable(String),
+}

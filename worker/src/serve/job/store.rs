@@ -177,6 +177,15 @@ pub enum SubmitError {
     Draining,
 }
 
+impl From<SubmitError> for super::error::JobError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::QueueFull { max_queue } => Self::QueueFull { max_queue },
+            SubmitError::Draining => Self::Draining,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     jobs: HashMap<String, Arc<Job>>,

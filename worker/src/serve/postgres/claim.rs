@@ -5,6 +5,7 @@
 use super::wake::Wake;
 use super::{sql, PgConfig};
 use crate::serve::api::convert::{self, Limits};
+use crate::serve::api::job_wire;
 use crate::serve::engine::models::ModelTable;
 use crate::serve::job::events::lock;
 use crate::serve::job::source::JobSource;
@@ -267,7 +268,7 @@ impl Publisher {
         if matches!(event, JobEvent::Queued { .. }) {
             return;
         }
-        let wire = convert::event(&self.job.id, event);
+        let wire = job_wire::event(&self.job.id, event);
         let r = sql::append(&self.pool, &self.job.id, self.attempt, self.lease, &wire).await;
         self.after_write(r);
     }
@@ -277,7 +278,7 @@ impl Publisher {
     async fn finish(&self, event: &JobEvent) {
         let released = self.release.load(Ordering::SeqCst)
             && matches!(event, JobEvent::Cancelled { reason, .. } if reason == RELEASED);
-        let wire = convert::event(&self.job.id, event);
+        let wire = job_wire::event(&self.job.id, event);
         let (state, error) = match event {
             JobEvent::Completed { .. } => ("succeeded", String::new()),
             JobEvent::Failed { reason, .. } => ("failed", reason.clone()),

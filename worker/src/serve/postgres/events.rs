@@ -3,14 +3,16 @@
 
 use super::sql;
 use super::wake::{Notice, Wake};
-use crate::serve::api::backend::EventStream;
+use crate::serve::api::job_wire;
+use crate::serve::job::backend::JobEvents;
+use crate::serve::job::error::JobError;
+use crate::serve::job::events::JobEvent;
 use jhakaas_proto::v1 as pb;
 use prost::Message;
 use sqlx::postgres::PgPool;
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Status;
 
 /// A stream that owns its job (`Generate`): the job is cancelled when the client goes away or
 /// the deadline passes.
@@ -28,8 +30,9 @@ pub fn stream(
     owner: Option<Owner>,
     mut notices: broadcast::Receiver<Notice>,
     poll: Duration,
-) -> EventStream {
+) -> JobEvents {
     let (tx, rx) = mpsc::channel(64);
+    let job_id = id.clone();
     tokio::spawn(async move {
         let deadline = owner.as_ref().and_then(|o| o.deadline);
         let owns = owner.is_some();
@@ -51,11 +54,7 @@ pub fn stream(
                         && cancelled
                         && (expired || deadline.is_some_and(|d| Instant::now() >= d))
                     {
-                        let _ = tx
-                            .send(Err(Status::deadline_exceeded(
-                                "the request's deadline passed",
-                            )))
-                            .await;
+                        let _ = tx.send(Err(JobError::DeadlineExceeded)).await;
                     }
                     return;
                 }
@@ -66,8 +65,8 @@ pub fn stream(
                     }
                     return;
                 }
-                Err(status) => {
-                    let _ = tx.send(Err(status)).await;
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
                     return;
                 }
             };
@@ -88,7 +87,10 @@ pub fn stream(
             }
         }
     });
-    ReceiverStream::new(rx)
+    JobEvents {
+        job_id,
+        events: ReceiverStream::new(rx),
+    }
 }
 
 enum Forwarded {
@@ -106,18 +108,22 @@ async fn forward(
     id: &str,
     last_n: &mut i64,
     last_position: &mut Option<i64>,
-    tx: &mpsc::Sender<Result<pb::JobEvent, Status>>,
-) -> Result<Forwarded, Status> {
+    tx: &mpsc::Sender<Result<JobEvent, JobError>>,
+) -> Result<Forwarded, JobError> {
     let events = sql::events_after(pool, id, *last_n)
         .await
         .map_err(super::unavailable)?;
     for (n, bytes, terminal) in events {
         *last_n = n;
-        let Ok(event) = pb::JobEvent::decode(bytes.as_slice()) else {
+        // The log keeps events in wire form; an undecodable or empty one is skipped.
+        let Some(event) = pb::JobEvent::decode(bytes.as_slice())
+            .ok()
+            .and_then(job_wire::event_from_wire)
+        else {
             continue;
         };
-        let cancelled = matches!(event.event, Some(pb::job_event::Event::Cancelled(_)));
-        if matches!(event.event, Some(pb::job_event::Event::Started(_))) {
+        let cancelled = matches!(event, JobEvent::Cancelled { .. });
+        if matches!(event, JobEvent::Started) {
             *last_position = None;
         }
         if tx.send(Ok(event)).await.is_err() {
@@ -128,15 +134,12 @@ async fn forward(
         }
     }
     let Some((state, position)) = sql::position(pool, id).await.map_err(super::unavailable)? else {
-        return Err(crate::serve::api::backend::not_found(id));
+        return Err(JobError::NotFound(id.to_string()));
     };
     if state == "queued" && *last_position != Some(position) {
         *last_position = Some(position);
-        let event = pb::JobEvent {
-            job_id: id.to_string(),
-            event: Some(pb::job_event::Event::Queued(pb::Queued {
-                queue_position: position as u32,
-            })),
+        let event = JobEvent::Queued {
+            position: position as u32,
         };
         if tx.send(Ok(event)).await.is_err() {
             return Ok(Forwarded::ClientGone);

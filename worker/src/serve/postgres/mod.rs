@@ -13,19 +13,16 @@ mod wake;
 #[cfg(test)]
 mod tests;
 
-use crate::serve::api::backend::{submit_status, Accepted, EventStream, JobBackend};
 use crate::serve::api::convert::Limits;
 use crate::serve::engine::models::ModelTable;
+use crate::serve::job::backend::{Accepted, JobBackend, JobEvents, JobView};
+use crate::serve::job::error::JobError;
 use crate::serve::job::source::JobSource;
-use crate::serve::job::store::SubmitError;
 use claim::PgSource;
-use jhakaas_proto::v1 as pb;
-use prost::Message;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::Status;
 
 /// How the shared queue is run.
 #[derive(Debug, Clone, Copy)]
@@ -57,9 +54,9 @@ pub struct PgJobs {
 }
 
 /// A database error as the client sees it: the store is unavailable, retry.
-fn unavailable(e: sqlx::Error) -> Status {
+fn unavailable(e: sqlx::Error) -> JobError {
     tracing::warn!(error = %e, "job store error");
-    Status::unavailable(format!("the job store is unavailable: {e}"))
+    JobError::Unavailable(e.to_string())
 }
 
 impl PgJobs {
@@ -103,7 +100,7 @@ impl PgJobs {
     }
 
     /// Inserts the job unless its `request_id` exists; returns its id and whether it is new.
-    async fn insert(&self, job: &Accepted) -> Result<(String, bool), Status> {
+    async fn insert(&self, job: &Accepted) -> Result<(String, bool), JobError> {
         let rid = &job.request.request_id;
         if !rid.is_empty() {
             if let Some(id) = sql::job_by_request_id(&self.pool, rid)
@@ -114,13 +111,13 @@ impl PgJobs {
             }
         }
         if self.draining.load(Ordering::SeqCst) {
-            return Err(submit_status(SubmitError::Draining));
+            return Err(JobError::Draining);
         }
         let queued = sql::queued_count(&self.pool).await.map_err(unavailable)?;
         if queued >= self.config.max_queue as i64 {
-            return Err(submit_status(SubmitError::QueueFull {
+            return Err(JobError::QueueFull {
                 max_queue: self.config.max_queue,
-            }));
+            });
         }
         let id = uuid::Uuid::new_v4().to_string();
         let deadline_in = job
@@ -131,7 +128,7 @@ impl PgJobs {
             id: &id,
             request_id: (!rid.is_empty()).then_some(rid.as_str()),
             model: &job.request.model,
-            request: job.wire.encode_to_vec(),
+            request: job.wire.clone(),
             seed: job.request.params.seed.unwrap_or_default() as i64,
             deadline_in,
         };
@@ -145,20 +142,20 @@ impl PgJobs {
                 .await
                 .map_err(unavailable)?
                 .map(|id| (id, false))
-                .ok_or_else(|| Status::aborted("the job with this request_id just expired")),
+                .ok_or(JobError::Conflict),
         }
     }
 }
 
-#[tonic::async_trait]
+#[async_trait::async_trait]
 impl JobBackend for PgJobs {
-    async fn submit(&self, job: Accepted) -> Result<pb::Job, Status> {
+    async fn submit(&self, job: Accepted) -> Result<JobView, JobError> {
         let (id, new) = self.insert(&job).await?;
         tracing::info!(job_id = %id, existing = !new, "submit");
         self.get(&id).await
     }
 
-    async fn generate(&self, job: Accepted) -> Result<EventStream, Status> {
+    async fn generate(&self, job: Accepted) -> Result<JobEvents, JobError> {
         let deadline = job.request.deadline;
         let (id, new) = self.insert(&job).await?;
         tracing::info!(job_id = %id, existing = !new, "generate");
@@ -171,14 +168,14 @@ impl JobBackend for PgJobs {
         ))
     }
 
-    async fn get(&self, id: &str) -> Result<pb::Job, Status> {
+    async fn get(&self, id: &str) -> Result<JobView, JobError> {
         sql::job(&self.pool, id)
             .await
             .map_err(unavailable)?
-            .ok_or_else(|| crate::serve::api::backend::not_found(id))
+            .ok_or_else(|| JobError::NotFound(id.to_string()))
     }
 
-    async fn watch(&self, id: &str) -> Result<EventStream, Status> {
+    async fn watch(&self, id: &str) -> Result<JobEvents, JobError> {
         // Refuse an unknown id up front, as the memory store does.
         self.get(id).await?;
         Ok(events::stream(
@@ -190,12 +187,12 @@ impl JobBackend for PgJobs {
         ))
     }
 
-    async fn cancel(&self, id: &str) -> Result<pb::Job, Status> {
+    async fn cancel(&self, id: &str) -> Result<JobView, JobError> {
         if !sql::cancel(&self.pool, id, "cancelled by client")
             .await
             .map_err(unavailable)?
         {
-            return Err(crate::serve::api::backend::not_found(id));
+            return Err(JobError::NotFound(id.to_string()));
         }
         self.get(id).await
     }

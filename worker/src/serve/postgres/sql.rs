@@ -1,6 +1,9 @@
 //! Every statement the PostgreSQL store runs, in one place. Writes of a running job are
 //! fenced by `attempt`: they match only while the row is still running under that claim.
 
+use crate::serve::api::job_wire;
+use crate::serve::job::backend::JobView;
+use jhakaas_model_manager::Progress;
 use jhakaas_proto::v1 as pb;
 use prost::Message;
 use sqlx::postgres::PgPool;
@@ -77,19 +80,9 @@ pub async fn insert_job(pool: &PgPool, job: &NewJob<'_>) -> sqlx::Result<bool> {
     Ok(r.rows_affected() == 1)
 }
 
-fn state(s: &str) -> pb::JobState {
-    match s {
-        "queued" => pb::JobState::Queued,
-        "running" => pb::JobState::Running,
-        "succeeded" => pb::JobState::Succeeded,
-        "failed" => pb::JobState::Failed,
-        _ => pb::JobState::Cancelled,
-    }
-}
-
-/// A job as the API reports it: the row, its queue position and its terminal event's
-/// images and timings.
-pub async fn job(pool: &PgPool, id: &str) -> sqlx::Result<Option<pb::Job>> {
+/// A job as the faces report it: the row, its queue position and its terminal event (with
+/// its images and timings).
+pub async fn job(pool: &PgPool, id: &str) -> sqlx::Result<Option<JobView>> {
     let Some(row) = sqlx::query(
         "SELECT j.id, j.request_id, j.model, j.seed, j.state, j.error, \
                 j.progress_step, j.progress_total, j.progress_timestep, \
@@ -110,9 +103,9 @@ pub async fn job(pool: &PgPool, id: &str) -> sqlx::Result<Option<pb::Job>> {
         row.try_get::<Option<i32>, _>("progress_total")?,
         row.try_get::<Option<f64>, _>("progress_timestep")?,
     ) {
-        (Some(step), Some(total), Some(timestep)) => Some(pb::Progress {
-            step: step as u32,
-            total_steps: total as u32,
+        (Some(step), Some(total), Some(timestep)) => Some(Progress {
+            step: step as usize,
+            total_steps: total as usize,
             timestep,
         }),
         _ => None,
@@ -120,27 +113,22 @@ pub async fn job(pool: &PgPool, id: &str) -> sqlx::Result<Option<pb::Job>> {
     let terminal = row
         .try_get::<Option<Vec<u8>>, _>("terminal")?
         .and_then(|b| pb::JobEvent::decode(b.as_slice()).ok())
-        .and_then(|e| e.event);
-    use pb::job_event::Event;
-    let (images, timings) = match terminal {
-        Some(Event::Completed(c)) => (c.images, c.timings),
-        Some(Event::Failed(f)) => (Vec::new(), f.timings),
-        Some(Event::Cancelled(c)) => (Vec::new(), c.timings),
-        _ => (Vec::new(), None),
-    };
-    Ok(Some(pb::Job {
-        job_id: row.try_get("id")?,
+        .and_then(job_wire::event_from_wire);
+    let snapshot = job_wire::snapshot_from_row(
+        job_wire::state_from_row(row.try_get::<&str, _>("state")?),
+        row.try_get::<i64, _>("queue_position")? as u32,
+        progress,
+        row.try_get("error")?,
+        terminal,
+    );
+    Ok(Some(JobView {
+        id: row.try_get("id")?,
         request_id: row
             .try_get::<Option<String>, _>("request_id")?
             .unwrap_or_default(),
         model: row.try_get("model")?,
-        state: state(row.try_get::<&str, _>("state")?) as i32,
-        queue_position: row.try_get::<i64, _>("queue_position")? as u32,
-        progress,
-        images,
-        timings,
-        error: row.try_get("error")?,
         seed: row.try_get::<i64, _>("seed")? as u64,
+        snapshot,
     }))
 }
 

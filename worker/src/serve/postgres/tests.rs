@@ -4,10 +4,12 @@
 
 use super::*;
 use crate::serve::engine::models::ModelSpec;
-use crate::serve::job::events::{EncodedImage, JobTimings};
+use crate::serve::job::events::{EncodedImage, JobState, JobTimings};
 use crate::serve::job::store::JobEvent;
 use jhakaas_model_manager::{ModelSource, Progress};
+use jhakaas_proto::v1 as pb;
 use jhakaas_tests::postgres::Postgres;
+use prost::Message;
 
 fn table() -> Arc<ModelTable> {
     let spec = ModelSpec {
@@ -54,7 +56,10 @@ fn accepted(request_id: &str) -> Accepted {
     };
     let request =
         crate::serve::api::convert::job_request(&wire, &table(), &limits(), None).unwrap();
-    Accepted { request, wire }
+    Accepted {
+        request,
+        wire: wire.encode_to_vec(),
+    }
 }
 
 async fn store(pg: &Postgres) -> PgJobs {
@@ -95,8 +100,8 @@ async fn done(jobs: &PgJobs, job: &Arc<crate::serve::job::store::Job>) {
         .unwrap();
 }
 
-fn state(job: &pb::Job) -> pb::JobState {
-    pb::JobState::try_from(job.state).unwrap()
+fn state(job: &JobView) -> JobState {
+    job.snapshot.state
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,28 +112,28 @@ async fn submit_claim_run_cancel_and_expire() {
     // Submit, idempotency, queue positions and the fleet-wide queue bound.
     let a = jobs.submit(accepted("a")).await.unwrap();
     assert_eq!(
-        (state(&a), a.queue_position, a.seed),
-        (pb::JobState::Queued, 0, 5)
+        (state(&a), a.snapshot.queue_position, a.seed),
+        (JobState::Queued, 0, 5)
     );
-    assert_eq!(jobs.submit(accepted("a")).await.unwrap().job_id, a.job_id);
+    assert_eq!(jobs.submit(accepted("a")).await.unwrap().id, a.id);
     let b = jobs.submit(accepted("b")).await.unwrap();
-    assert_eq!(b.queue_position, 1);
+    assert_eq!(b.snapshot.queue_position, 1);
     let c = jobs.submit(accepted("")).await.unwrap();
     let full = jobs.submit(accepted("d")).await.unwrap_err();
-    assert_eq!(full.code(), tonic::Code::ResourceExhausted);
+    assert!(matches!(full, JobError::QueueFull { .. }), "{full:?}");
 
     // Cancelling a queued job ends it at once with one terminal event; the queue renumbers.
-    let cancelled = jobs.cancel(&b.job_id).await.unwrap();
-    assert_eq!(state(&cancelled), pb::JobState::Cancelled);
-    assert_eq!(jobs.get(&c.job_id).await.unwrap().queue_position, 1);
+    let cancelled = jobs.cancel(&b.id).await.unwrap();
+    assert_eq!(state(&cancelled), JobState::Cancelled);
+    assert_eq!(jobs.get(&c.id).await.unwrap().snapshot.queue_position, 1);
     assert_eq!(
-        jobs.cancel("nope").await.unwrap_err().code(),
-        tonic::Code::NotFound
+        jobs.cancel("nope").await.unwrap_err(),
+        JobError::NotFound("nope".into())
     );
 
     // The engine claims the oldest; its events reach the row and the log.
     let job = claim(&jobs).await;
-    assert_eq!(job.id, a.job_id);
+    assert_eq!(job.id, a.id);
     assert_eq!(job.request.params.seed, Some(5));
     job.emit(JobEvent::Started);
     job.emit(JobEvent::Progress(Progress {
@@ -148,10 +153,10 @@ async fn submit_claim_run_cancel_and_expire() {
         timings: JobTimings::default(),
     });
     done(&jobs, &job).await;
-    let finished = jobs.get(&a.job_id).await.unwrap();
-    assert_eq!(state(&finished), pb::JobState::Succeeded);
-    assert_eq!(finished.images[0].data, vec![1, 2, 3]);
-    assert_eq!(finished.progress.unwrap().step, 1);
+    let finished = jobs.get(&a.id).await.unwrap();
+    assert_eq!(state(&finished), JobState::Succeeded);
+    assert_eq!(finished.snapshot.images[0].data, vec![1, 2, 3]);
+    assert_eq!(finished.snapshot.progress.unwrap().step, 1);
     // A second terminal event changes nothing.
     job.emit(JobEvent::Failed {
         reason: "late".into(),
@@ -162,12 +167,12 @@ async fn submit_claim_run_cancel_and_expire() {
             "SELECT count(*) FROM jhakaas_job_events WHERE job_id = '{id}' AND terminal"
         ))
     };
-    assert_eq!(terminal(&a.job_id), "1");
+    assert_eq!(terminal(&a.id), "1");
 
     // A running job is cancelled through the row: the engine sees it with its next write.
     let running = claim(&jobs).await;
-    assert_eq!(running.id, c.job_id);
-    jobs.cancel(&c.job_id).await.unwrap();
+    assert_eq!(running.id, c.id);
+    jobs.cancel(&c.id).await.unwrap();
     running.emit(JobEvent::Progress(Progress {
         step: 1,
         total_steps: 3,
@@ -184,11 +189,8 @@ async fn submit_claim_run_cancel_and_expire() {
         timings: JobTimings::default(),
     });
     done(&jobs, &running).await;
-    assert_eq!(
-        state(&jobs.get(&c.job_id).await.unwrap()),
-        pb::JobState::Cancelled
-    );
-    assert_eq!(terminal(&c.job_id), "1");
+    assert_eq!(state(&jobs.get(&c.id).await.unwrap()), JobState::Cancelled);
+    assert_eq!(terminal(&c.id), "1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,26 +201,29 @@ async fn an_expired_lease_requeues_then_fails_and_the_stale_claim_is_fenced() {
 
     // A claim whose pod goes silent: its lease runs out, the job is queued again.
     let first = claim(&jobs).await;
-    lose_lease(&pg, &jobs, &a.job_id).await;
+    lose_lease(&pg, &jobs, &a.id).await;
     let second = claim(&jobs).await;
-    assert_eq!(second.id, a.job_id);
+    assert_eq!(second.id, a.id);
     // The stale first claim cannot end the job now owned by the second.
     first.emit(JobEvent::Failed {
         reason: "stale".into(),
         timings: JobTimings::default(),
     });
     done(&jobs, &first).await;
-    let now = jobs.get(&a.job_id).await.unwrap();
-    assert_eq!(state(&now), pb::JobState::Running, "{}", now.error);
+    let now = jobs.get(&a.id).await.unwrap();
+    assert_eq!(state(&now), JobState::Running, "{}", now.snapshot.error);
 
     // A second lost lease reaches max_attempts (2): the job fails with the reason.
-    lose_lease(&pg, &jobs, &a.job_id).await;
-    let failed = jobs.get(&a.job_id).await.unwrap();
-    assert_eq!(state(&failed), pb::JobState::Failed, "{failed:?}");
+    lose_lease(&pg, &jobs, &a.id).await;
+    let failed = jobs.get(&a.id).await.unwrap();
+    assert_eq!(state(&failed), JobState::Failed, "{failed:?}");
     assert!(
-        failed.error.contains("lost with its worker 2 times"),
+        failed
+            .snapshot
+            .error
+            .contains("lost with its worker 2 times"),
         "{}",
-        failed.error
+        failed.snapshot.error
     );
     // The second claim's own end is fenced off too; still exactly one terminal event.
     second.emit(JobEvent::Cancelled {
@@ -229,7 +234,7 @@ async fn an_expired_lease_requeues_then_fails_and_the_stale_claim_is_fenced() {
     assert_eq!(
         pg.query(&format!(
             "SELECT count(*) FROM jhakaas_job_events WHERE job_id = '{}' AND terminal",
-            a.job_id
+            a.id
         )),
         "1"
     );
@@ -260,15 +265,15 @@ async fn drain_hands_the_running_job_back_and_leaves_the_queue() {
     jobs.drain(Duration::from_millis(200)).await;
     engine.await.unwrap();
     let refused = jobs.submit(accepted("late")).await.unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::Unavailable);
-    for id in [&a.job_id, &b.job_id] {
+    assert_eq!(refused, JobError::Draining);
+    for id in [&a.id, &b.id] {
         let job = jobs.get(id).await.unwrap();
-        assert_eq!(state(&job), pb::JobState::Queued, "{job:?}");
+        assert_eq!(state(&job), JobState::Queued, "{job:?}");
     }
     assert_eq!(
         pg.query(&format!(
             "SELECT failures FROM jhakaas_jobs WHERE id = '{}'",
-            a.job_id
+            a.id
         )),
         "0"
     );
@@ -293,7 +298,7 @@ async fn finished_jobs_go_after_their_ttl_or_when_the_caps_are_reached() {
             timings: JobTimings::default(),
         });
         done(&jobs, &job).await;
-        ids.push(a.job_id);
+        ids.push(a.id);
     }
     let count = || pg.query("SELECT count(*) FROM jhakaas_jobs");
     // Under every cap: nothing goes.

@@ -1,70 +1,15 @@
-//! What the gRPC service asks of a job store, whichever it is: accept a job, report it, stream
-//! its events, cancel it, and drain. [`MemoryJobs`] is the embedded store of one process; the
-//! PostgreSQL store (`serve/postgres/`) shares one durable queue between replicas.
+//! The embedded job store behind the faces: [`JobStore`] in one process, nothing to set up,
+//! and its event streams (a new job owned by its stream is cancelled when the client goes away
+//! or its deadline passes).
 
-use super::convert;
-use crate::serve::job::source::JobSource;
-use crate::serve::job::store::{Job, JobEvent, JobRequest, JobState, JobStore, SubmitError};
-use jhakaas_proto::v1 as pb;
+use super::backend::{Accepted, JobBackend, JobEvents, JobView};
+use super::error::JobError;
+use super::source::JobSource;
+use super::store::{Job, JobEvent, JobState, JobStore};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Status;
-
-/// A job's events as the API streams them.
-pub type EventStream = ReceiverStream<Result<pb::JobEvent, Status>>;
-
-/// A validated request ready to be accepted: the engine's form and the wire form (with its
-/// seed fixed), which a durable store keeps so any replica can run it.
-#[derive(Debug, Clone)]
-pub struct Accepted {
-    /// The validated request.
-    pub request: JobRequest,
-    /// The request as received, its seed set to the one fixed at acceptance.
-    pub wire: pb::GenerateRequest,
-}
-
-/// The job store behind the gRPC service.
-#[tonic::async_trait]
-pub trait JobBackend: Send + Sync + 'static {
-    /// Accepts a job (or returns the existing one for a repeated `request_id`).
-    async fn submit(&self, job: Accepted) -> Result<pb::Job, Status>;
-    /// Accepts a job and streams its events to its terminal one; a new job is cancelled when
-    /// the client goes away or its deadline passes. A repeated `request_id` attaches to the
-    /// existing job without owning it.
-    async fn generate(&self, job: Accepted) -> Result<EventStream, Status>;
-    /// The job with this id.
-    async fn get(&self, id: &str) -> Result<pb::Job, Status>;
-    /// Streams a job's events from its current state to its terminal event.
-    async fn watch(&self, id: &str) -> Result<EventStream, Status>;
-    /// Cancels a job: a queued one at once, a running one at its next step.
-    async fn cancel(&self, id: &str) -> Result<pb::Job, Status>;
-    /// The source the engine takes this store's jobs from.
-    fn source(&self) -> Arc<dyn JobSource>;
-    /// Shutdown: stop accepting, let the running job finish within `timeout`, then end (or,
-    /// with a shared queue, hand back) what remains, and close the engine's source.
-    async fn drain(&self, timeout: Duration);
-}
-
-/// Maps a refused submission to its status code.
-pub fn submit_status(e: SubmitError) -> Status {
-    match e {
-        SubmitError::QueueFull { max_queue } => {
-            Status::resource_exhausted(format!("the queue is full ({max_queue} jobs); retry later"))
-        }
-        SubmitError::Draining => {
-            Status::unavailable("the worker is shutting down; retry on another replica")
-        }
-    }
-}
-
-/// No such job (or it expired).
-pub fn not_found(id: &str) -> Status {
-    Status::not_found(format!(
-        "invalid job_id: no job `{id}` (unknown or expired)"
-    ))
-}
 
 /// The embedded in-memory store: one process, nothing to set up.
 #[derive(Debug, Clone)]
@@ -87,22 +32,28 @@ impl MemoryJobs {
         Self { store }
     }
 
-    fn find(&self, id: &str) -> Result<Arc<Job>, Status> {
-        self.store.get(id).ok_or_else(|| not_found(id))
+    fn find(&self, id: &str) -> Result<Arc<Job>, JobError> {
+        self.store
+            .get(id)
+            .ok_or_else(|| JobError::NotFound(id.to_string()))
+    }
+
+    fn view(job: &Job) -> JobView {
+        JobView::of(job, job.snapshot())
     }
 }
 
-#[tonic::async_trait]
+#[async_trait::async_trait]
 impl JobBackend for MemoryJobs {
-    async fn submit(&self, job: Accepted) -> Result<pb::Job, Status> {
-        let submitted = self.store.submit(job.request).map_err(submit_status)?;
+    async fn submit(&self, job: Accepted) -> Result<JobView, JobError> {
+        let submitted = self.store.submit(job.request)?;
         let job = submitted.job;
         tracing::info!(job_id = %job.id, existing = submitted.events.is_none(), "submit");
-        Ok(convert::job(&job, &job.snapshot()))
+        Ok(Self::view(&job))
     }
 
-    async fn generate(&self, job: Accepted) -> Result<EventStream, Status> {
-        let submitted = self.store.submit(job.request).map_err(submit_status)?;
+    async fn generate(&self, job: Accepted) -> Result<JobEvents, JobError> {
+        let submitted = self.store.submit(job.request)?;
         let existing = submitted.events.is_none();
         tracing::info!(job_id = %submitted.job.id, existing, "generate");
         Ok(stream_events(
@@ -113,12 +64,12 @@ impl JobBackend for MemoryJobs {
         ))
     }
 
-    async fn get(&self, id: &str) -> Result<pb::Job, Status> {
+    async fn get(&self, id: &str) -> Result<JobView, JobError> {
         let job = self.find(id)?;
-        Ok(convert::job(&job, &job.snapshot()))
+        Ok(Self::view(&job))
     }
 
-    async fn watch(&self, id: &str) -> Result<EventStream, Status> {
+    async fn watch(&self, id: &str) -> Result<JobEvents, JobError> {
         Ok(stream_events(
             self.store.clone(),
             self.find(id)?,
@@ -127,10 +78,10 @@ impl JobBackend for MemoryJobs {
         ))
     }
 
-    async fn cancel(&self, id: &str) -> Result<pb::Job, Status> {
+    async fn cancel(&self, id: &str) -> Result<JobView, JobError> {
         let job = self.find(id)?;
         self.store.cancel(&job, "cancelled by client");
-        Ok(convert::job(&job, &job.snapshot()))
+        Ok(Self::view(&job))
     }
 
     fn source(&self) -> Arc<dyn JobSource> {
@@ -164,8 +115,9 @@ fn stream_events(
     job: Arc<Job>,
     subscribed: Option<broadcast::Receiver<JobEvent>>,
     owns_job: bool,
-) -> EventStream {
+) -> JobEvents {
     let (tx, rx) = mpsc::channel(64);
+    let job_id = job.id.clone();
     tokio::spawn(async move {
         let (mut pending, mut events) = match subscribed {
             Some(rx) => (Vec::new(), rx),
@@ -189,7 +141,7 @@ fn stream_events(
         loop {
             for e in pending.drain(..) {
                 let terminal = e.is_terminal();
-                if tx.send(Ok(convert::event(&job.id, &e))).await.is_err() {
+                if tx.send(Ok(e.clone())).await.is_err() {
                     if owns_job {
                         store.cancel(&job, "client disconnected");
                     }
@@ -200,11 +152,7 @@ fn stream_events(
                     // side noticed first (the engine between steps, or this task's timer).
                     let expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
                     if owns_job && expired && matches!(e, JobEvent::Cancelled { .. }) {
-                        let _ = tx
-                            .send(Err(Status::deadline_exceeded(
-                                "the request's deadline passed",
-                            )))
-                            .await;
+                        let _ = tx.send(Err(JobError::DeadlineExceeded)).await;
                     }
                     return;
                 }
@@ -231,7 +179,7 @@ fn stream_events(
                         if owns_job {
                             store.cancel(&job, "deadline exceeded");
                         }
-                        let _ = tx.send(Err(Status::deadline_exceeded("the request's deadline passed"))).await;
+                        let _ = tx.send(Err(JobError::DeadlineExceeded)).await;
                         return;
                     }
                 },
@@ -244,5 +192,8 @@ fn stream_events(
             }
         }
     });
-    ReceiverStream::new(rx)
+    JobEvents {
+        job_id,
+        events: ReceiverStream::new(rx),
+    }
 }
