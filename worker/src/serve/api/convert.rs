@@ -49,7 +49,9 @@ const MAX_REQUEST_ID_CHARS: usize = 128;
 /// The gRPC status of a refused request: the one place request errors get their codes.
 pub fn status(e: RequestError) -> Status {
     match e {
-        RequestError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+        RequestError::Invalid { .. } | RequestError::Refused(_) => {
+            Status::invalid_argument(e.to_string())
+        }
         RequestError::Unknown { .. } => Status::not_found(e.to_string()),
     }
 }
@@ -62,12 +64,12 @@ pub fn lora_info(l: LoraInfo) -> pb::LoraInfo {
     }
 }
 
-fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("invalid {field}: {reason}"))
+fn invalid(field: &str, reason: impl std::fmt::Display) -> RequestError {
+    RequestError::invalid(field, reason)
 }
 
 /// The engine's refusal of a request, naming the field as the wire spells it.
-fn refused(e: jhakaas_model_manager::Error) -> Status {
+fn refused(e: jhakaas_model_manager::Error) -> RequestError {
     match e {
         jhakaas_model_manager::Error::InvalidParam { field, reason } => {
             let wire = match field {
@@ -79,18 +81,19 @@ fn refused(e: jhakaas_model_manager::Error) -> Status {
             };
             invalid(wire, reason)
         }
-        other => Status::invalid_argument(other.to_string()),
+        other => RequestError::Refused(other.to_string()),
     }
 }
 
-/// Validates a request. Unknown models are NOT_FOUND, everything else INVALID_ARGUMENT.
-/// Borrows the request, so a caller keeping the wire form copies no init image.
+/// Validates a request: an unknown model or adapter is [`RequestError::Unknown`], anything
+/// else [`RequestError::Invalid`] (or `Refused` by the engine), each naming the field as the
+/// wire spells it. Borrows the request, so a caller keeping the wire form copies no init image.
 pub fn job_request(
     req: &pb::GenerateRequest,
     models: &ModelTable,
     limits: &Limits,
     deadline: Option<Instant>,
-) -> Result<JobRequest, Status> {
+) -> Result<JobRequest, RequestError> {
     if req.request_id.chars().count() > MAX_REQUEST_ID_CHARS {
         return Err(invalid(
             "request_id",
@@ -103,20 +106,12 @@ pub fn job_request(
     let scheduler = if req.scheduler.is_empty() {
         None
     } else {
-        Some(
-            req.scheduler
-                .parse::<SchedulerKind>()
-                .map_err(|e| Status::invalid_argument(e.to_string()))?,
-        )
+        Some(req.scheduler.parse::<SchedulerKind>().map_err(refused)?)
     };
     let rng = if req.rng.is_empty() {
         None
     } else {
-        Some(
-            req.rng
-                .parse::<RngKind>()
-                .map_err(|e| Status::invalid_argument(e.to_string()))?,
-        )
+        Some(req.rng.parse::<RngKind>().map_err(refused)?)
     };
     let format = output_format(req.output_format)?;
     let loras = loras(&req.loras, models)?;
@@ -174,7 +169,7 @@ pub fn job_request(
 }
 
 /// The adapters a request names, found in the worker's LoRA folder.
-fn loras(wire: &[pb::LoraAdapter], models: &ModelTable) -> Result<Vec<LoraAdapter>, Status> {
+fn loras(wire: &[pb::LoraAdapter], models: &ModelTable) -> Result<Vec<LoraAdapter>, RequestError> {
     if wire.len() > MAX_LORAS_PER_REQUEST {
         return Err(invalid(
             "loras",
@@ -184,10 +179,7 @@ fn loras(wire: &[pb::LoraAdapter], models: &ModelTable) -> Result<Vec<LoraAdapte
     wire.iter()
         .enumerate()
         .map(|(i, l)| {
-            let path = models
-                .loras()
-                .find(&l.name, &format!("loras[{i}].name"))
-                .map_err(status)?;
+            let path = models.loras().find(&l.name, &format!("loras[{i}].name"))?;
             let weight = if l.weight == 0.0 {
                 1.0
             } else {
@@ -205,7 +197,7 @@ fn loras(wire: &[pb::LoraAdapter], models: &ModelTable) -> Result<Vec<LoraAdapte
 }
 
 /// The model a request names (empty: the default), if this server serves it.
-fn model_name(requested: &str, models: &ModelTable) -> Result<String, Status> {
+fn model_name(requested: &str, models: &ModelTable) -> Result<String, RequestError> {
     let model = if requested.is_empty() {
         models.default_model().to_string()
     } else {
@@ -213,15 +205,18 @@ fn model_name(requested: &str, models: &ModelTable) -> Result<String, Status> {
     };
     if models.spec(&model).is_none() {
         let names: Vec<&str> = models.specs().iter().map(|s| s.name.as_str()).collect();
-        return Err(Status::not_found(format!(
-            "invalid model: `{model}` is not served here (models: {})",
-            names.join(", ")
-        )));
+        return Err(RequestError::unknown(
+            "model",
+            format!(
+                "`{model}` is not served here (models: {})",
+                names.join(", ")
+            ),
+        ));
     }
     Ok(model)
 }
 
-fn check_prompts(prompt: &str, negative: &str) -> Result<(), Status> {
+fn check_prompts(prompt: &str, negative: &str) -> Result<(), RequestError> {
     if prompt.trim().is_empty() {
         return Err(invalid("prompt", "must not be empty"));
     }
@@ -234,7 +229,7 @@ fn check_prompts(prompt: &str, negative: &str) -> Result<(), Status> {
     Ok(())
 }
 
-fn output_format(value: i32) -> Result<ImageFormat, Status> {
+fn output_format(value: i32) -> Result<ImageFormat, RequestError> {
     match pb::OutputFormat::try_from(value) {
         Ok(pb::OutputFormat::Unspecified | pb::OutputFormat::Png) => Ok(ImageFormat::Png),
         Ok(pb::OutputFormat::Jpeg) => Ok(ImageFormat::Jpeg),
@@ -251,7 +246,7 @@ fn controlnets(
     models: &ModelTable,
     model: &str,
     limits: &Limits,
-) -> Result<Vec<ControlNetRequest>, Status> {
+) -> Result<Vec<ControlNetRequest>, RequestError> {
     if wire.len() > MAX_CONTROLNETS {
         return Err(invalid(
             "controlnets",
@@ -296,7 +291,10 @@ fn controlnets(
 
 /// The decoded init image with its mask (`mask`, or the canvas and mask `outpaint` makes) and
 /// strength (0 = unset: 1 when inpainting; the engine's rules check the range).
-fn init_image(req: &pb::GenerateRequest, limits: &Limits) -> Result<Option<InitImage>, Status> {
+fn init_image(
+    req: &pb::GenerateRequest,
+    limits: &Limits,
+) -> Result<Option<InitImage>, RequestError> {
     let outpaint = req.outpaint.as_ref().map(|o| Outpaint {
         left: o.left,
         top: o.top,
@@ -348,7 +346,7 @@ fn decode_bounded(
     bytes: &[u8],
     field: &'static str,
     limits: &Limits,
-) -> Result<image::RgbImage, Status> {
+) -> Result<image::RgbImage, RequestError> {
     if bytes.len() > limits.max_init_image_bytes {
         return Err(invalid(
             field,
@@ -363,13 +361,13 @@ fn decode_bounded(
 }
 
 /// Zero fields are unset; a size needs both sides or neither.
-fn size_conditioning(sc: Option<&pb::SizeConditioning>) -> Result<SizeConditioning, Status> {
+fn size_conditioning(sc: Option<&pb::SizeConditioning>) -> Result<SizeConditioning, RequestError> {
     let Some(sc) = sc else {
         return Ok(SizeConditioning::default());
     };
     // Only the wire's shape here (a size is both sides or neither); the engine's rules bound
     // the values.
-    let size = |field: &str, w: u32, h: u32| -> Result<Option<(usize, usize)>, Status> {
+    let size = |field: &str, w: u32, h: u32| -> Result<Option<(usize, usize)>, RequestError> {
         match (w, h) {
             (0, 0) => Ok(None),
             (w, h) if w == 0 || h == 0 => Err(invalid(

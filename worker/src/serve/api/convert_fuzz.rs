@@ -91,7 +91,8 @@ fn random_requests_never_panic_never_escape_a_limit_and_every_refusal_names_a_fi
                     "the seed is fixed at acceptance"
                 );
             }
-            Err(status) => {
+            Err(e) => {
+                let status = super::convert::status(e);
                 refused += 1;
                 assert!(
                     matches!(status.code(), Code::InvalidArgument | Code::NotFound),

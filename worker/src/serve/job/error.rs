@@ -20,6 +20,9 @@ pub enum RequestError {
         /// What is missing.
         reason: String,
     },
+    /// The engine refuses the request as a whole.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl RequestError {

@@ -113,7 +113,7 @@ impl PgSource {
             .map_err(|e| format!("the stored request does not decode: {e}"))
             .and_then(|wire| {
                 convert::job_request(&wire, &self.models, &self.limits, deadline)
-                    .map_err(|s| s.message().to_string())
+                    .map_err(|e| e.to_string())
             });
         let request = match validated {
             Ok(r) => r,
