@@ -14,6 +14,8 @@ pub struct TestServer {
     pub addr: String,
     /// Metrics address.
     pub metrics_addr: String,
+    /// The HTTP face's address, when started with `--http-listen`.
+    pub http_addr: Option<String>,
     /// Where the server's stderr (logs) goes.
     pub log: PathBuf,
 }
@@ -62,10 +64,12 @@ impl TestServer {
             .nth(2)
             .map(|w| w.trim_end_matches(')').to_string())
             .expect("metrics address");
+        let http_addr = words.nth(2).map(|w| w.trim_end_matches(')').to_string());
         TestServer {
             child: Some(child),
             addr,
             metrics_addr,
+            http_addr,
             log,
         }
     }

@@ -4,6 +4,7 @@
 
 mod api;
 mod engine;
+mod http;
 mod job;
 mod postgres;
 
@@ -35,6 +36,10 @@ pub struct ServeArgs {
     /// Prometheus `/metrics` listen address.
     #[arg(long, env = "JHAKAAS_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     metrics_listen: SocketAddr,
+    /// Also serve OpenAI's images API over HTTP here (`POST /v1/images/generations`,
+    /// `GET /v1/models`, `/healthz`, `/readyz`); off unless set.
+    #[arg(long, env = "JHAKAAS_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
     /// A model to serve as NAME=SOURCE (folder, hub id or alias); repeat for more.
     #[arg(
         long = "model",
@@ -419,17 +424,31 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
         .with_context(|| format!("binding {}", args.metrics_listen))?;
+    let http_listener = match args.http_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --http-listen {addr}"))?,
+        ),
+        None => None,
+    };
     // Tests and operators read the bound addresses (port 0 picks a free one).
+    let http_note = match &http_listener {
+        Some(l) => format!(" (http on {})", l.local_addr()?),
+        None => String::new(),
+    };
     println!(
-        "listening on {} (metrics on {})",
+        "listening on {} (metrics on {}){http_note}",
         listener.local_addr()?,
         metrics_listener.local_addr()?
     );
     tokio::spawn(serve_metrics(metrics_listener, metrics));
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
     let rt = tokio::runtime::Handle::current();
     let ready_health = health.clone();
     let fatal_health = health.clone();
+    let (ready_flag, fatal_flag) = (ready.clone(), ready.clone());
     let fatal_rt = rt.clone();
     let engine = engine::thread::spawn(
         jobs.source(),
@@ -440,6 +459,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             memory_budget: args.memory_budget,
             warm: vec![default_model],
             on_ready: Box::new(move || {
+                ready_flag.store(true, std::sync::atomic::Ordering::SeqCst);
                 rt.spawn(async move {
                     ready_health
                         .set_service_status(WORKER_SERVICE, ServingStatus::Serving)
@@ -448,6 +468,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 });
             }),
             on_fatal: Box::new(move || {
+                fatal_flag.store(false, std::sync::atomic::Ordering::SeqCst);
                 let health = fatal_health.clone();
                 fatal_rt.block_on(async move {
                     health
@@ -458,6 +479,29 @@ async fn serve(args: ServeArgs) -> Result<()> {
         },
     )?;
 
+    // Our codec refuses requests over the limit naming it (RESOURCE_EXHAUSTED); tonic's own
+    // bound, which answers OUT_OF_RANGE naming nothing, sits well above as the memory wall.
+    let request_limit = args.max_init_image_bytes + 64 * 1024;
+    let http_stop = Arc::new(tokio::sync::Notify::new());
+    let http_server = http_listener.map(|listener| {
+        let app = http::router(http::HttpState {
+            jobs: jobs.clone(),
+            models: table.clone(),
+            limits,
+            token: token.clone(),
+            ready: ready.clone(),
+            max_body: request_limit,
+        });
+        let stop = http_stop.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.notified().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        })
+    });
     let svc = WorkerService {
         jobs: jobs.clone(),
         models: table,
@@ -471,9 +515,6 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-    // Our codec refuses requests over the limit naming it (RESOURCE_EXHAUSTED); tonic's own
-    // bound, which answers OUT_OF_RANGE naming nothing, sits well above as the memory wall.
-    let request_limit = args.max_init_image_bytes + 64 * 1024;
     jhakaas_proto::codec::set_request_limit(
         request_limit,
         "--max-init-image-bytes plus 64 KiB for the other fields",
@@ -486,12 +527,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
 
     let drain_jobs = jobs.clone();
     let drain_timeout = args.drain_timeout;
+    let drain_stop = http_stop.clone();
     let shutdown = async move {
         shutdown_signal().await;
+        ready.store(false, std::sync::atomic::Ordering::SeqCst);
         health
             .set_service_status(WORKER_SERVICE, ServingStatus::NotServing)
             .await;
         drain_jobs.drain(drain_timeout).await;
+        // Both faces stop once the drain ended: their in-flight calls have their answers.
+        drain_stop.notify_one();
     };
 
     let mut builder = Server::builder();
@@ -511,6 +556,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
             shutdown,
         )
         .await?;
+    if let Some(server) = http_server {
+        let _ = server.await;
+    }
     jobs.source().close();
     let _ = tokio::task::spawn_blocking(move || engine.join()).await;
     tracing::info!("stopped");
