@@ -54,6 +54,30 @@ try:
 except openai.AuthenticationError:
     pass
 
+# images.edit: OpenAI's mask (transparent = repaint) inpaints the image, at the image's size.
+import io
+import struct
+import zlib
+
+
+def png_bytes(width, height, rows, color_type):
+    """A minimal PNG (8-bit RGB = 2 or RGBA = 6) from raw rows, without Pillow."""
+    raw = b"".join(b"\x00" + row for row in rows)
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+image = png_bytes(64, 64, [bytes(v for x in range(64) for v in (x * 4, y * 4, 128)) for y in range(64)], 2)
+mask = png_bytes(64, 64, [bytes(v for x in range(64) for v in (0, 0, 0, 0 if x < 32 else 255)) for y in range(64)], 6)
+edited = client.images.edit(
+    model="tiny", prompt="a cat", image=("image.png", io.BytesIO(image), "image/png"),
+    mask=("mask.png", io.BytesIO(mask), "image/png"), extra_body={"seed": 9, "steps": 2},
+)
+out = base64.b64decode(edited.data[0].b64_json)
+assert out[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", out[16:24]) == (64, 64), out[:24]
+
+
 def attempt(i):
     try:
         r = client.images.generate(model="tiny", prompt=f"load {i}", size="64x64", extra_body={"steps": 60, "seed": i})

@@ -204,3 +204,166 @@ async fn auth_and_the_body_bound_hold_over_http() {
     assert_eq!(answer["error"]["code"], "request_too_large");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A multipart/form-data body: text fields, then files (name, bytes).
+fn multipart(fields: &[(&str, &str)], files: &[(&str, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "jhakaas-test-boundary-7f3a";
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+                .as_bytes(),
+        );
+    }
+    for (name, bytes) in files {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}.png\"\r\nContent-Type: image/png\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+async fn edit(
+    server: &TestServer,
+    fields: &[(&str, &str)],
+    files: &[(&str, &[u8])],
+) -> (u16, Value) {
+    let url = url(server, "/v1/images/edits");
+    let (content_type, body) = multipart(fields, files);
+    tokio::task::spawn_blocking(move || {
+        let response = match ureq::post(&url)
+            .timeout(Duration::from_secs(120))
+            .set("content-type", &content_type)
+            .send_bytes(&body)
+        {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{e}"),
+        };
+        (response.status(), response.into_json().unwrap())
+    })
+    .await
+    .unwrap()
+}
+
+fn png(image: image::DynamicImage) -> Vec<u8> {
+    let mut out = Vec::new();
+    image
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_edit_is_the_inpainting_of_its_transparent_pixels() {
+    let server = http_server(&[]).await;
+    let init = image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 4) as u8, 128])
+    });
+    // OpenAI's mask: transparent = repaint (the left half); the engine's: white = repaint.
+    let rgba_mask = image::RgbaImage::from_fn(64, 64, |x, _| {
+        image::Rgba([0, 0, 0, if x < 32 { 0 } else { 255 }])
+    });
+    let engine_mask =
+        image::GrayImage::from_fn(64, 64, |x, _| image::Luma([if x < 32 { 255 } else { 0 }]));
+    let (init_png, mask_png) = (png(init.clone().into()), png(rgba_mask.clone().into()));
+    let fields = [
+        ("prompt", "a cat"),
+        ("steps", "2"),
+        ("seed", "9"),
+        ("model", "tiny"),
+    ];
+    let (status, answer) = edit(
+        &server,
+        &fields,
+        &[("image", &init_png), ("mask", &mask_png)],
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let over_http = image::load_from_memory(&images(&answer)[0])
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(
+        over_http.dimensions(),
+        (64, 64),
+        "the output is the image's size"
+    );
+
+    // The same inpainting over gRPC, with the engine's mask.
+    let mut client = server.client().await;
+    let mut stream = client
+        .generate(pb::GenerateRequest {
+            model: "tiny".into(),
+            prompt: "a cat".into(),
+            steps: 2,
+            seed: Some(9),
+            width: 64,
+            height: 64,
+            init_image: init_png.clone(),
+            mask: png(engine_mask.into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut over_grpc = None;
+    while let Some(event) = stream.message().await.unwrap() {
+        if let Some(pb::job_event::Event::Completed(c)) = event.event {
+            over_grpc = Some(
+                image::load_from_memory(&c.images[0].data)
+                    .unwrap()
+                    .to_rgb8(),
+            );
+        }
+    }
+    assert_eq!(
+        Some(over_http.clone()),
+        over_grpc,
+        "an edit is the inpainting of its mask"
+    );
+
+    // No mask: the image's own transparent pixels are the mask.
+    let mut transparent = image::RgbaImage::from_fn(64, 64, |x, y| {
+        let p = init.get_pixel(x, y);
+        image::Rgba([p[0], p[1], p[2], 255])
+    });
+    for (x, _, p) in transparent.enumerate_pixels_mut() {
+        if x < 32 {
+            p[3] = 0;
+        }
+    }
+    let (status, answer) = edit(&server, &fields, &[("image", &png(transparent.into()))]).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["data"].as_array().unwrap().len(), 1);
+
+    // Refusals name the field.
+    let (status, answer) = edit(&server, &fields, &[("mask", &mask_png)]).await;
+    assert_eq!(
+        (status, answer["error"]["param"].as_str()),
+        (400, Some("image")),
+        "{answer}"
+    );
+    let (status, answer) = edit(&server, &fields, &[("image", b"not an image")]).await;
+    assert_eq!(
+        (status, answer["error"]["param"].as_str()),
+        (400, Some("image")),
+        "{answer}"
+    );
+    let (status, answer) = edit(
+        &server,
+        &[("prompt", "p"), ("steps", "many")],
+        &[("image", &init_png)],
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["param"].as_str()),
+        (400, Some("steps")),
+        "{answer}"
+    );
+}

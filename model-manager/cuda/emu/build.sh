@@ -33,7 +33,7 @@ done
 for mode in "${modes[@]}"; do
   case "$mode" in
     # Each kernel static in its own section, gathered by shared.ld for the runtime to poison.
-    plain) kflags=(-fdata-sections); rflags=(-DJHAKAAS_EMU_POISON_SHARED); link=(-Wl,-T,"$here/shared.ld") ;;
+    plain) kflags=(-fdata-sections); rflags=(-DJHAKAAS_EMU_POISON_SHARED); link=("-Wl,-T,$here/shared.ld") ;;
     asan) kflags=(-fsanitize=address -fno-omit-frame-pointer); rflags=(-DJHAKAAS_EMU_ASAN "${kflags[@]}"); link=(-fsanitize=address) ;;
     # The runtime and the harness stay uninstrumented: only the kernels' accesses are checked.
     tsan) kflags=(-fsanitize=thread); rflags=(-DJHAKAAS_EMU_TSAN); link=(-fsanitize=thread) ;;

@@ -127,10 +127,15 @@ fn loras(m: &Map<String, Value>) -> Result<Vec<pb::LoraAdapter>, HttpError> {
 
 /// `POST /v1/images/generations`'s body as the wire request: `model`, `prompt`, `n`, `size`,
 /// `response_format` (`b64_json` only), `output_format`, and ours: `negative_prompt`, `steps`,
-/// `guidance_scale`, `seed`, `scheduler`, `rng`, `loras`.
+/// `guidance_scale`, `seed`, `scheduler`, `rng`, `loras`, `strength`.
 pub fn generation(body: &[u8]) -> Result<pb::GenerateRequest, HttpError> {
-    let m = object(body)?;
-    match string(&m, "response_format")?.as_deref() {
+    fields(&object(body)?)
+}
+
+/// The request fields shared by generations and edits, from a JSON object (an edit's form
+/// fields arrive as one, see [`form_value`]).
+pub fn fields(m: &Map<String, Value>) -> Result<pb::GenerateRequest, HttpError> {
+    match string(m, "response_format")?.as_deref() {
         None | Some("b64_json") => {}
         Some(other) => {
             return Err(HttpError::invalid(
@@ -141,25 +146,37 @@ pub fn generation(body: &[u8]) -> Result<pb::GenerateRequest, HttpError> {
             ))
         }
     }
-    let prompt = string(&m, "prompt")?
+    let prompt = string(m, "prompt")?
         .ok_or_else(|| HttpError::invalid("prompt", "invalid prompt: required"))?;
-    let (width, height) = size(&m)?;
+    let (width, height) = size(m)?;
     Ok(pb::GenerateRequest {
-        model: string(&m, "model")?.unwrap_or_default(),
+        model: string(m, "model")?.unwrap_or_default(),
         prompt,
-        negative_prompt: string(&m, "negative_prompt")?.unwrap_or_default(),
+        negative_prompt: string(m, "negative_prompt")?.unwrap_or_default(),
         width,
         height,
-        steps: unsigned(&m, "steps", u32::MAX as u64)?.unwrap_or(0) as u32,
-        guidance_scale: number(&m, "guidance_scale")?.unwrap_or(0.0),
-        seed: unsigned(&m, "seed", u64::MAX)?,
-        num_images: unsigned(&m, "n", u32::MAX as u64)?.unwrap_or(1) as u32,
-        scheduler: string(&m, "scheduler")?.unwrap_or_default(),
-        rng: string(&m, "rng")?.unwrap_or_default(),
-        output_format: output_format(&m)?,
-        loras: loras(&m)?,
+        steps: unsigned(m, "steps", u32::MAX as u64)?.unwrap_or(0) as u32,
+        guidance_scale: number(m, "guidance_scale")?.unwrap_or(0.0),
+        seed: unsigned(m, "seed", u64::MAX)?,
+        num_images: unsigned(m, "n", u32::MAX as u64)?.unwrap_or(1) as u32,
+        scheduler: string(m, "scheduler")?.unwrap_or_default(),
+        rng: string(m, "rng")?.unwrap_or_default(),
+        output_format: output_format(m)?,
+        loras: loras(m)?,
+        strength: number(m, "strength")?.unwrap_or(0.0),
         ..Default::default()
     })
+}
+
+/// A multipart text field as the JSON value it stands for: numbers for the numeric fields,
+/// JSON for `loras`, a string otherwise (a bad number stays a string and is refused by name).
+pub fn form_value(name: &str, text: &str) -> Value {
+    match name {
+        "n" | "steps" | "seed" | "guidance_scale" | "strength" | "loras" => {
+            serde_json::from_str(text.trim()).unwrap_or_else(|_| Value::String(text.to_string()))
+        }
+        _ => Value::String(text.to_string()),
+    }
 }
 
 #[cfg(test)]

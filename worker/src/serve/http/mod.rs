@@ -1,11 +1,12 @@
 //! The HTTP face (`--http-listen`): OpenAI's images API beside gRPC, on the same job store,
-//! queue, limits, auth and drain. `POST /v1/images/generations`, `GET /v1/models`,
-//! `GET /healthz` (alive), `GET /readyz` (serving). A request is validated by the same code as
+//! queue, limits, auth and drain. `POST /v1/images/generations`, `POST /v1/images/edits`
+//! (inpainting), `GET /v1/models`, `GET /healthz` (alive), `GET /readyz` (serving). A request is validated by the same code as
 //! a gRPC one (it becomes the same wire request, which a durable store keeps), so a job made
 //! here is an ordinary job: `GetJob` finds it by the id in the `x-jhakaas-job-id` header.
 //! Imports go one way: this face uses `api` (the request's wire form), `engine` and `job`.
 
 mod body;
+mod edits;
 mod error;
 
 use crate::serve::api::convert::{self, Limits};
@@ -13,8 +14,9 @@ use crate::serve::engine::models::ModelTable;
 use crate::serve::job::backend::{Accepted, JobBackend};
 use crate::serve::job::events::{EncodedImage, JobEvent};
 use axum::body::Bytes;
+use axum::extract::multipart::MultipartRejection;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Multipart, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -51,6 +53,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/models", get(models))
         .route("/v1/images/generations", post(generations))
+        .route("/v1/images/edits", post(edits))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }
@@ -107,7 +110,30 @@ async fn generations(
 ) -> Result<Response, HttpError> {
     authorize(&s, &headers)?;
     let body = body.map_err(|_| HttpError::too_large(s.max_body))?;
-    let mut wire = body::generation(&body)?;
+    run(&s, body::generation(&body)?).await
+}
+
+async fn edits(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    form: Result<Multipart, MultipartRejection>,
+) -> Result<Response, HttpError> {
+    authorize(&s, &headers)?;
+    let form = form.map_err(|e| {
+        HttpError::invalid(
+            "body",
+            format!("invalid body: expected multipart/form-data ({e})"),
+        )
+    })?;
+    run(&s, edits::edit(form, s.max_body).await?).await
+}
+
+/// Validates `wire` as a gRPC request is, runs it as a job owned by this call (dropped with
+/// the client, as gRPC's Generate) and answers with its images.
+async fn run(
+    s: &HttpState,
+    mut wire: jhakaas_proto::v1::GenerateRequest,
+) -> Result<Response, HttpError> {
     let (models, limits) = (s.models.clone(), s.limits);
     let accepted = tokio::task::spawn_blocking(move || {
         let request = convert::job_request(&wire, &models, &limits, None)?;
@@ -121,7 +147,6 @@ async fn generations(
     .map_err(|e| HttpError::failed(&format!("request validation stopped: {e}")))??;
     let seed = accepted.request.params.seed.unwrap_or_default();
     let mut job = s.jobs.generate(accepted).await?;
-    // Dropping the stream (the client went away) cancels the job, as for gRPC's Generate.
     while let Some(event) = job.events.next().await {
         match event? {
             JobEvent::Completed { images, .. } => {
