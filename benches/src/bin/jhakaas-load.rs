@@ -2,8 +2,9 @@
 //! and reports throughput, latency percentiles and queue wait, checking that every accepted
 //! job completed. Bounded in job count and wall time; refuses non-loopback addresses.
 //!
-//! With `--engine MODEL_DIR` it instead runs the same job through the engine in-process, so
-//! the two medians give the serving overhead.
+//! With `--http ADDR` the clients call the HTTP face (`POST /v1/images/generations`, one
+//! keep-alive connection each) instead; with `--engine MODEL_DIR` the same job runs through
+//! the engine in-process, so the medians give each face's serving overhead.
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -23,6 +24,9 @@ struct Args {
     /// Run the job through the engine in-process from this model folder instead of gRPC.
     #[arg(long)]
     engine: Option<std::path::PathBuf>,
+    /// Drive the HTTP face at this address (`serve --http-listen`) instead of gRPC.
+    #[arg(long)]
+    http: Option<String>,
     /// Concurrent clients.
     #[arg(long, default_value_t = 8)]
     clients: usize,
@@ -216,10 +220,67 @@ async fn grpc_mode(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// The same jobs through `POST /v1/images/generations`, one blocking client per thread.
+fn http_mode(args: &Args, addr: &str) -> Result<()> {
+    loopback_only(addr)?;
+    let url = format!("http://{addr}/v1/images/generations");
+    let mut body = serde_json::json!({
+        "prompt": "a load test",
+        "steps": args.steps,
+        "size": format!("{}x{}", args.side, args.side),
+    });
+    if !args.model.is_empty() {
+        body["model"] = serde_json::json!(args.model);
+    }
+    let next = AtomicUsize::new(0);
+    let results = Mutex::new(Samples::default());
+    let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..args.clients {
+            let agent = ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(args.max_seconds.max(60)))
+                .build();
+            let (next, results, url, body) = (&next, &results, &url, &body);
+            scope.spawn(move || {
+                while next.fetch_add(1, Ordering::SeqCst) < args.jobs && Instant::now() < deadline {
+                    let t = Instant::now();
+                    // The whole answer is read (its images) before the clock stops.
+                    let ok = match agent.post(url).send_json(body.clone()) {
+                        Ok(r) => r.into_string().is_ok(),
+                        Err(ureq::Error::Status(429, _)) => {
+                            results.lock().unwrap().refused += 1;
+                            continue;
+                        }
+                        Err(_) => false,
+                    };
+                    let mut r = results.lock().unwrap();
+                    if ok {
+                        r.latency.push(t.elapsed());
+                    } else {
+                        r.failed += 1;
+                    }
+                }
+            });
+        }
+    });
+    let wall = started.elapsed();
+    let samples = results.into_inner().unwrap();
+    report(&format!("http ({} clients)", args.clients), &samples, wall);
+    println!("  refused (429): {}", samples.refused);
+    if samples.failed > 0 {
+        bail!("{} accepted jobs did not complete", samples.failed);
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if let Some(dir) = &args.engine {
         return engine_mode(&args, dir);
+    }
+    if let Some(addr) = &args.http {
+        return http_mode(&args, addr);
     }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
