@@ -65,6 +65,16 @@ impl Error {
         }
     }
 
+    /// Whether the device is beyond recovery: a CUDA driver error other than out-of-memory
+    /// leaves the context unusable (an illegal address, a launch failure), so the process must
+    /// restart; out-of-memory only fails the job. Always false on the CPU.
+    pub fn is_device_fatal(&self) -> bool {
+        match self {
+            Error::Candle(e) => candle_device_fatal(e),
+            _ => false,
+        }
+    }
+
     /// Shorthand for [`Error::Unsupported`].
     pub fn unsupported(
         file: impl Into<String>,
@@ -78,5 +88,43 @@ impl Error {
             value: value.to_string(),
             hint: hint.into(),
         }
+    }
+}
+
+/// Whether candle's error is a CUDA driver error other than out-of-memory (looking through
+/// its backtrace and context wrappers).
+fn candle_device_fatal(e: &candle_core::Error) -> bool {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_device_fatal(inner),
+        candle_core::Error::Context { inner, .. } => candle_device_fatal(inner),
+        #[cfg(feature = "cuda")]
+        candle_core::Error::Cuda(inner) => {
+            use candle_core::cuda_backend::cudarc::driver::sys::CUresult;
+            use candle_core::cuda_backend::CudaError;
+            matches!(
+                inner.downcast_ref::<CudaError>(),
+                Some(CudaError::Cuda(d)) if d.0 != CUresult::CUDA_ERROR_OUT_OF_MEMORY
+            )
+        }
+        _ => false,
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::*;
+    use candle_core::cuda_backend::cudarc::driver::{sys::CUresult, DriverError};
+    use candle_core::cuda_backend::CudaError;
+
+    fn driver(code: CUresult) -> Error {
+        Error::Candle(candle_core::Error::Cuda(Box::new(CudaError::Cuda(DriverError(code)))).bt())
+    }
+
+    #[test]
+    fn a_lost_context_is_fatal_and_out_of_memory_is_not() {
+        assert!(driver(CUresult::CUDA_ERROR_ILLEGAL_ADDRESS).is_device_fatal());
+        assert!(driver(CUresult::CUDA_ERROR_LAUNCH_FAILED).is_device_fatal());
+        assert!(!driver(CUresult::CUDA_ERROR_OUT_OF_MEMORY).is_device_fatal());
+        assert!(!Error::invalid("steps", "zero").is_device_fatal());
     }
 }

@@ -61,6 +61,18 @@ struct Buffer {
     fill: Fill,
 }
 
+impl Buffer {
+    /// A device buffer holding `t`'s values in `dtype`.
+    fn input(name: &'static str, t: &Tensor, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            name,
+            dtype,
+            len: t.elem_count(),
+            fill: Fill::Data(bytes(t, dtype)?),
+        })
+    }
+}
+
 /// One case: buffers, the launches (whose buffer number `i` is `bind[i]`), the buffer to
 /// check and what it must hold.
 struct Case {
@@ -380,36 +392,16 @@ fn attention_case(
             let k = rounded(&random(&[b, lk, inner], seed + 1, -2.0, 2.0)?, dtype)?;
             let v = rounded(&random(&[b, lk, inner], seed + 2, -1.0, 1.0)?, dtype)?;
             let buffers = vec![
-                Buffer {
-                    name: "q",
-                    dtype,
-                    len: q.elem_count(),
-                    fill: Fill::Data(bytes(&q, dtype)?),
-                },
-                Buffer {
-                    name: "k",
-                    dtype,
-                    len: k.elem_count(),
-                    fill: Fill::Data(bytes(&k, dtype)?),
-                },
-                Buffer {
-                    name: "v",
-                    dtype,
-                    len: v.elem_count(),
-                    fill: Fill::Data(bytes(&v, dtype)?),
-                },
+                Buffer::input("q", &q, dtype)?,
+                Buffer::input("k", &k, dtype)?,
+                Buffer::input("v", &v, dtype)?,
             ];
             (q, k, v, buffers, vec!["q", "k", "v", "out"])
         }
         Views::FusedQkv => {
             assert_eq!(lq, lk);
             let qkv = rounded(&random(&[b, lq, 3 * inner], seed, -2.0, 2.0)?, dtype)?;
-            let buffers = vec![Buffer {
-                name: "qkv",
-                dtype,
-                len: qkv.elem_count(),
-                fill: Fill::Data(bytes(&qkv, dtype)?),
-            }];
+            let buffers = vec![Buffer::input("qkv", &qkv, dtype)?];
             let (q, k, v) = (
                 qkv.narrow(2, 0, inner)?,
                 qkv.narrow(2, inner, inner)?,
@@ -421,18 +413,8 @@ fn attention_case(
             let q = rounded(&random(&[b, lq, inner], seed, -2.0, 2.0)?, dtype)?;
             let kv = rounded(&random(&[b, lk, 2 * inner], seed + 1, -2.0, 2.0)?, dtype)?;
             let buffers = vec![
-                Buffer {
-                    name: "q",
-                    dtype,
-                    len: q.elem_count(),
-                    fill: Fill::Data(bytes(&q, dtype)?),
-                },
-                Buffer {
-                    name: "kv",
-                    dtype,
-                    len: kv.elem_count(),
-                    fill: Fill::Data(bytes(&kv, dtype)?),
-                },
+                Buffer::input("q", &q, dtype)?,
+                Buffer::input("kv", &kv, dtype)?,
             ];
             let (k, v) = (kv.narrow(2, 0, inner)?, kv.narrow(2, inner, inner)?);
             (q, k, v, buffers, vec!["q", "kv", "kv", "out"])
@@ -551,24 +533,9 @@ fn group_norm_case(
         )
         .to_lowercase(),
         buffers: vec![
-            Buffer {
-                name: "x",
-                dtype,
-                len: x.elem_count(),
-                fill: Fill::Data(bytes(&x, dtype)?),
-            },
-            Buffer {
-                name: "gamma",
-                dtype,
-                len: channels,
-                fill: Fill::Data(bytes(&gamma, dtype)?),
-            },
-            Buffer {
-                name: "beta",
-                dtype,
-                len: channels,
-                fill: Fill::Data(bytes(&beta, dtype)?),
-            },
+            Buffer::input("x", &x, dtype)?,
+            Buffer::input("gamma", &gamma, dtype)?,
+            Buffer::input("beta", &beta, dtype)?,
             Buffer {
                 name: "partial",
                 dtype: DType::F32,
@@ -652,12 +619,7 @@ fn geglu_case(dtype: DType, rows: usize, n: usize, modes: &'static [Mode]) -> Re
     Ok(Case {
         name: format!("geglu-{dtype:?}-{rows}x{n}").to_lowercase(),
         buffers: vec![
-            Buffer {
-                name: "x",
-                dtype,
-                len: x.elem_count(),
-                fill: Fill::Data(bytes(&x, dtype)?),
-            },
+            Buffer::input("x", &x, dtype)?,
             Buffer {
                 name: "out",
                 dtype,

@@ -11,6 +11,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+/// The python of `JHAKAAS_PYTHON` (a venv with the clients the cross-language tests run:
+/// grpcio-tools, openai), or `None` with a note that the test is skipped. Under CI (`CI` set)
+/// it must be there: `.ci/run` installs it.
+pub fn python_or_skip(what: &str) -> Option<std::ffi::OsString> {
+    let python = std::env::var_os("JHAKAAS_PYTHON");
+    if python.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must set JHAKAAS_PYTHON (see .ci/run)"
+        );
+        eprintln!("skipped: set JHAKAAS_PYTHON to a python with {what} to run this test");
+    }
+    python
+}
+
 /// `tests/fixtures` of this repository.
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")

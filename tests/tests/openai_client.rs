@@ -9,12 +9,7 @@ use std::process::Command;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_openai_python_client_uses_the_http_face() {
-    let Some(python) = std::env::var_os("JHAKAAS_PYTHON") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must set JHAKAAS_PYTHON (see .ci/run)"
-        );
-        eprintln!("skipped: set JHAKAAS_PYTHON to a python with openai to run this test");
+    let Some(python) = jhakaas_tests::python_or_skip("openai") else {
         return;
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

@@ -228,7 +228,7 @@ fn run_job(models: &mut LoadedModels, job: &Arc<Job>) -> Outcome {
         }
         Err(e) => {
             timings.total = job.submitted.elapsed();
-            let fatal = is_fatal_device_error(&e);
+            let fatal = e.is_device_fatal();
             tracing::error!(error = %e, fatal, "job failed");
             let reason = e.to_string();
             finish(job, JobEvent::Failed { reason, timings }, "failed");
@@ -258,10 +258,4 @@ fn denoise(
             ControlFlow::Continue(())
         }
     })
-}
-
-/// CUDA errors other than out-of-memory leave the context unusable.
-fn is_fatal_device_error(e: &Error) -> bool {
-    let msg = e.to_string();
-    msg.contains("CUDA_ERROR") && !msg.contains("OUT_OF_MEMORY")
 }
