@@ -16,7 +16,6 @@ use jhakaas_model_manager::{
 };
 use jhakaas_proto::v1 as pb;
 use std::time::Instant;
-use tonic::Status;
 
 /// Request limits of this server: the wire's own and, through [`Limits::request_limits`], the
 /// bounds the engine's rules check on resolved requests.
@@ -45,16 +44,6 @@ impl Limits {
 
 const MAX_PROMPT_CHARS: usize = 8192;
 const MAX_REQUEST_ID_CHARS: usize = 128;
-
-/// The gRPC status of a refused request: the one place request errors get their codes.
-pub fn status(e: RequestError) -> Status {
-    match e {
-        RequestError::Invalid { .. } | RequestError::Refused(_) => {
-            Status::invalid_argument(e.to_string())
-        }
-        RequestError::Unknown { .. } => Status::not_found(e.to_string()),
-    }
-}
 
 /// A LoRA adapter as `ListLoras` reports it.
 pub fn lora_info(l: LoraInfo) -> pb::LoraInfo {

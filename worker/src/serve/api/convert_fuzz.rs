@@ -92,7 +92,7 @@ fn random_requests_never_panic_never_escape_a_limit_and_every_refusal_names_a_fi
                 );
             }
             Err(e) => {
-                let status = super::convert::status(e);
+                let status = super::job_wire::status(e.into());
                 refused += 1;
                 assert!(
                     matches!(status.code(), Code::InvalidArgument | Code::NotFound),

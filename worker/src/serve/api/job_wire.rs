@@ -1,9 +1,9 @@
 //! Jobs and their events between the domain and the wire, both ways (the PostgreSQL store keeps
-//! events in wire form and reads them back through here), and the one mapping of the job
-//! store's errors to gRPC codes.
+//! events in wire form and reads them back through here), and the one mapping of the worker's
+//! errors to gRPC codes.
 
 use crate::serve::job::backend::JobView;
-use crate::serve::job::error::JobError;
+use crate::serve::job::error::{JobError, RequestError};
 use crate::serve::job::events::{EncodedImage, JobEvent, JobSnapshot, JobState, JobTimings};
 use jhakaas_model_manager::Progress;
 use jhakaas_proto::v1 as pb;
@@ -11,10 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::Status;
 
-/// The gRPC status of a job store's error: the one place they get their codes.
+/// The gRPC status of the worker's error: the one place errors get their codes.
 pub fn status(e: JobError) -> Status {
     let message = e.to_string();
     match e {
+        JobError::Request(RequestError::Unknown { .. }) => Status::not_found(message),
+        JobError::Request(RequestError::Invalid { .. } | RequestError::Refused(_)) => {
+            Status::invalid_argument(message)
+        }
         JobError::QueueFull { .. } => Status::resource_exhausted(message),
         JobError::Draining | JobError::Unavailable(_) => Status::unavailable(message),
         JobError::NotFound(_) => Status::not_found(message),

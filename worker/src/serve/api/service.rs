@@ -43,8 +43,8 @@ impl WorkerService {
     ) -> Result<Accepted, Status> {
         let (models, limits) = (self.models.clone(), self.limits);
         tokio::task::spawn_blocking(move || {
-            let request =
-                convert::job_request(&wire, &models, &limits, deadline).map_err(convert::status)?;
+            let request = convert::job_request(&wire, &models, &limits, deadline)
+                .map_err(|e| job_wire::status(e.into()))?;
             wire.seed = request.params.seed;
             Ok(Accepted {
                 request,

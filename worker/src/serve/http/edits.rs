@@ -131,3 +131,111 @@ pub async fn edit(multipart: Multipart, max_body: usize) -> Result<pb::GenerateR
     }
     Ok(wire)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jhakaas_tests::hostile::Rng;
+
+    fn png(image: image::DynamicImage) -> Vec<u8> {
+        let mut out = Vec::new();
+        image
+            .write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn an_openai_mask_becomes_the_engines() {
+        let rgba = image::RgbaImage::from_fn(4, 2, |x, _| {
+            image::Rgba([9, 9, 9, [0, 127, 128, 255][x as usize]])
+        });
+        let mask = image::load_from_memory(&mask_from_alpha(&rgba.into()))
+            .unwrap()
+            .to_luma8();
+        assert_eq!(
+            mask.as_raw(),
+            &[255, 255, 0, 0, 255, 255, 0, 0],
+            "alpha < 128 is repainted"
+        );
+        let opaque: image::DynamicImage = image::RgbImage::new(2, 2).into();
+        assert!(!has_transparency(&opaque));
+    }
+
+    /// Random form fields and random or broken images through the edit's readers: nothing
+    /// panics, every refusal names its field.
+    #[test]
+    fn fuzzed_edit_forms_never_panic_and_every_refusal_names_a_param() {
+        const FIELDS: &[&str] = &[
+            "prompt",
+            "n",
+            "size",
+            "steps",
+            "seed",
+            "guidance_scale",
+            "strength",
+            "loras",
+            "output_format",
+            "response_format",
+            "model",
+            "quality",
+        ];
+        const TEXTS: &[&str] = &[
+            "",
+            "1",
+            "2",
+            "-1",
+            "1.5",
+            "NaN",
+            "64x64",
+            "x",
+            "[]",
+            "[{\"name\":1}]",
+            "{}",
+            "png",
+            "url",
+            "9999999999999999999999",
+            "a cat",
+            "\u{0}",
+        ];
+        let valid = png(image::RgbaImage::from_fn(16, 8, |x, _| {
+            image::Rgba([1, 2, 3, if x < 8 { 0 } else { 255 }])
+        })
+        .into());
+        let mut rng = Rng(0x000e_d175);
+        let mut refused = 0;
+        for case in 0..5_000 {
+            let mut m = Map::new();
+            for f in FIELDS {
+                if rng.chance(50) {
+                    m.insert(f.to_string(), form_value(f, rng.pick(TEXTS)));
+                }
+            }
+            if let Err(e) = std::panic::catch_unwind(|| fields(&m))
+                .unwrap_or_else(|_| panic!("case {case} panicked: {m:?}"))
+            {
+                refused += 1;
+                let param = e.param.unwrap_or_else(|| panic!("case {case}: no param"));
+                assert!(
+                    FIELDS.iter().any(|f| param.starts_with(f)),
+                    "case {case}: {param}"
+                );
+            }
+            // A truncated, corrupted or random image is refused naming it, never a panic.
+            let mut bytes = valid.clone();
+            match rng.below(3) {
+                0 => bytes.truncate(rng.below(bytes.len() as u64) as usize),
+                1 => {
+                    let i = rng.below(bytes.len() as u64) as usize;
+                    bytes[i] ^= rng.bits() as u8 | 1;
+                }
+                _ => bytes = (0..rng.below(200)).map(|_| rng.bits() as u8).collect(),
+            }
+            if let Ok(Err(e)) = std::panic::catch_unwind(|| decode(&bytes, "mask")) {
+                assert_eq!(e.param.as_deref(), Some("mask"));
+            }
+        }
+        assert!(refused > 100, "{refused}");
+        assert!(decode(&valid, "image").is_ok());
+    }
+}

@@ -99,35 +99,34 @@ fn param(wire_field: &str) -> String {
 
 impl From<RequestError> for HttpError {
     fn from(e: RequestError) -> Self {
-        let message = e.to_string();
-        match e {
-            RequestError::Invalid { field, .. } => Self::invalid(&param(&field), message),
-            RequestError::Unknown { field, .. } => Self {
-                status: StatusCode::NOT_FOUND,
-                kind: "invalid_request_error",
-                message,
-                param: Some(param(&field)),
-                code: Some(if field == "model" {
-                    "model_not_found"
-                } else {
-                    "not_found"
-                }),
-            },
-            RequestError::Refused(_) => Self {
-                status: StatusCode::BAD_REQUEST,
-                kind: "invalid_request_error",
-                message,
-                param: None,
-                code: None,
-            },
-        }
+        Self::from(JobError::from(e))
     }
 }
 
 impl From<JobError> for HttpError {
+    /// The one place the worker's errors get HTTP statuses.
     fn from(e: JobError) -> Self {
         let message = e.to_string();
         let (status, kind, code) = match e {
+            JobError::Request(RequestError::Invalid { field, .. }) => {
+                return Self::invalid(&param(&field), message)
+            }
+            JobError::Request(RequestError::Unknown { field, .. }) => {
+                return Self {
+                    status: StatusCode::NOT_FOUND,
+                    kind: "invalid_request_error",
+                    message,
+                    code: Some(if field == "model" {
+                        "model_not_found"
+                    } else {
+                        "not_found"
+                    }),
+                    param: Some(param(&field)),
+                };
+            }
+            JobError::Request(RequestError::Refused(_)) => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", None)
+            }
             JobError::QueueFull { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",

@@ -13,9 +13,8 @@ use crate::serve::api::convert::{self, Limits};
 use crate::serve::engine::models::ModelTable;
 use crate::serve::job::backend::{Accepted, JobBackend};
 use crate::serve::job::events::{EncodedImage, JobEvent};
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::multipart::MultipartRejection;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Multipart, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -103,13 +102,29 @@ async fn models(State(s): State<HttpState>, headers: HeaderMap) -> Result<Respon
     Ok(Json(serde_json::json!({ "object": "list", "data": data })).into_response())
 }
 
+/// Refuses a body that announces more than the bound before a byte of it is read (a chunked
+/// body is cut at the bound while it is read).
+fn check_length(s: &HttpState, headers: &HeaderMap) -> Result<(), HttpError> {
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match announced {
+        Some(n) if n > s.max_body as u64 => Err(HttpError::too_large(s.max_body)),
+        _ => Ok(()),
+    }
+}
+
 async fn generations(
     State(s): State<HttpState>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, HttpError> {
     authorize(&s, &headers)?;
-    let body = body.map_err(|_| HttpError::too_large(s.max_body))?;
+    check_length(&s, &headers)?;
+    let body = axum::body::to_bytes(body, s.max_body)
+        .await
+        .map_err(|_| HttpError::too_large(s.max_body))?;
     run(&s, body::generation(&body)?).await
 }
 
@@ -119,6 +134,7 @@ async fn edits(
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, HttpError> {
     authorize(&s, &headers)?;
+    check_length(&s, &headers)?;
     let form = form.map_err(|e| {
         HttpError::invalid(
             "body",

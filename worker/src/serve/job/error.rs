@@ -1,5 +1,6 @@
-//! Why a request is refused, in domain terms. The faces map it to their codes in one place each
-//! (`api::convert::status` for gRPC).
+//! The worker's one error type, [`JobError`] (a refused request is one of its cases), in domain
+//! terms. Each face maps it to its codes in one place: `api::job_wire::status` for gRPC,
+//! `http::HttpError`'s `From<JobError>` for HTTP.
 
 /// A refusal that names what the client must change.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,9 +44,12 @@ impl RequestError {
     }
 }
 
-/// Why a job store refused or could not serve a call.
+/// Why the worker refused or could not serve a call.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JobError {
+    /// The request cannot be served as it is.
+    #[error(transparent)]
+    Request(#[from] RequestError),
     /// The queue is at its bound.
     #[error("the queue is full ({max_queue} jobs); retry later")]
     QueueFull {
