@@ -4,6 +4,7 @@
 
 use crate::serve::engine::loras::{LoraInfo, MAX_LORAS_PER_REQUEST};
 use crate::serve::engine::models::ModelTable;
+use crate::serve::job::backend::Accepted;
 use crate::serve::job::error::RequestError;
 use crate::serve::job::store::JobRequest;
 use jhakaas_model_manager::image_io::decode_image_for;
@@ -15,6 +16,7 @@ use jhakaas_model_manager::{
     GenerateParams, ImageFormat, InitImage, RngKind, SchedulerKind, SizeConditioning,
 };
 use jhakaas_proto::v1 as pb;
+use prost::Message;
 use std::time::Instant;
 
 /// Request limits of this server: the wire's own and, through [`Limits::request_limits`], the
@@ -72,6 +74,23 @@ fn refused(e: jhakaas_model_manager::Error) -> RequestError {
         }
         other => RequestError::Refused(other.to_string()),
     }
+}
+
+/// A validated request ready for a job store: [`job_request`], with the seed it fixed written
+/// back into the wire form the store keeps (so any replica runs the same job). Decodes the
+/// init image: call it off the async threads.
+pub fn accept(
+    mut wire: pb::GenerateRequest,
+    models: &ModelTable,
+    limits: &Limits,
+    deadline: Option<Instant>,
+) -> Result<Accepted, RequestError> {
+    let request = job_request(&wire, models, limits, deadline)?;
+    wire.seed = request.params.seed;
+    Ok(Accepted {
+        request,
+        wire: wire.encode_to_vec(),
+    })
 }
 
 /// Validates a request: an unknown model or adapter is [`RequestError::Unknown`], anything

@@ -8,7 +8,6 @@ use crate::serve::job::backend::{Accepted, JobBackend, JobEvents, JobView};
 use crate::serve::job::error::JobError;
 use jhakaas_model_manager::{RngKind, SchedulerKind};
 use jhakaas_proto::v1 as pb;
-use prost::Message;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,22 +33,16 @@ fn wire_job(r: Result<JobView, JobError>) -> Result<Response<pb::Job>, Status> {
 }
 
 impl WorkerService {
-    /// Validates a request off the async threads (an init image is decoded here) and fixes
-    /// its seed, keeping the wire form for a durable store.
+    /// [`convert::accept`] off the async threads (an init image is decoded there).
     async fn accept(
         &self,
-        mut wire: pb::GenerateRequest,
+        wire: pb::GenerateRequest,
         deadline: Option<Instant>,
     ) -> Result<Accepted, Status> {
         let (models, limits) = (self.models.clone(), self.limits);
         tokio::task::spawn_blocking(move || {
-            let request = convert::job_request(&wire, &models, &limits, deadline)
-                .map_err(|e| job_wire::status(e.into()))?;
-            wire.seed = request.params.seed;
-            Ok(Accepted {
-                request,
-                wire: wire.encode_to_vec(),
-            })
+            convert::accept(wire, &models, &limits, deadline)
+                .map_err(|e| job_wire::status(e.into()))
         })
         .await
         .map_err(|e| Status::internal(format!("request validation stopped: {e}")))?

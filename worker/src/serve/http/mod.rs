@@ -11,7 +11,7 @@ mod error;
 
 use crate::serve::api::convert::{self, Limits};
 use crate::serve::engine::models::ModelTable;
-use crate::serve::job::backend::{Accepted, JobBackend};
+use crate::serve::job::backend::JobBackend;
 use crate::serve::job::events::{EncodedImage, JobEvent};
 use axum::body::Body;
 use axum::extract::multipart::MultipartRejection;
@@ -22,7 +22,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 pub use error::HttpError;
-use prost::Message;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio_stream::StreamExt;
@@ -148,19 +147,13 @@ async fn edits(
 /// the client, as gRPC's Generate) and answers with its images.
 async fn run(
     s: &HttpState,
-    mut wire: jhakaas_proto::v1::GenerateRequest,
+    wire: jhakaas_proto::v1::GenerateRequest,
 ) -> Result<Response, HttpError> {
     let (models, limits) = (s.models.clone(), s.limits);
-    let accepted = tokio::task::spawn_blocking(move || {
-        let request = convert::job_request(&wire, &models, &limits, None)?;
-        wire.seed = request.params.seed;
-        Ok::<_, HttpError>(Accepted {
-            request,
-            wire: wire.encode_to_vec(),
-        })
-    })
-    .await
-    .map_err(|e| HttpError::failed(&format!("request validation stopped: {e}")))??;
+    let accepted =
+        tokio::task::spawn_blocking(move || convert::accept(wire, &models, &limits, None))
+            .await
+            .map_err(|e| HttpError::failed(&format!("request validation stopped: {e}")))??;
     let seed = accepted.request.params.seed.unwrap_or_default();
     let mut job = s.jobs.generate(accepted).await?;
     while let Some(event) = job.events.next().await {

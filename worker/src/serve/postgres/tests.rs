@@ -9,7 +9,6 @@ use crate::serve::job::store::JobEvent;
 use jhakaas_model_manager::{ModelSource, Progress};
 use jhakaas_proto::v1 as pb;
 use jhakaas_tests::postgres::Postgres;
-use prost::Message;
 
 fn table() -> Arc<ModelTable> {
     let spec = ModelSpec {
@@ -54,12 +53,7 @@ fn accepted(request_id: &str) -> Accepted {
         seed: Some(5),
         ..Default::default()
     };
-    let request =
-        crate::serve::api::convert::job_request(&wire, &table(), &limits(), None).unwrap();
-    Accepted {
-        request,
-        wire: wire.encode_to_vec(),
-    }
+    crate::serve::api::convert::accept(wire, &table(), &limits(), None).unwrap()
 }
 
 async fn store(pg: &Postgres) -> PgJobs {
