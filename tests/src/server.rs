@@ -7,6 +7,25 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
+/// Asserts that every `(field, request)` is refused with INVALID_ARGUMENT naming `field`,
+/// through `Generate` and through `SubmitJob`.
+pub async fn assert_refused_naming(
+    client: &mut WorkerClient<Channel>,
+    cases: impl IntoIterator<Item = (&str, jhakaas_proto::v1::GenerateRequest)>,
+) {
+    for (field, req) in cases {
+        for via_submit in [false, true] {
+            let err = if via_submit {
+                client.submit_job(req.clone()).await.unwrap_err()
+            } else {
+                client.generate(req.clone()).await.unwrap_err()
+            };
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{field}: {err:?}");
+            assert!(err.message().contains(field), "{field}: {}", err.message());
+        }
+    }
+}
+
 /// A running server; killed when dropped.
 pub struct TestServer {
     child: Option<Child>,

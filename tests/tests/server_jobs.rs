@@ -459,17 +459,7 @@ async fn every_bad_field_is_invalid_argument_naming_it() {
             },
         ),
     ];
-    for (field, req) in cases {
-        for via_submit in [false, true] {
-            let err = if via_submit {
-                client.submit_job(req.clone()).await.unwrap_err()
-            } else {
-                client.generate(req.clone()).await.unwrap_err()
-            };
-            assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
-            assert!(err.message().contains(field), "{field}: {}", err.message());
-        }
-    }
+    jhakaas_tests::server::assert_refused_naming(&mut client, cases).await;
     let err = client
         .submit_job(pb::GenerateRequest {
             model: "/etc/passwd".into(),
