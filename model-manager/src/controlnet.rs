@@ -98,6 +98,7 @@ pub struct ControlNetModel {
     down_convs: Vec<Conv2d>,
     mid_conv: Conv2d,
     weight_bytes: u64,
+    pages: crate::mapped::WeightPages,
 }
 
 /// Where a ControlNet's files are in `source`: its root (a ControlNet repository, as
@@ -134,9 +135,10 @@ impl ControlNetModel {
         let config_path = source.file(&in_folder(folder, "config.json"))?;
         let config: ControlNetConfig = read_json(&config_path, CONTROLNET_CONFIG)?;
         let w = weights::load(source, folder, WEIGHTS_STEM, dtype, device)?;
-        let mut model = weights::with_file(&w.file, Self::new(&config, w.vb))?;
+        let mut model = weights::with_file(&w.file, Self::new(&config, w.vb.clone()))?;
         model.name = source.to_string();
         model.weight_bytes = w.bytes;
+        model.pages = w.pages();
         Ok(model)
     }
 
@@ -191,6 +193,7 @@ impl ControlNetModel {
             down_convs,
             mid_conv,
             weight_bytes: 0,
+            pages: Default::default(),
         })
     }
 
@@ -207,6 +210,11 @@ impl ControlNetModel {
     /// Bytes its weights take once loaded (0 when built with [`ControlNetModel::new`]).
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
+    }
+
+    /// The mapped file this net's weights lie in.
+    pub fn pages(&self) -> &crate::mapped::WeightPages {
+        &self.pages
     }
 
     /// How many times larger than the latents the control image is (the VAE's scale factor

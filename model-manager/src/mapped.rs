@@ -242,6 +242,177 @@ impl MappedFile {
     }
 }
 
+impl MappedFile {
+    /// Drops from the process every page of this mapping that still holds the file's bytes,
+    /// so that it no longer counts in the resident set; the page cache keeps them and the next
+    /// read faults them back in (a minor fault, no disk read while they stay cached). A page a
+    /// buffer wrote to (copied on write, so no longer the file's) is kept. Returns the bytes
+    /// dropped; 0 where `/proc/self/pagemap` cannot be read (nothing is dropped then).
+    pub fn release_resident(&self) -> usize {
+        release_file_pages(self.start, self.len)
+    }
+
+    /// Bytes of this mapping resident in the process.
+    pub fn resident_bytes(&self) -> usize {
+        resident_pages(self.start, self.len)
+    }
+}
+
+/// `pagemap` entry bits (`Documentation/admin-guide/mm/pagemap.rst`).
+const PAGE_PRESENT: u64 = 1 << 63;
+const PAGE_SWAPPED: u64 = 1 << 62;
+const PAGE_FILE: u64 = 1 << 61;
+
+/// Pages whose `pagemap` entries are read per call.
+const PAGEMAP_BATCH: usize = 1 << 16;
+
+/// Whether a page with `pagemap` entry `entry` may be dropped: it is absent, or present and
+/// still the file's page (not an anonymous copy made by a write, not swapped out).
+fn holds_file_bytes(entry: u64) -> bool {
+    entry & PAGE_SWAPPED == 0 && (entry & PAGE_PRESENT == 0 || entry & PAGE_FILE != 0)
+}
+
+/// Calls `each(page index, entry)` with the `pagemap` entry of every whole page of
+/// `[start, start + len)`, in order; returns the first page's address, or `None` where
+/// `/proc/self/pagemap` cannot be read (`each` is not called then).
+#[cfg(target_os = "linux")]
+fn for_each_pagemap_entry(
+    start: usize,
+    len: usize,
+    mut each: impl FnMut(usize, u64),
+) -> Option<usize> {
+    use std::os::unix::fs::FileExt;
+    let pagemap = std::fs::File::open("/proc/self/pagemap").ok()?;
+    let page = page_size();
+    let (first, whole) = pages_within(start, len);
+    let pages = whole / page;
+    let mut entries = vec![0u64; PAGEMAP_BATCH.min(pages)];
+    let mut done = 0;
+    while done < pages {
+        let n = entries.len().min(pages - done);
+        // SAFETY: the u8 view covers exactly the `n` entries read into.
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(entries.as_mut_ptr().cast::<u8>(), n * 8) };
+        pagemap
+            .read_exact_at(bytes, ((first / page + done) * 8) as u64)
+            .ok()?;
+        for (i, &entry) in entries[..n].iter().enumerate() {
+            each(done + i, entry);
+        }
+        done += n;
+    }
+    Some(first)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn for_each_pagemap_entry(
+    _start: usize,
+    _len: usize,
+    _each: impl FnMut(usize, u64),
+) -> Option<usize> {
+    None
+}
+
+/// [`MappedFile::release_resident`] of the whole pages of `[start, start + len)`: reads every
+/// entry first, then advises the runs of droppable pages.
+fn release_file_pages(start: usize, len: usize) -> usize {
+    let page = page_size();
+    let mut released = 0;
+    // Runs of droppable pages: (first page index, count).
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let first = for_each_pagemap_entry(start, len, |index, entry| {
+        if !holds_file_bytes(entry) {
+            return;
+        }
+        if entry & PAGE_PRESENT != 0 {
+            released += page;
+        }
+        match runs.last_mut() {
+            Some((at, count)) if *at + *count == index => *count += 1,
+            _ => runs.push((index, 1)),
+        }
+    });
+    let Some(first) = first else {
+        return 0;
+    };
+    for (at, count) in runs {
+        // SAFETY: pages of our own private file mapping that hold the file's bytes: the advice
+        // unmaps them from the process and their next read maps the file's page again.
+        unsafe {
+            libc::madvise(
+                (first + at * page) as *mut libc::c_void,
+                count * page,
+                libc::MADV_DONTNEED,
+            )
+        };
+    }
+    released
+}
+
+/// Bytes of the whole pages of `[start, start + len)` resident in the process (0 where
+/// `/proc/self/pagemap` cannot be read).
+fn resident_pages(start: usize, len: usize) -> usize {
+    let mut present = 0;
+    for_each_pagemap_entry(start, len, |_, entry| {
+        present += usize::from(entry & PAGE_PRESENT != 0)
+    });
+    present * page_size()
+}
+
+/// The mapped files a loaded component's weights lie in (a UNet, a text encoder, a
+/// ControlNet): [`WeightPages::release`] drops their resident pages between the stages that
+/// use them ([`crate::weights::WeightResidency::Stage`]). Empty on devices that copy their
+/// weights off the CPU, and with `--weights-io read`. Clones share one state.
+#[derive(Debug, Clone)]
+pub struct WeightPages {
+    files: Vec<std::sync::Arc<MappedFile>>,
+    /// Whether pages may have been mapped in since the last release (loading maps them).
+    maybe_resident: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Default for WeightPages {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
+}
+
+impl WeightPages {
+    /// Pages of `files`, as loading leaves them (resident).
+    pub fn new(files: Vec<std::sync::Arc<MappedFile>>) -> Self {
+        Self {
+            files,
+            maybe_resident: std::sync::Arc::new(true.into()),
+        }
+    }
+
+    /// These pages and `other`'s.
+    pub fn and(mut self, other: WeightPages) -> Self {
+        self.files.extend(other.files);
+        self.in_use();
+        self
+    }
+
+    /// Notes that a stage is about to read these weights (mapping their pages back in).
+    pub fn in_use(&self) {
+        self.maybe_resident.store(true, Ordering::Release);
+    }
+
+    /// Bytes of these files' pages resident in the process now.
+    pub fn resident_bytes(&self) -> usize {
+        self.files.iter().map(|f| f.resident_bytes()).sum()
+    }
+
+    /// Drops every page still holding its file's bytes from the process
+    /// ([`MappedFile::release_resident`]) unless nothing was used since the last release;
+    /// returns the bytes dropped. The weights stay valid: a later read maps them back in.
+    pub fn release(&self) -> usize {
+        if !self.maybe_resident.swap(false, Ordering::AcqRel) {
+            return 0;
+        }
+        self.files.iter().map(|f| f.release_resident()).sum()
+    }
+}
+
 impl Drop for MappedFile {
     fn drop(&mut self) {
         release(self.start, 0);
@@ -324,6 +495,40 @@ mod tests {
         assert_eq!(again, values);
         let on_disk = std::fs::read(&guard.0).unwrap();
         assert_eq!(&on_disk[40..44], &10f32.to_le_bytes());
+    }
+
+    fn resident_bytes(ptr: usize, len: usize) -> usize {
+        resident_pages(ptr, len)
+    }
+
+    #[test]
+    fn released_pages_leave_the_process_and_read_back_the_file() {
+        let values: Vec<f32> = (0..256 * 1024).map(|i| (i % 977) as f32 - 3.5).collect();
+        let (_guard, file) = file_of(&values);
+        let m = std::sync::Arc::new(MappedFile::map(&file).unwrap());
+        let lent: Vec<f32> = m.lend(0, values.len()).unwrap();
+        let (ptr, len) = (lent.as_ptr() as usize, values.len() * 4);
+        assert_eq!(resident_bytes(ptr, len), len, "lending maps the pages in");
+        let pages = WeightPages::new(vec![m.clone()]);
+        assert_eq!(pages.release(), len);
+        assert_eq!(resident_bytes(ptr, len), 0);
+        assert_eq!(lent, values, "a released page reads the file again");
+        assert_eq!(resident_bytes(ptr, len), len);
+    }
+
+    #[test]
+    fn a_page_written_to_is_not_released() {
+        let values: Vec<f32> = (0..64 * 1024).map(|i| i as f32).collect();
+        let (_guard, file) = file_of(&values);
+        let m = std::sync::Arc::new(MappedFile::map(&file).unwrap());
+        let mut lent: Vec<f32> = m.lend(0, values.len()).unwrap();
+        let per_page = page_size() / 4;
+        lent[3 * per_page + 5] = -1.0; // copies page 3 on write
+        let released = WeightPages::new(vec![m.clone()]).release();
+        assert_eq!(released, values.len() * 4 - page_size());
+        assert_eq!(lent[3 * per_page + 5], -1.0, "the written value survives");
+        assert_eq!(lent[3 * per_page + 6], values[3 * per_page + 6]);
+        assert_eq!(lent[per_page], values[per_page]);
     }
 
     #[test]

@@ -76,6 +76,7 @@ pub struct TextConditioner {
     encoders: Vec<TextEncoder>,
     layer: HiddenLayer,
     zeros_for_absent_negative: bool,
+    pages: crate::mapped::WeightPages,
 }
 
 /// Where a checkpoint's tokenizer files are (vocab.json + merges.txt, or tokenizer.json).
@@ -123,6 +124,7 @@ impl TextConditioner {
         let mut encoders = Vec::new();
         let mut bytes = 0;
         let mut shared_bytes = 0;
+        let mut pages = crate::mapped::WeightPages::default();
         for slot in kind.text_encoders() {
             let (folder, tok_folder, with_projection) =
                 (slot.folder, slot.tokenizer, slot.with_projection);
@@ -151,6 +153,7 @@ impl TextConditioner {
                 })
             });
             let model = model?;
+            pages = pages.and(w.pages());
             bytes += w.bytes.saturating_sub(shared);
             shared_bytes += shared;
             encoders.push(TextEncoder {
@@ -167,10 +170,16 @@ impl TextConditioner {
                 encoders,
                 layer,
                 zeros_for_absent_negative: zeros,
+                pages,
             },
             bytes,
             shared_bytes,
         ))
+    }
+
+    /// The mapped files the encoders' weights lie in.
+    pub fn pages(&self) -> &crate::mapped::WeightPages {
+        &self.pages
     }
 
     /// The encoders, in the order their outputs are concatenated.

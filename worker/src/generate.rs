@@ -142,6 +142,11 @@ pub struct GenerateArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, env = "JHAKAAS_DEVICE", default_value = "auto")]
     device: String,
+    /// On the CPU, how long the mapped weights stay in the resident set: `stage` (only while
+    /// the stage that reads them runs — text encoders, then UNet and ControlNets, then VAE — so
+    /// the peak is the largest stage's) or `resident` (from load to exit).
+    #[arg(long, default_value = "stage", value_parser = ["resident", "stage"])]
+    weights_residency: String,
     /// Output file; its extension picks the format (png, jpg/jpeg, webp). With several images,
     /// `-N` is inserted before the extension.
     #[arg(long)]
@@ -166,6 +171,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             .map(|l| LoraAdapter::parse(l))
             .collect::<Result<_, _>>()?,
         torch_cuda_grid: args.torch_cuda_gpu.parse()?,
+        residency: args.weights_residency.parse()?,
         ..Default::default()
     };
     let lora_summary: Vec<String> = options

@@ -94,3 +94,14 @@ pub fn retain_freed_memory() {
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
+
+/// Hands the freed memory [`retain_freed_memory`] keeps back to the system (glibc's
+/// `malloc_trim`): the resident set drops to the memory in use, and the next large tensors
+/// fault in fresh pages. A no-op off glibc.
+pub fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; any thread may call it at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -30,7 +30,7 @@ pub mod simd;
 mod winograd;
 
 use candle_core::{DType, Device};
-pub use cpu::retain_freed_memory;
+pub use cpu::{retain_freed_memory, return_freed_memory};
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Which implementation of the layer math runs.

@@ -3,6 +3,7 @@
 //! image) → denoise (classifier-free guidance in one `predict`) → decode.
 
 use super::control::{self, ActiveControl, CallConditioning};
+use super::residency::Stage;
 use super::{StableDiffusionPipeline, SCHEDULER_FILE};
 use crate::controlnet::ControlNetModel;
 use crate::error::{Error, Result};
@@ -96,6 +97,7 @@ impl StableDiffusionPipeline {
             plan.inputs.controls.push(active);
         }
         let t0 = Instant::now();
+        self.pages.enter(Stage::Text, nets);
         let cond = self.condition(
             &p.prompt,
             p.negative_prompt.as_deref(),
@@ -105,11 +107,15 @@ impl StableDiffusionPipeline {
         )?;
         let text_encode = t0.elapsed();
         let t1 = Instant::now();
+        self.pages.enter(Stage::Vae, nets);
         let (start, latents) = self.initial_latents(p, &mut plan)?;
+        self.pages.enter(Stage::Denoise, nets);
         let latents = self.denoise(p, &mut plan, &cond, start, latents, on_progress)?;
         let denoise = t1.elapsed();
         let t2 = Instant::now();
+        self.pages.enter(Stage::Vae, nets);
         let images = self.decode(&latents, &plan.rp)?;
+        self.pages.enter(Stage::Idle, nets);
         Ok(Generation {
             images,
             params: plan.rp,

@@ -5,6 +5,7 @@
 
 mod control;
 mod generate;
+mod residency;
 mod resolve;
 
 pub use control::MAX_CONTROLNETS;
@@ -57,6 +58,8 @@ pub struct LoadOptions {
     pub share_with: Option<Arc<SharedWeights>>,
     /// The GPU the `torch-cuda` generator lays its draws out for (the Python worker's).
     pub torch_cuda_grid: crate::noise::CudaGrid,
+    /// How long the mapped CPU weights stay in the resident set (no effect on a GPU).
+    pub residency: crate::weights::WeightResidency,
 }
 
 /// A loaded pipeline, ready to generate.
@@ -75,6 +78,7 @@ pub struct StableDiffusionPipeline {
     shared: Arc<SharedWeights>,
     shared_bytes: u64,
     torch_cuda_grid: crate::noise::CudaGrid,
+    pages: residency::StagePages,
 }
 
 impl std::fmt::Debug for StableDiffusionPipeline {
@@ -184,9 +188,10 @@ impl StableDiffusionPipeline {
             lora.deltas("unet"),
         )?;
         let (unet, unet_shared) = share.build("unet", lora.deltas("unet"), || {
-            weights::with_file(&w.file, UNet2DConditionModel::new(&unet_cfg, w.vb))
+            weights::with_file(&w.file, UNet2DConditionModel::new(&unet_cfg, w.vb.clone()))
         });
         let unet = unet?;
+        let unet_pages = w.pages();
         let unet_bytes = w.bytes.saturating_sub(unet_shared);
         let vae_dtype = vae_dtype(kind, &vae_cfg, dtype);
         let w = weights::load(
@@ -199,10 +204,17 @@ impl StableDiffusionPipeline {
         // No adapter touches the VAE: a variant shares all of it.
         let no_deltas: Option<&std::collections::HashMap<String, ()>> = None;
         let (vae, vae_shared) = share.build("vae", no_deltas, || {
-            weights::with_file(&w.file, AutoencoderKL::new(&vae_cfg, w.vb))
+            weights::with_file(&w.file, AutoencoderKL::new(&vae_cfg, w.vb.clone()))
         });
         let vae = vae?;
         let vae_bytes = w.bytes.saturating_sub(vae_shared);
+        let pages = residency::StagePages {
+            policy: options.residency,
+            text: text.pages().clone(),
+            unet: unet_pages,
+            vae: w.pages(),
+        };
+        pages.enter(residency::Stage::Idle, &[]);
 
         let name = match &options.vae {
             Some(v) => format!("{source} (vae: {v})"),
@@ -223,7 +235,15 @@ impl StableDiffusionPipeline {
             shared: share.record,
             shared_bytes: text_shared + unet_shared + vae_shared,
             torch_cuda_grid: options.torch_cuda_grid,
+            pages,
         })
+    }
+
+    /// Bytes of this pipeline's mapped CPU weights in the process's resident set now (under
+    /// [`crate::weights::WeightResidency::Stage`], 0 between jobs); weights copied at load
+    /// are not counted.
+    pub fn resident_mapped_bytes(&self) -> usize {
+        self.pages.resident_bytes()
     }
 
     /// Values used for unset request fields.

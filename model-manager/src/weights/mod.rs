@@ -59,6 +59,35 @@ pub fn weights_io() -> WeightsIo {
     }
 }
 
+/// How long a CPU pipeline keeps the pages of its mapped weights in its resident set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightResidency {
+    /// From load on (the server's default: no job pays to fault them back in).
+    #[default]
+    Resident,
+    /// Only while a stage that uses them runs: the text encoders while encoding the prompt,
+    /// the UNet and ControlNets while denoising, the VAE while encoding or decoding. Between
+    /// stages their pages are dropped from the process ([`crate::mapped::WeightPages`]) and stay
+    /// in the page cache, so the peak resident set is the largest stage's rather than the
+    /// whole pipeline's, for the minor faults that map them back in. The one-shot CLI's
+    /// default. Weights copied at load (transposed, converted, merged) stay resident either way.
+    Stage,
+}
+
+impl std::str::FromStr for WeightResidency {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "resident" => Ok(Self::Resident),
+            "stage" => Ok(Self::Stage),
+            other => Err(Error::invalid(
+                "weights-residency",
+                format!("`{other}` is not one of resident, stage"),
+            )),
+        }
+    }
+}
+
 /// A component's weights, ready to build a model from.
 pub struct LoadedWeights {
     /// Tensors, converted to the requested dtype on the requested device when used.
@@ -71,6 +100,13 @@ pub struct LoadedWeights {
 }
 
 impl LoadedWeights {
+    /// The mapped file the model's weights lie in, for dropping their resident pages between
+    /// uses ([`WeightResidency::Stage`]); empty where nothing was mapped.
+    pub fn pages(&self) -> crate::mapped::WeightPages {
+        let mapped = self.tensors.mapped.get().and_then(|m| m.clone());
+        crate::mapped::WeightPages::new(mapped.into_iter().collect())
+    }
+
     /// The lookup table `name` as rows gathered from the file, where [`stays_in_file`] says
     /// so; otherwise the model holds it (read through `vb`).
     pub fn file_rows(&self, name: &str) -> Option<FileRows> {
@@ -276,7 +312,7 @@ struct SafetensorsFile {
     /// LoRA updates merged into these weights as they are read.
     lora: HashMap<String, Vec<crate::lora::Delta>>,
     /// The file mapped on the first read that can use it (`None`: read instead).
-    mapped: OnceLock<Option<crate::mapped::MappedFile>>,
+    mapped: OnceLock<Option<Arc<crate::mapped::MappedFile>>>,
     /// Where the tensors lent out of the mapping start: each is lent at most once, so no two
     /// buffers share pages (a later read of the same tensor copies).
     lent: Mutex<std::collections::HashSet<u64>>,
@@ -470,7 +506,7 @@ impl SafetensorsFile {
         }
         let mapped = self
             .mapped
-            .get_or_init(|| crate::mapped::MappedFile::map(&self.file))
+            .get_or_init(|| crate::mapped::MappedFile::map(&self.file).map(Arc::new))
             .as_ref()?;
         // Tensors never overlap (checked at open), so a start names one tensor.
         if !self

@@ -150,6 +150,11 @@ pub struct ServeArgs {
     /// h100, h200, a100, l4, a10g, t4, or MULTIPROCESSORS:THREADS_PER_MULTIPROCESSOR.
     #[arg(long, env = "JHAKAAS_TORCH_CUDA_GPU", default_value = "h100")]
     torch_cuda_gpu: String,
+    /// On the CPU, how long a model's mapped weights stay in the resident set: `resident`
+    /// (from load on; no job faults them back in) or `stage` (only while a stage of a job
+    /// reads them: the peak is the largest stage's weights, for minor faults every job).
+    #[arg(long, env = "JHAKAAS_WEIGHTS_RESIDENCY", default_value = "resident", value_parser = ["resident", "stage"])]
+    weights_residency: String,
     /// Largest encoded init image (and mask, and control image), in bytes.
     #[arg(long, env = "JHAKAAS_MAX_INIT_IMAGE_BYTES", default_value_t = 8 * 1024 * 1024)]
     max_init_image_bytes: usize,
@@ -403,7 +408,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         ModelTable::new(specs, default_model.clone())
             .with_loras(loras::LoraLibrary::new(args.lora_dir.clone()))
             .with_controlnets(controlnet_specs(&args)?)
-            .with_torch_cuda_grid(args.torch_cuda_gpu.parse()?),
+            .with_torch_cuda_grid(args.torch_cuda_gpu.parse()?)
+            .with_residency(args.weights_residency.parse()?),
     );
     table.describe_available();
     let limits = Limits {

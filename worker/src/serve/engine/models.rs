@@ -12,6 +12,7 @@ use jhakaas_model_manager::noise::CudaGrid;
 use jhakaas_model_manager::pipeline::{
     describe, estimate_loaded_bytes, DefaultsOverride, ModelDescription,
 };
+use jhakaas_model_manager::weights::WeightResidency;
 use jhakaas_model_manager::{LoadOptions, ModelSource, StableDiffusionPipeline};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -99,6 +100,8 @@ pub struct ModelTable {
     controlnet_bytes: Mutex<HashMap<String, u64>>,
     /// The GPU `torch-cuda` lays draws out for (`--torch-cuda-gpu`).
     torch_cuda_grid: CudaGrid,
+    /// How long loaded CPU weights stay resident (`--weights-residency`).
+    residency: WeightResidency,
 }
 
 impl ModelTable {
@@ -117,7 +120,14 @@ impl ModelTable {
             controlnets: Vec::new(),
             controlnet_bytes: Mutex::new(HashMap::new()),
             torch_cuda_grid: CudaGrid::default(),
+            residency: WeightResidency::default(),
         }
+    }
+
+    /// The same table, its models holding their CPU weights resident as `residency` says.
+    pub fn with_residency(mut self, residency: WeightResidency) -> Self {
+        self.residency = residency;
+        self
     }
 
     /// The same table, `torch-cuda` drawing as on a `grid`-sized GPU.
@@ -440,6 +450,7 @@ impl LoadedModels {
         let mut options = spec.load_options();
         options.loras = loras.to_vec();
         options.torch_cuda_grid = self.table.torch_cuda_grid;
+        options.residency = self.table.residency;
         let base = if loras.is_empty() {
             None
         } else {
