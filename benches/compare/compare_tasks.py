@@ -9,7 +9,8 @@ unless they exist, and a deterministic init image, mask and control image at the
 diffusers in Python (reference_tasks.py: StableDiffusionInpaintPipeline /
 StableDiffusionControlNetPipeline from the same files) and our engine in-process
 (jhakaas-bench-engine with --init-image/--mask/--strength 1 or --controlnet/--control-image/
---controlnet-scale 1) — each a fresh process doing a warm-up job, then `--runs` timed jobs;
+--controlnet-scale 1, once per `--residency` configuration, e.g. `resident,stage`) — each a
+fresh process doing a warm-up job, then `--runs` timed jobs;
 (3) reports per task the median job, text encode, denoise (UNet + ControlNet + VAE encode) and
 VAE decode times, each process's peak RSS, cold start, the ratios ours ÷ diffusers, and the
 image parity (both sides draw the noise from the same seed: ours `--rng torch-cpu`, diffusers
@@ -94,7 +95,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--runs", type=int, default=3, help="timed jobs per process, after one warm-up")
-    ap.add_argument("--rounds", type=int, default=2, help="alternations of the two sides, per task")
+    ap.add_argument("--rounds", type=int, default=2, help="alternations of the sides, per task")
     ap.add_argument("--seed", type=int, default=23)
     ap.add_argument("--tasks", default="inpaint,controlnet")
     ap.add_argument("--models", default=str(ROOT / "benches/compare/.models"))
@@ -106,7 +107,13 @@ def main() -> None:
     ap.add_argument("--cpu-weights", default="f16", choices=["f32", "f16"],
                     help="our side's --cpu-weights (f16, the default: fp16 files stay f16 in memory; f32 files "
                          "are held in f32 either way)")
+    ap.add_argument("--residency", default="resident",
+                    help="our side's --weights-residency, comma-separated to run several configurations of "
+                         "ours in the same alternation (e.g. resident,stage)")
     a = ap.parse_args()
+    variants = [r for r in a.residency.split(",") if r]
+    if not variants or any(r not in ("resident", "stage") for r in variants):
+        raise SystemExit("--residency: a comma-separated list of resident, stage")
     os.environ["JHAKAAS_CPU_WEIGHTS"] = a.cpu_weights
     models = Path(a.models)
     fp16 = a.weights == "fp16"
@@ -123,7 +130,8 @@ def main() -> None:
     images = control_images(a.size, work)
     engine = str(Path(a.target) / "jhakaas-bench-engine")
     tasks = [t for t in a.tasks.split(",") if t]
-    sides: dict[str, dict[str, list[dict]]] = {t: {"ours": [], "diffusers": []} for t in tasks}
+    ours = [f"ours-{r}" for r in variants]
+    sides: dict[str, dict[str, list[dict]]] = {t: {side: [] for side in ["diffusers", *ours]} for t in tasks}
     for r in range(a.rounds):
         for task in tasks:
             if task == "inpaint":
@@ -133,7 +141,9 @@ def main() -> None:
                 ref_extra = [str(net_dir), str(images["control"])]
                 our_extra = ["--controlnet", str(net_dir), "--control-image", str(images["control"]),
                              "--controlnet-scale", "1"]
-            order = ["diffusers", "ours"] if r % 2 == 0 else ["ours", "diffusers"]
+            order = ["diffusers", *ours]
+            if r % 2:
+                order.reverse()
             for side in order:
                 out_png = str(work / f"{task}-{side}{'-fp16' if fp16 else ''}.png")
                 if side == "diffusers":
@@ -143,7 +153,7 @@ def main() -> None:
                 else:
                     cmd = [engine, str(model), "-", PROMPT, str(a.steps), str(a.size), str(a.runs), out_png,
                            str(time.time()), "cpu", "--seed", str(a.seed), "--rng", "torch-cpu",
-                           "--scheduler", "ddim", *our_extra]
+                           "--scheduler", "ddim", "--weights-residency", side.removeprefix("ours-"), *our_extra]
                 sides[task][side].append(run_side(cmd))
             print(f"round {r + 1}/{a.rounds} {task} done", flush=True)
 
@@ -152,34 +162,45 @@ def main() -> None:
 
     report_tasks = {}
     for task in tasks:
-        ours, theirs = sides[task]["ours"], sides[task]["diffusers"]
-        cases = []
-        for name, key in [("job", "job_s"), ("text encode (CFG)", "text_encode_s"),
-                          ("denoise (UNet" + (" + ControlNet" if task == "controlnet" else " + VAE encode") + ")",
-                           "denoise_s"), ("VAE decode", "vae_decode_s")]:
-            o, t = med(ours, key), med(theirs, key)
-            cases.append({"name": name, "ours_s": o, "reference_s": t, "ratio": o / t})
-        o = statistics.median(p["cold_start_s"] for p in ours)
-        t = statistics.median(p["cold_start_s"] for p in theirs)
-        cases.append({"name": "cold start to first image", "ours_s": o, "reference_s": t, "ratio": o / t})
-        o = statistics.median(p["peak_rss_mb"] for p in ours)
-        t = statistics.median(p["peak_rss_mb"] for p in theirs)
-        cases.append({"name": "peak RSS", "ours_s": o, "reference_s": t, "ratio": o / t, "unit": "MB"})
+        theirs = sides[task]["diffusers"]
+        stage_names = [("job", "job_s"), ("text encode (CFG)", "text_encode_s"),
+                       ("denoise (UNet" + (" + ControlNet" if task == "controlnet" else " + VAE encode") + ")",
+                        "denoise_s"), ("VAE decode", "vae_decode_s")]
+        per_variant = {}
+        for side in ours:
+            mine = sides[task][side]
+            cases = []
+            for name, key in stage_names:
+                o, t = med(mine, key), med(theirs, key)
+                cases.append({"name": name, "ours_s": o, "reference_s": t, "ratio": o / t,
+                              "ours_range_s": [min(run[key] for p in mine for run in p["runs"]),
+                                               max(run[key] for p in mine for run in p["runs"])]})
+            o = statistics.median(p["cold_start_s"] for p in mine)
+            t = statistics.median(p["cold_start_s"] for p in theirs)
+            cases.append({"name": "cold start to first image", "ours_s": o, "reference_s": t, "ratio": o / t})
+            o = statistics.median(p["peak_rss_mb"] for p in mine)
+            t = statistics.median(p["peak_rss_mb"] for p in theirs)
+            cases.append({"name": "peak RSS", "ours_s": o, "reference_s": t, "ratio": o / t, "unit": "MB",
+                          "ours_range": [min(p["peak_rss_mb"] for p in mine), max(p["peak_rss_mb"] for p in mine)]})
+            per_variant[side.removeprefix("ours-")] = {
+                "cases": cases,
+                "parity": parity(work / f"{task}-{side}{'-fp16' if fp16 else ''}.png",
+                                 work / f"{task}-diffusers{'-fp16' if fp16 else ''}.png"),
+                "raw": mine}
         extra = {"diffusers_unet_s": med(theirs, "unet_s"), "diffusers_unet_calls": theirs[0]["runs"][0]["unet_calls"],
                  "diffusers_controlnet_s": med(theirs, "controlnet_s"),
                  "diffusers_vae_encode_s": med(theirs, "vae_encode_s"),
                  "diffusers_vae_encode_calls": theirs[0]["runs"][0]["vae_encode_calls"],
-                 "diffusers_threads": theirs[0].get("threads")}
-        report_tasks[task] = {"cases": cases, "diffusers_stages": extra,
-                              "parity": parity(work / f"{task}-ours{'-fp16' if fp16 else ''}.png",
-                                                work / f"{task}-diffusers{'-fp16' if fp16 else ''}.png"),
-                              "raw": {"ours": ours, "diffusers": theirs}}
+                 "diffusers_threads": theirs[0].get("threads"),
+                 "diffusers_job_range_s": [min(run["job_s"] for p in theirs for run in p["runs"]),
+                                           max(run["job_s"] for p in theirs for run in p["runs"])]}
+        report_tasks[task] = {"ours": per_variant, "diffusers_stages": extra, "raw_diffusers": theirs}
 
     date = datetime.date.today().isoformat()
     cpu_model, cpu_flags = cpu_info()
     import diffusers
     report = {"machine": machine(), "cpu_model": cpu_model, "cpu_flags": cpu_flags, "cores": os.cpu_count(),
-              "our_isa": sides[tasks[0]]["ours"][0].get("isa"), "commit": git_commit(), "date": date,
+              "our_isa": sides[tasks[0]][ours[0]][0].get("isa"), "our_weights_residency": variants, "commit": git_commit(), "date": date,
               "device": "cpu", "precision": f"f32 compute ({a.weights} files; ours --cpu-weights {a.cpu_weights})", "arch": a.arch,
               "size": a.size, "steps": a.steps, "scheduler": "ddim", "guidance_scale": 7.5, "seed": a.seed,
               "rng": "torch-cpu", "rounds": a.rounds, "runs_per_process": a.runs,
@@ -200,17 +221,24 @@ def main() -> None:
     chart = []
     for task in tasks:
         rt = report_tasks[task]
-        p = rt["parity"]
-        lines += [f"## {task}", "",
-                  f"Parity (same files, same seed): mean |diff| {p['mean_abs_diff']:.3f}, max {p['max_abs_diff']} "
-                  f"on 0–255; {100 * p['pixels_over_8']:.2f}% of pixels differ by more than 8.", "",
-                  "| case | jhakaas | diffusers | ratio (ours ÷ diffusers) |", "|---|---|---|---|"]
-        for c in rt["cases"]:
-            unit = c.get("unit", "s")
-            lines.append(f"| {c['name']} | {c['ours_s']:.3f} {unit} | {c['reference_s']:.3f} {unit} | "
-                         f"{c['ratio']:.2f} |")
-            if c["name"] in ("job", "peak RSS"):
-                chart.append({"name": f"{task} {c['name']}", "ratio": c["ratio"]})
+        head = " | ".join(f"jhakaas ({v})" for v in variants)
+        ratio_head = " | ".join(f"ratio ({v})" for v in variants)
+        lines += [f"## {task}", ""]
+        for v in variants:
+            p = rt["ours"][v]["parity"]
+            lines.append(f"Parity, ours ({v}) vs diffusers (same files, same seed): mean |diff| "
+                         f"{p['mean_abs_diff']:.3f}, max {p['max_abs_diff']} on 0–255; "
+                         f"{100 * p['pixels_over_8']:.2f}% of pixels differ by more than 8.")
+        lines += ["", f"| case | {head} | diffusers | {ratio_head} |",
+                  "|---|" + "---|" * (2 * len(variants) + 1)]
+        for i, c0 in enumerate(rt["ours"][variants[0]]["cases"]):
+            unit = c0.get("unit", "s")
+            cs = [rt["ours"][v]["cases"][i] for v in variants]
+            lines.append(f"| {c0['name']} | " + " | ".join(f"{c['ours_s']:.3f} {unit}" for c in cs)
+                         + f" | {c0['reference_s']:.3f} {unit} | " + " | ".join(f"{c['ratio']:.2f}" for c in cs) + " |")
+            if c0["name"] in ("job", "peak RSS"):
+                for v, c in zip(variants, cs):
+                    chart.append({"name": f"{task} {c0['name']} ({v})", "ratio": c["ratio"]})
         d = rt["diffusers_stages"]
         lines += ["", f"diffusers' denoise: UNet {d['diffusers_unet_s']:.3f} s ({d['diffusers_unet_calls']} calls), "
                       f"ControlNet {d['diffusers_controlnet_s']:.3f} s, VAE encode {d['diffusers_vae_encode_s']:.3f} s "

@@ -7,6 +7,7 @@
 //!        [--seed S] [--rng chacha|torch-cpu] [--scheduler NAME]
 //!        [--init-image PNG [--mask PNG [--mask-crop-padding PX]] [--strength F]]
 //!        [--controlnet DIR --control-image PNG [--controlnet-scale F]]
+//!        [--weights-residency resident|stage]
 //! LATENTS `-` draws the noise from `--seed` (default 0) with `--rng` instead of replaying a
 //! file; the options mean what they mean to `jhakaas-worker generate` (inpainting: strength 1
 //! by default; the ControlNet is loaded once, in the model load's time, and passed to
@@ -77,7 +78,8 @@ fn split_args() -> Result<(Vec<String>, HashMap<String, String>)> {
                 "strength",
                 "controlnet",
                 "control-image",
-                "controlnet-scale"
+                "controlnet-scale",
+                "weights-residency"
             ]
             .contains(&name.as_str()),
             "unknown option --{name}"
@@ -117,8 +119,18 @@ fn main() -> Result<()> {
         .parse::<DeviceChoice>()?
         .open()?;
     let load_started = Instant::now();
-    let pipeline =
-        StableDiffusionPipeline::load(&ModelSource::Local(a[1].clone().into()), &device)?;
+    let options = jhakaas_model_manager::LoadOptions {
+        residency: match opt.get("weights-residency") {
+            Some(r) => r.parse()?,
+            None => Default::default(),
+        },
+        ..Default::default()
+    };
+    let pipeline = StableDiffusionPipeline::load_with(
+        &ModelSource::Local(a[1].clone().into()),
+        &device,
+        &options,
+    )?;
     let load_s = load_started.elapsed().as_secs_f64();
     let init_image = match opt.get("init-image") {
         Some(path) => {
