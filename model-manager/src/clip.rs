@@ -6,7 +6,9 @@
 //! transformers 5 writes them without the prefix.
 
 use crate::config::ClipTextConfig;
-use crate::layers::{attention, linear, Activation, AttentionPrecision, Linear};
+use crate::layers::{
+    attention, linear_laid_out, Activation, AttentionPrecision, Linear, WeightLayout,
+};
 use crate::weights::{FileRows, LoadedWeights};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
@@ -60,42 +62,69 @@ impl TokenTable {
 #[derive(Debug)]
 struct EncoderLayer {
     layer_norm1: LayerNorm,
-    /// `q_proj`, `k_proj` and `v_proj` as one gemm.
-    qkv_proj: Linear,
+    qkv_proj: Qkv,
     out_proj: Linear,
     layer_norm2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
 }
 
+/// The q, k and v projections of one attention layer.
+#[derive(Debug)]
+enum Qkv {
+    /// As one gemm (weights transposed and concatenated at load).
+    Fused(Linear),
+    /// Each as the file stores it: fusing them would copy them out of the mapped file
+    /// ([`WeightLayout::AsStored`]).
+    Separate([Linear; 3]),
+}
+
+impl Qkv {
+    fn new(d: usize, layout: WeightLayout, attn: &VarBuilder) -> Result<Self> {
+        let part = |name: &str| linear_laid_out(layout, d, d, true, attn.pp(name));
+        let parts = [part("q_proj")?, part("k_proj")?, part("v_proj")?];
+        Ok(match layout {
+            WeightLayout::Transposed => Self::Fused(Linear::concat(&parts)?),
+            WeightLayout::AsStored => Self::Separate(parts),
+        })
+    }
+
+    /// `(q, k, v)` of `h`.
+    fn forward(&self, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        match self {
+            Self::Fused(qkv) => {
+                let qkv = qkv.forward(h)?;
+                let d = qkv.dim(2)? / 3;
+                Ok((
+                    qkv.narrow(2, 0, d)?,
+                    qkv.narrow(2, d, d)?,
+                    qkv.narrow(2, 2 * d, d)?,
+                ))
+            }
+            Self::Separate([q, k, v]) => Ok((q.forward(h)?, k.forward(h)?, v.forward(h)?)),
+        }
+    }
+}
+
 impl EncoderLayer {
-    fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &ClipTextConfig, layout: WeightLayout, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
+        let ffn = cfg.intermediate_size;
         let attn = vb.pp("self_attn");
         Ok(Self {
             layer_norm1: candle_nn::layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
-            qkv_proj: Linear::concat(&[
-                linear(d, d, true, attn.pp("q_proj"))?,
-                linear(d, d, true, attn.pp("k_proj"))?,
-                linear(d, d, true, attn.pp("v_proj"))?,
-            ])?,
-            out_proj: linear(d, d, true, attn.pp("out_proj"))?,
+            qkv_proj: Qkv::new(d, layout, &attn)?,
+            out_proj: linear_laid_out(layout, d, d, true, attn.pp("out_proj"))?,
             layer_norm2: candle_nn::layer_norm(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: linear(d, cfg.intermediate_size, true, vb.pp("mlp.fc1"))?,
-            fc2: linear(cfg.intermediate_size, d, true, vb.pp("mlp.fc2"))?,
+            fc1: linear_laid_out(layout, d, ffn, true, vb.pp("mlp.fc1"))?,
+            fc2: linear_laid_out(layout, ffn, d, true, vb.pp("mlp.fc2"))?,
         })
     }
 
     /// One pre-norm layer with causal self-attention and the MLP, each with its residual.
     fn forward(&self, xs: &Tensor, heads: usize, act: Activation) -> Result<Tensor> {
         let h = self.layer_norm1.forward(xs)?;
-        let qkv = self.qkv_proj.forward(&h)?;
-        let d = qkv.dim(2)? / 3;
-        let (q, k, v) = (
-            qkv.narrow(2, 0, d)?,
-            qkv.narrow(2, d, d)?,
-            qkv.narrow(2, 2 * d, d)?,
-        );
+        let (q, k, v) = self.qkv_proj.forward(&h)?;
         let attn = attention(&q, &k, &v, heads, true, AttentionPrecision::F32)?;
         let xs = self.out_proj.forward_residual(&attn, Some(xs))?;
         let h = self.layer_norm2.forward(&xs)?;
@@ -141,13 +170,13 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
-    /// Builds the encoder from `weights`, finding out which key spelling the checkpoint uses.
-    /// `with_projection` also loads `text_projection` (CLIPTextModelWithProjection); `file`
-    /// names the config in errors.
+    /// Builds the encoder from `weights`, finding out which key spelling the checkpoint uses,
+    /// its linear layers holding their weights as `layout` says. `with_projection` also loads
+    /// `text_projection` (CLIPTextModelWithProjection); `file` names the config in errors.
     pub fn new(
         cfg: &ClipTextConfig,
         weights: &LoadedWeights,
-        with_projection: bool,
+        (with_projection, layout): (bool, WeightLayout),
         file: &str,
     ) -> crate::Result<Self> {
         cfg.validate(file)?;
@@ -161,7 +190,8 @@ impl ClipTextModel {
                     "a CLIPTextModelWithProjection needs projection_dim",
                 )
             })?;
-            Some(linear(
+            Some(linear_laid_out(
+                layout,
                 cfg.hidden_size,
                 dim,
                 false,
@@ -178,7 +208,7 @@ impl ClipTextModel {
         let d = cfg.hidden_size;
         let emb = vb.pp("embeddings");
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::new(cfg, vb.pp(format!("encoder.layers.{i}"))))
+            .map(|i| EncoderLayer::new(cfg, layout, vb.pp(format!("encoder.layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             token_embedding: TokenTable::new(cfg.vocab_size, d, emb.clone(), weights)?,

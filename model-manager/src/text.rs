@@ -113,14 +113,22 @@ impl TextConditioner {
     /// Loads the text encoders of a `kind` pipeline, taking the layers `lora` leaves
     /// untouched from `share`'s donor; also returns the bytes of the weights they hold on
     /// their own (in `dtype`, those shared with the donor not counted) and those shared.
+    /// Under [`crate::weights::WeightResidency::Stage`] their linear weights stay in the
+    /// mapped file as stored ([`crate::layers::WeightLayout::AsStored`]), so the text stage's
+    /// exit drops them from the resident set.
     pub fn load(
         source: &ModelSource,
         kind: PipelineKind,
         index: &ModelIndex,
-        (dtype, device): (DType, &Device),
+        (dtype, device, residency): (DType, &Device, crate::weights::WeightResidency),
         lora: &crate::lora::LoraPlan,
         share: &crate::sharing::Sharing,
     ) -> Result<(Self, u64, u64)> {
+        // Held as stored where their pages are dropped between jobs; else transposed (faster).
+        let layout = match residency {
+            crate::weights::WeightResidency::Stage => crate::layers::WeightLayout::AsStored,
+            crate::weights::WeightResidency::Resident => crate::layers::WeightLayout::Transposed,
+        };
         let mut encoders = Vec::new();
         let mut bytes = 0;
         let mut shared_bytes = 0;
@@ -148,7 +156,7 @@ impl TextConditioner {
                 weights_scope(|| {
                     crate::weights::with_file(
                         &w.file,
-                        ClipTextModel::new(&cfg, &w, with_projection, &cfg_file),
+                        ClipTextModel::new(&cfg, &w, (with_projection, layout), &cfg_file),
                     )
                 })
             });

@@ -250,20 +250,31 @@ fn cpu_linear_matches_candle_nn_with_fused_bias_and_residual() {
         if bias {
             t.push(("bias", randn(seed + 1, &[out])));
         }
-        let lin = layers::linear(inp, out, bias, vb(t, DType::F32, &Device::Cpu)).unwrap();
+        let lin = layers::linear(inp, out, bias, vb(t.clone(), DType::F32, &Device::Cpu)).unwrap();
+        // The same layer holding its weight as the file stores it, `[out, in]` (text encoders).
+        let stored =
+            layers::linear_as_stored(inp, out, bias, vb(t, DType::F32, &Device::Cpu)).unwrap();
         let x = randn(seed + 2, &[2, rows / 2 + rows % 2, inp]);
         let shape = [2, rows / 2 + rows % 2, out];
-        check(
-            &format!("linear {inp}->{out}"),
-            &lin.forward(&x).unwrap(),
-            &lin.forward_reference(&x, None).unwrap(),
-            2e-6,
-        );
         let res = randn(seed + 3, &shape);
+        for (layout, lin) in [("transposed", &lin), ("as stored", &stored)] {
+            check(
+                &format!("linear {inp}->{out}, weight {layout}"),
+                &lin.forward(&x).unwrap(),
+                &lin.forward_reference(&x, None).unwrap(),
+                2e-6,
+            );
+            check(
+                "  + residual",
+                &lin.forward_residual(&x, Some(&res)).unwrap(),
+                &lin.forward_reference(&x, Some(&res)).unwrap(),
+                2e-6,
+            );
+        }
         check(
-            "  + residual",
-            &lin.forward_residual(&x, Some(&res)).unwrap(),
-            &lin.forward_reference(&x, Some(&res)).unwrap(),
+            "  as stored = transposed",
+            &stored.forward(&x).unwrap(),
+            &lin.forward(&x).unwrap(),
             2e-6,
         );
     }

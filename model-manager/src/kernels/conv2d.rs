@@ -150,7 +150,8 @@ impl CustomOp2 for FusedConv2d {
             } else if g.k == 1 && g.stride == 1 && g.pad == 0 {
                 pointwise(x, w, &mut out, g)
             } else if g.k == 3 && g.stride == 1 && self.winograd && winograd::worth_it(&wino) {
-                winograd::conv3x3(x, w, &mut out, wino)
+                let u = winograd::transform_filters(w, g.o * g.c);
+                winograd::conv3x3(x, &u, &mut out, wino)
             } else {
                 im2col_gemm(x, w, &mut out, g)
             }

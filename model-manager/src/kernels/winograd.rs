@@ -13,8 +13,6 @@ use rayon::prelude::*;
 
 /// Bytes of transformed input and products held at once (tiles are processed in chunks).
 const CHUNK_BYTES: usize = 32 << 20;
-/// Bytes of transformed filters held at once ([`out_block`]).
-const FILTER_BLOCK_BYTES: usize = 8 << 20;
 /// Filters transformed per rayon task.
 const FILTERS_PER_TASK: usize = 4096;
 
@@ -50,10 +48,10 @@ pub(crate) fn worth_it(s: &Shape) -> bool {
     s.tiles() >= 128 && s.c >= 32 && s.o >= 32
 }
 
-/// `U[ξ][i] = (G g Gᵀ)[ξ]` for the filters `first..first + n` of `w` (`i` over O·C, 3×3
-/// each), into `u` (16 planes of `n`, `u.len() == 16·n`).
-fn transform_filters(w: Weight, first: usize, u: &mut [f32]) {
-    let filters = u.len() / 16;
+/// `U[ξ][i] = (G g Gᵀ)[ξ]` for every filter `g = w[i]` (`i` over O·C, 3×3 each).
+pub(crate) fn transform_filters(w: Weight, filters: usize) -> Vec<f32> {
+    // Every element is written: each task fills its range of filters in all 16 planes.
+    let mut u = uninit_vec::<f32>(16 * filters);
     let ptr = SendPtr(u.as_mut_ptr());
     (0..filters.div_ceil(FILTERS_PER_TASK))
         .into_par_iter()
@@ -63,7 +61,7 @@ fn transform_filters(w: Weight, first: usize, u: &mut [f32]) {
             // Taps as 9 contiguous planes, then the 16 transformed planes.
             let mut taps = vec![0f32; 9 * n];
             let mut wide = vec![0f32; 9 * n];
-            w.widen_into((first + i0) * 9, &mut wide);
+            w.widen_into(i0 * 9, &mut wide);
             for (i, g) in wide.chunks_exact(9).enumerate() {
                 for (k, &v) in g.iter().enumerate() {
                     taps[k * n + i] = v;
@@ -75,17 +73,7 @@ fn transform_filters(w: Weight, first: usize, u: &mut [f32]) {
             });
             filter_planes(&taps, planes);
         });
-}
-
-/// Output channels whose transformed filters are held at once: all of them when they fit in
-/// [`FILTER_BLOCK_BYTES`], else the largest multiple of 16 that does (at least 16).
-fn out_block(s: &Shape, filter_block_bytes: usize) -> usize {
-    let fit = filter_block_bytes / (64 * s.c.max(1));
-    if fit >= s.o {
-        s.o
-    } else {
-        (fit / 16 * 16).max(16).min(s.o)
-    }
+    u
 }
 
 simd::dispatched! {
@@ -114,76 +102,50 @@ simd::dispatched! {
     }
 }
 
-/// Accumulates the convolution of `x` with the 3×3 filters `w` (O·C·9) into `out` (NCHW,
-/// initialised). The filters are transformed one block of output channels at a time
-/// ([`out_block`]): SD's widest convolutions would otherwise hold 80–210 MB of transformed
-/// filters for the length of the call.
+/// Accumulates the convolution of `x` with the transformed filters `u` into `out` (NCHW,
+/// initialised).
 ///
 /// # Safety
-/// `x`, `w` and `out` hold the elements `s` describes.
-pub(crate) unsafe fn conv3x3(x: &[f32], w: Weight, out: &mut [f32], s: Shape) {
-    conv3x3_within(x, w, out, s, (FILTER_BLOCK_BYTES, CHUNK_BYTES))
-}
-
-/// [`conv3x3`] holding at most `filter_block_bytes` of transformed filters and `chunk_bytes`
-/// of transformed inputs and products at once (smaller in tests, to cross the blocks' edges).
-unsafe fn conv3x3_within(
-    x: &[f32],
-    w: Weight,
-    out: &mut [f32],
-    s: Shape,
-    (filter_block_bytes, chunk_bytes): (usize, usize),
-) {
-    let block = out_block(&s, filter_block_bytes);
-    let blocks = s.o.div_ceil(block);
-    // Chunks of whole tile rows (over the batch) whose transforms fit in `chunk_bytes`.
+/// `x`, `u` (16·O·C) and `out` hold the elements `s` describes.
+pub(crate) unsafe fn conv3x3(x: &[f32], u: &[f32], out: &mut [f32], s: Shape) {
+    // Chunks of whole tile rows (over the batch) whose transforms fit in CHUNK_BYTES.
     let tile_rows = s.b * s.tiles_y();
-    let rows_per_chunk = (chunk_bytes / (64 * (s.c + block) * s.tiles_x())).clamp(1, tile_rows);
+    let rows_per_chunk = (CHUNK_BYTES / (64 * (s.c + s.o) * s.tiles_x())).clamp(1, tile_rows);
     let chunk = rows_per_chunk * s.tiles_x();
-    // Every buffer is fully written (the transforms, then the gemms) before being read.
+    // Both buffers are fully written (transform_input, then the gemms) before being read.
     let mut v = uninit_vec(16 * s.c * chunk);
-    let mut m = uninit_vec::<f32>(16 * block * chunk);
-    let mut u = uninit_vec::<f32>(16 * block * s.c);
-    if blocks == 1 {
-        transform_filters(w, 0, &mut u);
-    }
+    let mut m = uninit_vec::<f32>(16 * s.o * chunk);
     let mut r0 = 0;
     while r0 < tile_rows {
         let rows = rows_per_chunk.min(tile_rows - r0);
         let nt = rows * s.tiles_x();
         transform_input(x, &mut v, s, r0, rows);
-        for o0 in (0..s.o).step_by(block) {
-            let on = block.min(s.o - o0);
-            if blocks > 1 {
-                transform_filters(w, o0 * s.c, &mut u[..16 * on * s.c]);
-            }
-            for xi in 0..16 {
-                gemm(
-                    on,
-                    nt,
-                    s.c,
-                    MatMut {
-                        ptr: m.as_mut_ptr().add(xi * on * nt),
-                        rs: nt as isize,
-                        cs: 1,
-                    },
-                    false,
-                    Mat {
-                        ptr: u.as_ptr().add(xi * on * s.c),
-                        rs: s.c as isize,
-                        cs: 1,
-                    },
-                    Mat {
-                        ptr: v.as_ptr().add(xi * s.c * nt),
-                        rs: nt as isize,
-                        cs: 1,
-                    },
-                    1.0,
-                    parallelism(),
-                );
-            }
-            transform_output(&m[..16 * on * nt], out, s, (r0, rows), (o0, on));
+        for xi in 0..16 {
+            gemm(
+                s.o,
+                nt,
+                s.c,
+                MatMut {
+                    ptr: m.as_mut_ptr().add(xi * s.o * nt),
+                    rs: nt as isize,
+                    cs: 1,
+                },
+                false,
+                Mat {
+                    ptr: u.as_ptr().add(xi * s.o * s.c),
+                    rs: s.c as isize,
+                    cs: 1,
+                },
+                Mat {
+                    ptr: v.as_ptr().add(xi * s.c * nt),
+                    rs: nt as isize,
+                    cs: 1,
+                },
+                1.0,
+                parallelism(),
+            );
         }
+        transform_output(&m, out, s, r0, rows);
         r0 += rows;
     }
 }
@@ -300,21 +262,15 @@ simd::dispatched! {
 }
 
 /// `out[b, o, 2ty.., 2tx..] += (Aᵀ M A)` for every tile in the chunk (cropped at the edges).
-fn transform_output(
-    m: &[f32],
-    out: &mut [f32],
-    s: Shape,
-    (r0, rows): (usize, usize),
-    (o0, on): (usize, usize),
-) {
+fn transform_output(m: &[f32], out: &mut [f32], s: Shape, r0: usize, rows: usize) {
     let (tx, nt) = (s.tiles_x(), rows * s.tiles_x());
     let ptr = SendPtr(out.as_mut_ptr());
     let spans = spans(&s, r0, rows);
-    let plane = on * nt;
-    (o0..o0 + on).into_par_iter().for_each(|o| {
+    let plane = s.o * nt;
+    (0..s.o).into_par_iter().for_each(|o| {
         for &(b, y0, n, at) in &spans {
             let planes: [&[f32]; 16] =
-                std::array::from_fn(|xi| &m[xi * plane + (o - o0) * nt + at * tx..][..n * tx]);
+                std::array::from_fn(|xi| &m[xi * plane + o * nt + at * tx..][..n * tx]);
             let base = (b * s.o + o) * s.ho * s.wo;
             let rows_out = (s.ho - 2 * y0).min(2 * n);
             // SAFETY: output channel `o` of image `b` belongs to this task alone.
@@ -367,85 +323,5 @@ simd::dispatched! {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The direct 3×3 stride-1 convolution, summed in f64.
-    fn direct(x: &[f32], w: &[f32], s: Shape) -> Vec<f32> {
-        let mut out = vec![0f32; s.b * s.o * s.ho * s.wo];
-        for b in 0..s.b {
-            for o in 0..s.o {
-                for y in 0..s.ho {
-                    for xo in 0..s.wo {
-                        let mut acc = 0f64;
-                        for c in 0..s.c {
-                            for ky in 0..3 {
-                                for kx in 0..3 {
-                                    let iy = (y + ky) as isize - s.pad as isize;
-                                    let ix = (xo + kx) as isize - s.pad as isize;
-                                    if iy < 0 || ix < 0 || iy >= s.h as isize || ix >= s.w as isize
-                                    {
-                                        continue;
-                                    }
-                                    let xv =
-                                        x[((b * s.c + c) * s.h + iy as usize) * s.w + ix as usize];
-                                    acc += f64::from(xv)
-                                        * f64::from(w[((o * s.c + c) * 3 + ky) * 3 + kx]);
-                                }
-                            }
-                        }
-                        out[((b * s.o + o) * s.ho + y) * s.wo + xo] = acc as f32;
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn blocks_of_output_channels_and_tile_chunks_give_the_direct_convolution() {
-        let (b, c, o, h, w, pad) = (2, 24, 40, 11, 9, 1);
-        let s = Shape {
-            b,
-            c,
-            h,
-            w,
-            o,
-            ho: h + 2 * pad - 2,
-            wo: w + 2 * pad - 2,
-            pad,
-        };
-        let value = |i: usize, k: usize| ((i * 7919 + k * 104729) % 2003) as f32 / 1001.0 - 1.0;
-        let x: Vec<f32> = (0..b * c * h * w).map(|i| value(i, 1)).collect();
-        let wt: Vec<f32> = (0..o * c * 9).map(|i| value(i, 2) * 0.2).collect();
-        let want = direct(&x, &wt, s);
-        // One block and one chunk; blocks of 16 output channels (16 + 16 + 8) over chunks of
-        // two tile rows; and one block over chunks of one tile row.
-        for limits in [
-            (usize::MAX, usize::MAX),
-            (64 * c * 16, 64 * (c + 16) * 5 * 2),
-            (usize::MAX, 1),
-        ] {
-            let mut got = vec![0f32; want.len()];
-            // SAFETY: the buffers hold what `s` describes.
-            unsafe { conv3x3_within(&x, Weight::F32(&wt), &mut got, s, limits) };
-            let worst = got
-                .iter()
-                .zip(&want)
-                .map(|(g, w)| (g - w).abs())
-                .fold(0f32, f32::max);
-            assert!(worst < 2e-5, "limits {limits:?}: worst difference {worst}");
-        }
-        assert_eq!(out_block(&s, 64 * c * 16), 16);
-        assert_eq!(
-            out_block(&s, 64 * c * 15),
-            16,
-            "at least 16 output channels"
-        );
-        assert_eq!(out_block(&s, usize::MAX), o);
     }
 }

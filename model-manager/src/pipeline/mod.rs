@@ -140,8 +140,14 @@ impl StableDiffusionPipeline {
             donor: options.share_with.clone(),
             record: Arc::new(SharedWeights::default()),
         };
-        let (text, text_bytes, text_shared) =
-            TextConditioner::load(source, kind, &index, (dtype, device), &lora, &share)?;
+        let (text, text_bytes, text_shared) = TextConditioner::load(
+            source,
+            kind,
+            &index,
+            (dtype, device, options.residency),
+            &lora,
+            &share,
+        )?;
         let context_dim: usize = text
             .encoders()
             .iter()
