@@ -74,8 +74,8 @@ struct EncoderLayer {
 enum Qkv {
     /// As one gemm (weights transposed and concatenated at load).
     Fused(Linear),
-    /// Each as the file stores it: fusing them would copy them out of the mapped file
-    /// ([`WeightLayout::AsStored`]).
+    /// Each as the file stores it ([`WeightLayout::AsStored`]): fused for each call only,
+    /// so the gemm is [`Qkv::Fused`]'s.
     Separate([Linear; 3]),
 }
 
@@ -91,18 +91,16 @@ impl Qkv {
 
     /// `(q, k, v)` of `h`.
     fn forward(&self, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        match self {
-            Self::Fused(qkv) => {
-                let qkv = qkv.forward(h)?;
-                let d = qkv.dim(2)? / 3;
-                Ok((
-                    qkv.narrow(2, 0, d)?,
-                    qkv.narrow(2, d, d)?,
-                    qkv.narrow(2, 2 * d, d)?,
-                ))
-            }
-            Self::Separate([q, k, v]) => Ok((q.forward(h)?, k.forward(h)?, v.forward(h)?)),
-        }
+        let qkv = match self {
+            Self::Fused(qkv) => qkv.forward(h)?,
+            Self::Separate(parts) => Linear::concat_now(parts)?.forward(h)?,
+        };
+        let d = qkv.dim(2)? / 3;
+        Ok((
+            qkv.narrow(2, 0, d)?,
+            qkv.narrow(2, d, d)?,
+            qkv.narrow(2, 2 * d, d)?,
+        ))
     }
 }
 

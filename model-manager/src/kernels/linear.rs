@@ -1,12 +1,12 @@
 //! A linear layer on the CPU: `x · Wᵀ + bias (+ residual)` as one gemm on the weight held
 //! transposed (`[in, out]`, which the gemm reads without repacking; f32, or f16 widened in
-//! blocks) or as stored (`[out, in]` f32, which the gemm repacks), accumulating into an output
+//! blocks), accumulating into an output
 //! that starts as the bias (and the residual, fused). The reference is the candle matmul plus
 //! the adds ([`crate::layers::Linear`]).
 
 use super::cpu::{cpu_f32, uninit_vec, with_values};
-use super::cpu_gemm::{gemm, parallelism, Mat, MatMut};
-use super::held::{gemm_weight_rhs, weight, Weight};
+use super::cpu_gemm::{parallelism, Mat, MatMut};
+use super::held::{gemm_weight_rhs, weight};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -17,8 +17,6 @@ pub struct FusedLinear {
     pub bias: Option<Tensor>,
     /// A tensor of the output's shape added to it, optional.
     pub residual: Option<Tensor>,
-    /// The weight input is `W` as stored, `[out, in]` f32, instead of `Wᵀ`.
-    pub weight_as_stored: bool,
 }
 
 impl CustomOp2 for FusedLinear {
@@ -33,10 +31,7 @@ impl CustomOp2 for FusedLinear {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (in_dim, out_dim) = match wl.shape().dims2()? {
-            (out, inp) if self.weight_as_stored => (inp, out),
-            dims => dims,
-        };
+        let (in_dim, out_dim) = wl.shape().dims2()?;
         let dims = xl.shape().dims();
         if dims.last() != Some(&in_dim) {
             candle_core::bail!("linear: input {:?} does not end in {in_dim}", xl.shape());
@@ -78,56 +73,26 @@ impl CustomOp2 for FusedLinear {
             Some(t) => with_values(t, "linear bias", out_dim, |b| fill(Some(b), &mut out))??,
             None => fill(None, &mut out)?,
         }
-        let dst = MatMut {
-            ptr: out.as_mut_ptr(),
-            rs: out_dim as isize,
-            cs: 1,
-        };
-        let lhs = Mat {
-            ptr: x.as_ptr(),
-            rs: in_dim as isize,
-            cs: 1,
-        };
-        if self.weight_as_stored {
-            let Weight::F32(w) = w else {
-                candle_core::bail!("linear: a weight held as stored must be f32");
-            };
-            // As `outᵀ += W · xᵀ`: the gemm packs `W` by its rows, reading them in order
-            // (packing `Wᵀ` as the right-hand side gathered it column by column, 2.5× slower).
-            let dst_t = MatMut {
-                rs: dst.cs,
-                cs: dst.rs,
-                ..dst
-            };
-            let x_t = Mat {
-                rs: lhs.cs,
-                cs: lhs.rs,
-                ..lhs
-            };
-            let w = Mat {
-                ptr: w.as_ptr(),
-                rs: in_dim as isize,
-                cs: 1,
-            };
-            // SAFETY: `x` is rows×in, `w` out×in, `out` rows×out and initialised.
-            unsafe {
-                gemm(
-                    out_dim,
-                    rows,
-                    in_dim,
-                    dst_t,
-                    true,
-                    w,
-                    x_t,
-                    1.0,
-                    parallelism(),
-                )
-            };
-            return Ok((CpuStorage::F32(out), Shape::from(shape)));
-        }
         // SAFETY: `x` is rows×in, `w` in×out, `out` rows×out and initialised.
         unsafe {
-            gemm_weight_rhs(rows, out_dim, in_dim, dst, true, lhs, w, parallelism());
+            gemm_weight_rhs(
+                rows,
+                out_dim,
+                in_dim,
+                MatMut {
+                    ptr: out.as_mut_ptr(),
+                    rs: out_dim as isize,
+                    cs: 1,
+                },
+                true,
+                Mat {
+                    ptr: x.as_ptr(),
+                    rs: in_dim as isize,
+                    cs: 1,
+                },
+                w,
+                parallelism(),
+            );
         }
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }

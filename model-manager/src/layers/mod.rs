@@ -34,8 +34,9 @@ pub enum WeightLayout {
     #[default]
     Transposed,
     /// `[out, in]` as the checkpoint stores it, f32, on the CPU: lent out of the mapped file,
-    /// so `--weights-residency stage` can drop it between uses; the gemm repacks it per call
-    /// (CLIP ViT-L's encode of a CFG pair: 0.08 → 0.17 s on 2 cores).
+    /// so `--weights-residency stage` can drop it between uses. Each call transposes it into
+    /// a scratch buffer first, so the gemm and its result are exactly [`Self::Transposed`]'s
+    /// (CLIP ViT-L's encode of a CFG pair: ~0.2 s instead of 0.08 s on 2 cores).
     AsStored,
 }
 
@@ -178,12 +179,18 @@ impl Linear {
         }
     }
 
-    /// The weight as `[in, out]` (a view of an as-stored weight).
+    /// The weight as `[in, out]`, contiguous (an as-stored weight transposed now).
     fn weight_t(&self) -> Result<Tensor> {
         match self.layout {
             WeightLayout::Transposed => Ok(self.weight.clone()),
-            WeightLayout::AsStored => self.weight.t(),
+            WeightLayout::AsStored => kernels::layout::transpose(&self.weight),
         }
+    }
+
+    /// `parts` as one layer with a fresh `[in, Σ out]` weight, for a call: what
+    /// [`Linear::concat`] holds, built at use from as-stored parts.
+    pub fn concat_now(parts: &[Linear]) -> Result<Linear> {
+        Self::concat_weights(parts)
     }
 
     /// `x · Wᵀ + b + residual`, the add fused into the gemm on the CPU.
@@ -194,11 +201,10 @@ impl Linear {
     fn forward_fused(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         match kernels::path(x.device(), x.dtype()) {
             Path::Cpu => x.contiguous()?.apply_op2_no_bwd(
-                &self.weight,
+                &self.weight_t()?,
                 &kernels::linear::FusedLinear {
                     bias: self.bias.clone(),
                     residual: residual.map(Tensor::contiguous).transpose()?,
-                    weight_as_stored: self.layout == WeightLayout::AsStored,
                 },
             ),
             _ => self.forward_reference(x, residual),
