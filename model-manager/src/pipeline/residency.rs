@@ -24,9 +24,13 @@ pub(super) enum Stage {
 /// The pages of a pipeline's components, and its policy.
 #[derive(Debug, Clone, Default)]
 pub(super) struct StagePages {
+    /// When pages are dropped (never, under [`WeightResidency::Resident`]).
     pub policy: WeightResidency,
+    /// The text encoders' files.
     pub text: WeightPages,
+    /// The UNet's file.
     pub unet: WeightPages,
+    /// The VAE's file.
     pub vae: WeightPages,
 }
 
