@@ -93,7 +93,7 @@ impl Qkv {
     fn forward(&self, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let qkv = match self {
             Self::Fused(qkv) => qkv.forward(h)?,
-            Self::Separate(parts) => Linear::concat_now(parts)?.forward(h)?,
+            Self::Separate(parts) => Linear::concat_weights(parts)?.forward(h)?,
         };
         let d = qkv.dim(2)? / 3;
         Ok((

@@ -497,10 +497,6 @@ mod tests {
         assert_eq!(&on_disk[40..44], &10f32.to_le_bytes());
     }
 
-    fn resident_bytes(ptr: usize, len: usize) -> usize {
-        resident_pages(ptr, len)
-    }
-
     #[test]
     fn released_pages_leave_the_process_and_read_back_the_file() {
         let values: Vec<f32> = (0..256 * 1024).map(|i| (i % 977) as f32 - 3.5).collect();
@@ -508,12 +504,12 @@ mod tests {
         let m = std::sync::Arc::new(MappedFile::map(&file).unwrap());
         let lent: Vec<f32> = m.lend(0, values.len()).unwrap();
         let (ptr, len) = (lent.as_ptr() as usize, values.len() * 4);
-        assert_eq!(resident_bytes(ptr, len), len, "lending maps the pages in");
+        assert_eq!(resident_pages(ptr, len), len, "lending maps the pages in");
         let pages = WeightPages::new(vec![m.clone()]);
         assert_eq!(pages.release(), len);
-        assert_eq!(resident_bytes(ptr, len), 0);
+        assert_eq!(resident_pages(ptr, len), 0);
         assert_eq!(lent, values, "a released page reads the file again");
-        assert_eq!(resident_bytes(ptr, len), len);
+        assert_eq!(resident_pages(ptr, len), len);
     }
 
     #[test]

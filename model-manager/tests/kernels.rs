@@ -252,8 +252,14 @@ fn cpu_linear_matches_candle_nn_with_fused_bias_and_residual() {
         }
         let lin = layers::linear(inp, out, bias, vb(t.clone(), DType::F32, &Device::Cpu)).unwrap();
         // The same layer holding its weight as the file stores it, `[out, in]` (text encoders).
-        let stored =
-            layers::linear_as_stored(inp, out, bias, vb(t, DType::F32, &Device::Cpu)).unwrap();
+        let stored = layers::linear_laid_out(
+            layers::WeightLayout::AsStored,
+            inp,
+            out,
+            bias,
+            vb(t, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
         let x = randn(seed + 2, &[2, rows / 2 + rows % 2, inp]);
         let shape = [2, rows / 2 + rows % 2, out];
         let res = randn(seed + 3, &shape);

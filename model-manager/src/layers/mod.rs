@@ -15,7 +15,7 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 
 /// A linear layer `x · Wᵀ + b` over the last dimension. The weight is held transposed,
 /// `[in, out]`, so the CPU gemm reads it without repacking it on every call, and on the CPU in
-/// f16 when that is lossless ([`kernels::held`]); or, built by [`linear_as_stored`], as the
+/// f16 when that is lossless ([`kernels::held`]); or, built by [`linear_laid_out`], as the
 /// checkpoint stores it.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -36,31 +36,22 @@ pub enum WeightLayout {
     /// `[out, in]` as the checkpoint stores it, f32, on the CPU: lent out of the mapped file,
     /// so `--weights-residency stage` can drop it between uses. Each call transposes it into
     /// a scratch buffer first, so the gemm and its result are exactly [`Self::Transposed`]'s
-    /// (CLIP ViT-L's encode of a CFG pair: ~0.2 s instead of 0.08 s on 2 cores).
+    /// (CLIP ViT-L's encode of a CFG pair: 0.17 s instead of 0.08 s on 2 cores).
     AsStored,
 }
 
 /// A linear layer, with or without bias (checkpoint keys `weight` `[out, in]`, `bias`).
 /// A LoRA variant takes it from its base when no adapter changes it ([`crate::sharing`]).
 pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    build_linear(in_dim, out_dim, bias, vb, WeightLayout::Transposed)
+    linear_laid_out(WeightLayout::Transposed, in_dim, out_dim, bias, vb)
 }
 
-/// [`linear`] holding an f32 weight on the CPU as the file stores it, `[out, in]`, in the
-/// file's mapped pages ([`crate::weights::WeightsIo::Map`]) rather than a transposed copy:
-/// the text encoders' layout under [`crate::weights::WeightResidency::Stage`], where their
-/// weights then leave the resident set outside the text stage. Elsewhere (a GPU, a weight
-/// held in f16) it is [`linear`].
-pub fn linear_as_stored(
-    in_dim: usize,
-    out_dim: usize,
-    bias: bool,
-    vb: VarBuilder,
-) -> Result<Linear> {
-    linear_laid_out(WeightLayout::AsStored, in_dim, out_dim, bias, vb)
-}
-
-/// [`linear`] or [`linear_as_stored`], as `layout` says.
+/// [`linear`] holding its weight as `layout` says. [`WeightLayout::AsStored`] keeps an f32
+/// weight on the CPU as the file stores it, in the file's mapped pages
+/// ([`crate::weights::WeightsIo::Map`]) rather than a transposed copy: the text encoders'
+/// layout under [`crate::weights::WeightResidency::Stage`], where their weights then leave the
+/// resident set outside the text stage. Elsewhere (a GPU, a weight held in f16) it is
+/// [`WeightLayout::Transposed`].
 pub fn linear_laid_out(
     layout: WeightLayout,
     in_dim: usize,
@@ -75,16 +66,6 @@ pub fn linear_laid_out(
     } else {
         WeightLayout::Transposed
     };
-    build_linear(in_dim, out_dim, bias, vb, layout)
-}
-
-fn build_linear(
-    in_dim: usize,
-    out_dim: usize,
-    bias: bool,
-    vb: VarBuilder,
-    layout: WeightLayout,
-) -> Result<Linear> {
     let path = vb.prefix();
     let tensors = crate::sharing::layer(&path, || {
         let weight = kernels::held::get_weight(&vb, (out_dim, in_dim), "weight")?;
@@ -125,7 +106,9 @@ impl Linear {
         })
     }
 
-    fn concat_weights(parts: &[Linear]) -> Result<Linear> {
+    /// `parts` as one layer with a fresh `[in, Σ out]` weight: what [`Linear::concat`] holds
+    /// (and, built at each call from as-stored parts, what the text encoders' q/k/v run).
+    pub(crate) fn concat_weights(parts: &[Linear]) -> Result<Linear> {
         let dtype = parts.first().map(|p| p.weight.dtype());
         let weights = if parts.iter().all(|p| Some(p.weight.dtype()) == dtype) {
             parts
@@ -185,12 +168,6 @@ impl Linear {
             WeightLayout::Transposed => Ok(self.weight.clone()),
             WeightLayout::AsStored => kernels::layout::transpose(&self.weight),
         }
-    }
-
-    /// `parts` as one layer with a fresh `[in, Σ out]` weight, for a call: what
-    /// [`Linear::concat`] holds, built at use from as-stored parts.
-    pub fn concat_now(parts: &[Linear]) -> Result<Linear> {
-        Self::concat_weights(parts)
     }
 
     /// `x · Wᵀ + b + residual`, the add fused into the gemm on the CPU.
